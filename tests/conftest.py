@@ -1,0 +1,89 @@
+"""Every test talks HTTP over real loopback sockets: a fake Z-Image upstream and the proxy
+both listen on free 127.0.0.1 ports inside the test's IOLoop."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+from tornado.httpserver import HTTPServer
+from tornado.testing import bind_unused_port
+
+from zimage_tornado.app import Gateway, make_app
+from zimage_tornado.config import Settings
+from zimage_tornado.fake_upstream import FakeZImage
+
+# Short intervals through settings, so that long-polls take milliseconds.
+FAST = dict(poll_interval=0.05, max_attempts=20, upstream_timeout=2.0, upstream_connect_timeout=1.0)
+
+
+def serve(app) -> tuple[HTTPServer, int]:
+    sock, port = bind_unused_port()
+    server = HTTPServer(app)
+    server.add_sockets([sock])
+    return server, port
+
+
+@pytest.fixture
+def fake() -> FakeZImage:
+    return FakeZImage()
+
+
+@pytest.fixture
+def fake_url(io_loop, fake):
+    server, port = serve(fake.make_app())
+    yield "http://127.0.0.1:%d" % port
+    server.stop()
+
+
+@dataclass
+class Proxy:
+    url: str
+    gateway: Gateway
+    http: AsyncHTTPClient
+
+    async def request(self, path: str, method: str = "GET", body: Any = None, raw: bytes | None = None,
+                      headers: dict[str, str] | None = None, timeout: float = 10) -> HTTPResponse:
+        if body is not None:
+            raw = json.dumps(body).encode()
+        return await self.http.fetch(self.url + path, method=method, body=raw, headers=headers,
+                                     raise_error=False, request_timeout=timeout,
+                                     allow_nonstandard_methods=True)
+
+    async def json(self, path: str, method: str = "GET", body: Any = None, **kw: Any) -> tuple[int, Any]:
+        response = await self.request(path, method, body, **kw)
+        return response.code, json.loads(response.body)
+
+    async def submit(self, prompt: str = "a cat on the moon", **extra: Any) -> str:
+        code, body = await self.json("/v1/chat/completions", "POST", {
+            "model": "zimage-turbo", "messages": [{"role": "user", "content": prompt}], "extra_body": extra})
+        assert code == 200, body
+        return body["choices"][0]["message"]["content"]
+
+
+@pytest.fixture
+def make_proxy(io_loop, fake_url) -> Callable[..., Proxy]:
+    """Starts a proxy on a free port; keyword arguments override the (fast) settings."""
+    started: list[tuple[HTTPServer, Proxy]] = []
+
+    def start(**overrides: Any) -> Proxy:
+        settings = Settings(**{"upstream_url": fake_url, **FAST, **overrides})
+        app = make_app(settings)
+        server, port = serve(app)
+        proxy = Proxy("http://127.0.0.1:%d" % port, app.gateway, AsyncHTTPClient(force_instance=True))
+        started.append((server, proxy))
+        return proxy
+
+    yield start
+    for server, proxy in started:
+        server.stop()
+        proxy.http.close()
+        io_loop.run_sync(proxy.gateway.close)
+
+
+@pytest.fixture
+def proxy(make_proxy) -> Proxy:
+    return make_proxy()

@@ -1,0 +1,130 @@
+"""POST /v1/chat/completions against the fake upstream: translation, errors, status mapping."""
+
+import json
+
+import pytest
+
+SPEC_BODY = {
+    "model": "zimage-turbo",
+    "messages": [{"role": "user", "content": "一只站在月球上的猫，超现实主义"}],
+    "extra_body": {"prompt": "一只站在月球上的猫，超现实主义", "negative_prompt": "模糊,水印",
+                   "batch_size": 4, "width": 1360, "height": 1024, "steps": 8, "cfg_scale": 7},
+}
+
+
+def assert_envelope(body, param=None):
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    assert "Traceback" not in json.dumps(body)
+    if param is not None:
+        assert body["error"]["param"] == param
+
+
+@pytest.mark.gen_test
+async def test_spec_request_submits_one_task_and_answers_the_spec_format(proxy, fake):
+    code, body = await proxy.json("/v1/chat/completions", "POST", SPEC_BODY,
+                                  headers={"Authorization": "Bearer zimage-free"})
+    assert code == 200
+    task_uuid = body["choices"][0]["message"]["content"]
+    assert task_uuid in fake.tasks
+    assert body["id"] == "chatcmpl-%s" % task_uuid
+    assert body["object"] == "chat.completion"
+    assert body["model"] == "zimage-turbo"
+    assert isinstance(body["created"], int)
+    assert body["choices"][0]["message"]["task_uuid"] == task_uuid
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert fake.generate_bodies == [{
+        "prompt": "一只站在月球上的猫，超现实主义", "negative_prompt": "模糊,水印", "model": "turbo",
+        "batch_size": 4, "width": 1360, "height": 1024, "steps": 8, "cfg_scale": 7}]
+
+
+@pytest.mark.gen_test
+async def test_uuid_found_under_data_task_uuid(make_proxy, fake):
+    fake.uuid_at = "task"
+    proxy = make_proxy()
+    task_uuid = await proxy.submit()
+    assert task_uuid in fake.tasks
+
+
+@pytest.mark.gen_test
+async def test_non_turbo_model_asks_for_base(proxy, fake):
+    code, _ = await proxy.json("/v1/chat/completions", "POST",
+                               {"model": "zimage", "messages": [{"role": "user", "content": "x"}]})
+    assert code == 200
+    assert fake.generate_bodies[0]["model"] == "base"
+
+
+@pytest.mark.parametrize("raw,param", [
+    (b"{not json", None),
+    (b"", None),
+    (b"[1,2]", None),
+    (b'{"model": "zimage-turbo", "messages": []}', "messages"),
+    (b'{"model": "zimage-turbo", "prompt": "x", "batch_size": true}', "batch_size"),
+    (b'{"model": "zimage-turbo", "prompt": "x", "extra_body": {"batch_size": "4"}}', "batch_size"),
+    (b'{"model": "zimage-turbo", "prompt": "x", "extra_body": {"width": 99999}}', "width"),
+    (b'{"model": "zimage-turbo", "prompt": "x", "steps": 500}', "steps"),
+    (b'\xff\xfe', None),
+])
+@pytest.mark.gen_test
+async def test_client_errors_are_400_envelopes_and_never_reach_the_upstream(proxy, fake, raw, param):
+    response = await proxy.request("/v1/chat/completions", "POST", raw=raw)
+    body = json.loads(response.body)
+    assert response.code == 400
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert_envelope(body, param)
+    assert fake.calls["generate"] == 0
+
+
+@pytest.mark.parametrize("fault,status,code", [
+    ("400", 400, "upstream_rejected"),
+    ("429", 429, "upstream_rejected"),
+    ("500", 502, "upstream_rejected"),
+    ("502", 502, "upstream_rejected"),
+    ("false200", 502, "upstream_rejected"),
+    ("garbage", 502, "upstream_bad_response"),
+    ("no_uuid", 502, "upstream_bad_response"),
+    ("reset", 502, "upstream_unavailable"),
+])
+@pytest.mark.gen_test
+async def test_upstream_failures_map_to_documented_statuses(proxy, fake, fault, status, code):
+    fake.inject("generate", fault)
+    response = await proxy.request("/v1/chat/completions", "POST", SPEC_BODY)
+    body = json.loads(response.body)
+    assert response.code == status
+    assert_envelope(body)
+    assert body["error"]["code"] == code
+    assert body["error"]["type"] == "upstream_error"
+    if fault == "429":
+        assert response.headers["Retry-After"] == "1"
+        assert body["error"]["message"] == "Rate limit exceeded, slow down"
+    if fault == "400":
+        assert body["error"]["message"] == "Prompt is required and must be a string"
+
+
+@pytest.mark.gen_test
+async def test_upstream_timeout_is_504(make_proxy, fake):
+    fake.inject("generate", "hang")
+    fake.hang_seconds = 1.0
+    proxy = make_proxy(upstream_timeout=0.2)
+    code, body = await proxy.json("/v1/chat/completions", "POST", SPEC_BODY)
+    assert code == 504
+    assert body["error"]["code"] == "upstream_timeout"
+
+
+@pytest.mark.gen_test
+async def test_upstream_unreachable_is_502(make_proxy):
+    proxy = make_proxy(upstream_url="http://127.0.0.1:9")  # discard port: nothing listens
+    code, body = await proxy.json("/v1/chat/completions", "POST", SPEC_BODY)
+    assert code == 502
+    assert body["error"]["code"] == "upstream_unavailable"
+    assert "127.0.0.1" not in body["error"]["message"]
+
+
+@pytest.mark.gen_test
+async def test_every_error_is_logged_once_with_method_path_and_uuid(proxy, fake, caplog):
+    fake.inject("generate", "500")
+    with caplog.at_level("WARNING", logger="zimage_tornado.handlers"):
+        await proxy.request("/v1/chat/completions", "POST", SPEC_BODY)
+    lines = [r.getMessage() for r in caplog.records if r.name == "zimage_tornado.handlers"]
+    assert len(lines) == 1
+    assert "POST /v1/chat/completions" in lines[0] and "502" in lines[0]

@@ -1,0 +1,113 @@
+"""Settings from flags, a config file and ZIMAGE_* variables; the command line itself."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient
+from tornado.testing import bind_unused_port
+
+from zimage_tornado.config import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_are_the_spec_defaults():
+    s = load_settings(["zimage-tornado"], {})
+    assert (s.port, s.upstream_url, s.poll_interval, s.max_attempts, s.upstream_timeout) == (
+        8000, "https://zimage.run", 5.0, 60, 30.0)
+    assert s.wait_budget == 300
+
+
+def test_precedence_file_then_environment_then_flags(tmp_path):
+    config = tmp_path / "zimage.conf"
+    config.write_text("port = 7001\npoll_interval = 2.5\nmax_attempts = 7\nmax_batch_size = 8\n")
+    s = load_settings(["z", "--config=%s" % config, "--max-attempts=9"],
+                      {"ZIMAGE_POLL_INTERVAL": "1.5", "ZIMAGE_PORT": "7002", "OTHER": "x"})
+    assert s.max_batch_size == 8  # file
+    assert s.port == 7002  # environment beats file
+    assert s.poll_interval == 1.5
+    assert s.max_attempts == 9  # flag beats file
+    assert s.limits.max_batch_size == 8
+
+
+def test_config_file_from_the_environment(tmp_path):
+    config = tmp_path / "zimage.conf"
+    config.write_text("upstream_url = 'http://127.0.0.1:1234'\n")
+    assert load_settings(["z"], {"ZIMAGE_CONFIG": str(config)}).upstream_url == "http://127.0.0.1:1234"
+
+
+@pytest.mark.parametrize("argv,env", [
+    (["z", "--port=abc"], {}),
+    (["z", "--poll-interval=0"], {}),
+    (["z", "--no-such-flag=1"], {}),
+    (["z", "stray"], {}),
+    (["z"], {"ZIMAGE_MAX_ATTEMPTS": "-1"}),
+    (["z", "--upstream-url=ftp://x"], {}),
+    (["z", "--config=/nonexistent/zimage.conf"], {}),
+])
+def test_bad_settings_are_refused_with_a_message(argv, env):
+    with pytest.raises(ValueError):
+        load_settings(argv, env)
+
+
+def test_help_lists_every_setting():
+    result = subprocess.run([sys.executable, "-m", "zimage_tornado", "--help"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=30)
+    assert result.returncode == 0
+    text = result.stdout + result.stderr
+    for name in Settings.__dataclass_fields__:
+        assert "--" + name in text or "--" + name.replace("_", "-") in text, name
+
+
+def test_bad_flag_exits_2_with_a_message():
+    result = subprocess.run([sys.executable, "-m", "zimage_tornado", "--port=abc"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=30)
+    assert result.returncode == 2
+    assert "zimage-tornado:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_console_script_is_installed():
+    assert (Path(sys.executable).parent / "zimage-tornado").exists()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_module_starts_serves_logs_and_stops_on_sigterm(fake_url, fake):
+    sock, port = bind_unused_port()
+    sock.close()
+    env = {**os.environ, "ZIMAGE_UPSTREAM_URL": fake_url, "ZIMAGE_POLL_INTERVAL": "0.05"}
+    proc = subprocess.Popen([sys.executable, "-m", "zimage_tornado", "--port=%d" % port], cwd=ROOT, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    http = AsyncHTTPClient(force_instance=True)
+    try:
+        url = "http://127.0.0.1:%d" % port
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                health = await http.fetch(url + "/health")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "server did not start"
+                await asyncio.sleep(0.1)
+        assert health.code == 200
+        submit = await http.fetch(url + "/v1/chat/completions", method="POST",
+                                  body='{"model": "zimage-turbo", "prompt": "a fox"}')
+        assert b"chatcmpl-" in submit.body
+        task_uuid = json.loads(submit.body)["choices"][0]["message"]["content"]
+        images = await http.fetch(url + "/v1/images/" + task_uuid)
+        assert images.code == 200
+    finally:
+        http.close()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=15)
+    assert proc.returncode == 0
+    assert "listening on http://127.0.0.1:%d" % port in stderr
+    assert "submitting task" in stderr and "task %s submitted" % task_uuid in stderr
+    assert "task %s is completed" % task_uuid in stderr
+    assert "Traceback" not in stderr

@@ -1,0 +1,4 @@
+from zimage_tornado.cli import main
+
+if __name__ == "__main__":
+    main()

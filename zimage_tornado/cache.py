@@ -1,0 +1,39 @@
+"""A bounded, expiring in-memory map for finished tasks (LRU by insertion, TTL by age)."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Callable, Generic, TypeVar
+
+V = TypeVar("V")
+
+
+class ResultCache(Generic[V]):
+    def __init__(self, max_entries: int, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_entries = max_entries
+        self.ttl = ttl
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, V]] = OrderedDict()
+
+    def get(self, key: str) -> V | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        stored_at, value = entry
+        if self._clock() - stored_at > self.ttl:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: V) -> None:
+        if self.max_entries <= 0:
+            return
+        self._entries[key] = (self._clock(), value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,102 @@
+"""Settings: one frozen dataclass, built from tornado.options.
+
+Each field is a command-line flag (`--poll-interval 2`), a line of the `--config` file
+(Python syntax: `poll_interval = 2`) and a `ZIMAGE_POLL_INTERVAL` environment variable.
+Precedence, lowest first: defaults, config file, environment, command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from tornado.options import Error as OptionsError
+from tornado.options import OptionParser
+
+from zimage_tornado.validation import Limits
+
+ENV_PREFIX = "ZIMAGE_"
+
+
+def setting(default, help: str):  # noqa: A002 - mirrors tornado's define(help=...)
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    address: str = setting("127.0.0.1", "Address to listen on (0.0.0.0 for every interface)")
+    port: int = setting(8000, "Port to listen on")
+    upstream_url: str = setting("https://zimage.run", "Base URL of the Z-Image service")
+    upstream_timeout: float = setting(30.0, "Seconds for a whole upstream call, queueing included")
+    upstream_connect_timeout: float = setting(10.0, "Seconds to connect to the upstream")
+    upstream_max_clients: int = setting(100, "Upstream calls in flight at once; more wait in a queue")
+    poll_interval: float = setting(5.0, "Seconds between upstream status checks while a client waits")
+    max_attempts: int = setting(60, "Status checks in a full wait: a wait lasts max_attempts x poll_interval")
+    max_waiters: int = setting(10000, "Clients that may wait on tasks at once; more get 503")
+    cache_size: int = setting(10000, "Finished tasks remembered, answered without an upstream call")
+    cache_ttl: float = setting(3600.0, "Seconds a finished task is remembered")
+    max_batch_size: int = setting(4, "Largest batch_size accepted")
+    min_size: int = setting(64, "Smallest width or height accepted")
+    max_size: int = setting(2048, "Largest width or height accepted")
+    size_multiple: int = setting(16, "width and height must be multiples of this (1 to accept any)")
+    max_steps: int = setting(50, "Largest steps accepted")
+    max_cfg_scale: float = setting(20.0, "Largest cfg_scale accepted")
+    max_prompt_length: int = setting(8000, "Longest prompt or negative_prompt accepted, in characters")
+    log_level: str = setting("info", "Log level: debug, info, warning or error")
+
+    def __post_init__(self) -> None:
+        positive = ("port", "upstream_timeout", "upstream_connect_timeout", "upstream_max_clients",
+                    "poll_interval", "max_attempts", "max_waiters", "cache_ttl", "max_batch_size",
+                    "min_size", "size_multiple", "max_steps", "max_prompt_length")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError("%s must be positive" % name)
+        if self.cache_size < 0 or self.max_cfg_scale < 0:
+            raise ValueError("cache_size and max_cfg_scale must not be negative")
+        if self.min_size > self.max_size:
+            raise ValueError("min_size must not exceed max_size")
+        if not self.upstream_url.startswith(("http://", "https://")):
+            raise ValueError("upstream_url must be an http:// or https:// URL")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError("log_level must be debug, info, warning or error")
+
+    @property
+    def limits(self) -> Limits:
+        names = {f.name for f in dataclasses.fields(Limits)}
+        return Limits(**{name: getattr(self, name) for name in names})
+
+    @property
+    def wait_budget(self) -> float:
+        return self.poll_interval * self.max_attempts
+
+
+def build_parser() -> OptionParser:
+    parser = OptionParser()
+    for f in dataclasses.fields(Settings):
+        parser.define(f.name, default=f.default, type=type(f.default), help=f.metadata["help"])
+    parser.define("config", type=str, default=None, help="Path of a config file (Python syntax: name = value)")
+    return parser
+
+
+def load_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from a command line (argv[0] is the program name) and the environment.
+
+    Raises ValueError with a message for the user on a bad flag, file or value."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser()
+    names = {name.replace("-", "_") for name in parser}
+    from_env = ["--%s=%s" % (key[len(ENV_PREFIX):].lower(), value) for key, value in sorted(environ.items())
+                if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):].lower() in names]
+    args = [argv[0], *from_env, *argv[1:]]
+    try:
+        extra = parser.parse_command_line(args, final=False)
+        if extra:
+            raise ValueError("unexpected argument %r (settings are given as --name=value)" % extra[0])
+        if parser.config:
+            parser.parse_config_file(parser.config, final=False)
+            parser.parse_command_line(args, final=False)  # the environment and flags win over the file
+    except (OptionsError, OSError, SyntaxError) as e:
+        raise ValueError(str(e)) from e
+    return Settings(**{f.name: getattr(parser, f.name) for f in dataclasses.fields(Settings)})

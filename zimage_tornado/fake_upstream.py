@@ -1,0 +1,286 @@
+"""A real HTTP imitation of the Z-Image service, for tests and benchmarks.
+
+It follows UPSTREAM.md: tasks go pending -> processing -> completed (or failed), results come
+as `resultUrls`, a single `resultUrl` or a JSON-encoded array, and images are real PNGs drawn
+from the prompt. Fault switches make any call misbehave; counters record what it received.
+
+Standalone: `python -m zimage_tornado.fake_upstream --port 9100 --seconds-to-complete 3`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import struct
+import time
+import uuid as uuidlib
+import zlib
+from collections import Counter, defaultdict, deque
+from functools import lru_cache
+from typing import Any
+
+from tornado.web import Application, RequestHandler
+
+FAULTS = {
+    "500": "HTTP 500 with a success:false JSON body",
+    "502": "HTTP 502 with an HTML body (what a front proxy sends)",
+    "503": "HTTP 503 with an HTML body",
+    "429": "HTTP 429, Retry-After and a success:false body",
+    "400": "HTTP 400 with a success:false body",
+    "404": "HTTP 404 with a success:false body",
+    "false200": "HTTP 200 with success:false",
+    "garbage": "HTTP 200 with a body that is not JSON",
+    "no_uuid": "HTTP 200, success:true, but no uuid / no task object",
+    "unknown_status": "a task read answering taskStatus 'mystery'",
+    "hang": "answer normally, but only after hang_seconds",
+    "reset": "close the connection without answering",
+}
+
+
+class FakeZImage:
+    def __init__(self, *, reads_to_complete: int = 2, seconds_to_complete: float | None = None,
+                 outcome: str = "complete", result_style: str = "list", uuid_at: str = "data",
+                 hang_seconds: float = 5.0, retry_after: str = "1") -> None:
+        self.reads_to_complete = reads_to_complete
+        self.seconds_to_complete = seconds_to_complete  # if set, completion goes by time, not reads
+        self.outcome = outcome  # "complete", "fail" or "never" for new tasks
+        self.result_style = result_style  # "list", "single" or "json_string"
+        self.uuid_at = uuid_at  # "data" or "task"
+        self.hang_seconds = hang_seconds
+        self.retry_after = retry_after
+        self.tasks: dict[str, dict[str, Any]] = {}
+        self.calls: Counter[str] = Counter()  # by endpoint: generate, task, image
+        self.task_reads: Counter[str] = Counter()  # by task uuid
+        self.read_times: defaultdict[str, list[float]] = defaultdict(list)
+        self.generate_bodies: list[Any] = []
+        self._faults: dict[str, deque[str]] = defaultdict(deque)
+        self._always: dict[str, str] = {}
+
+    # -- switches ---------------------------------------------------------------------------
+
+    def inject(self, endpoint: str, *faults: str) -> None:
+        """The next calls to `endpoint` ("generate", "task", "image") fail, one fault each."""
+        for fault in faults:
+            if fault not in FAULTS:
+                raise ValueError("unknown fault %r" % fault)
+        self._faults[endpoint].extend(faults)
+
+    def always(self, endpoint: str, fault: str | None) -> None:
+        """Every call to `endpoint` fails this way until called again with None."""
+        if fault is None:
+            self._always.pop(endpoint, None)
+        else:
+            self._always[endpoint] = fault
+
+    def next_fault(self, endpoint: str) -> str | None:
+        if self._faults[endpoint]:
+            return self._faults[endpoint].popleft()
+        return self._always.get(endpoint)
+
+    def add_task(self, prompt: str = "a test task", outcome: str | None = None, **params: Any) -> str:
+        task_uuid = str(uuidlib.uuid4())
+        self.tasks[task_uuid] = {
+            "uuid": task_uuid, "prompt": prompt, "created": time.monotonic(), "reads": 0,
+            "outcome": outcome or self.outcome,
+            "width": params.get("width", 1024), "height": params.get("height", 1024),
+            "batch_size": params.get("batch_size", 1), "params": params,
+        }
+        return task_uuid
+
+    def stats(self) -> dict[str, Any]:
+        return {"calls": dict(self.calls), "tasks": len(self.tasks),
+                "task_reads": sum(self.task_reads.values()),
+                "max_reads_per_task": max(self.task_reads.values(), default=0)}
+
+    # -- task state ---------------------------------------------------------------------------
+
+    def task_view(self, task: dict[str, Any], base_url: str) -> dict[str, Any]:
+        view: dict[str, Any] = {"id": task["uuid"][:8], "uuid": task["uuid"], "prompt": task["prompt"],
+                                "width": task["width"], "height": task["height"]}
+        if self.seconds_to_complete is not None:
+            fraction = (time.monotonic() - task["created"]) / self.seconds_to_complete if self.seconds_to_complete else 1
+        else:
+            fraction = task["reads"] / self.reads_to_complete if self.reads_to_complete else 1
+        if task["outcome"] == "never":
+            fraction = min(fraction, 0.9)
+        if fraction >= 1 and task["outcome"] == "fail":
+            view.update(taskStatus="failed", progress=100, errorMessage="The model could not draw this prompt")
+        elif fraction >= 1:
+            urls = ["%s/images/%s_%d.png" % (base_url, task["uuid"], i) for i in range(task["batch_size"])]
+            view.update(taskStatus="completed", progress=100)
+            if self.result_style == "single":
+                view["resultUrl"] = urls[0]
+            elif self.result_style == "json_string":
+                view["resultUrl"] = json.dumps(urls)
+            else:
+                view["resultUrls"] = urls
+        elif (fraction < 0.2) if self.seconds_to_complete is not None else task["reads"] <= 1:
+            view.update(taskStatus="pending", progress=0, queuePosition=1)
+        else:
+            view.update(taskStatus="processing", progress=int(min(fraction, 0.99) * 100))
+        return view
+
+    def make_app(self) -> Application:
+        return Application([
+            (r"/api/z-image/generate", _GenerateHandler, {"fake": self}),
+            (r"/api/z-image/task/([^/]+)", _TaskHandler, {"fake": self}),
+            (r"/images/([A-Za-z0-9-]+)_(\d+)\.png", _ImageHandler, {"fake": self}),
+            (r"/_fake/stats", _StatsHandler, {"fake": self}),
+        ])
+
+
+class _FakeHandler(RequestHandler):
+    endpoint = ""
+
+    def initialize(self, fake: FakeZImage) -> None:
+        self.fake = fake
+
+    def reply(self, body: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(body))
+
+    async def misbehave(self) -> bool:
+        """Plays the next fault, if any; True when the answer has been given (or refused)."""
+        self.fake.calls[self.endpoint] += 1
+        fault = self.fake.next_fault(self.endpoint)
+        if fault is None:
+            return False
+        if fault == "hang":
+            await asyncio.sleep(self.fake.hang_seconds)
+            return False
+        if fault == "reset":
+            self.request.connection.stream.close()
+            return True
+        if fault in ("502", "503"):
+            self.set_status(int(fault))
+            self.set_header("Content-Type", "text/html")
+            self.finish("<html><body><h1>%s Bad Gateway</h1></body></html>" % fault)
+            return True
+        if fault == "garbage":
+            self.set_header("Content-Type", "text/html")
+            self.finish("<html>surprise</html>")
+            return True
+        if fault == "429":
+            self.set_header("Retry-After", self.fake.retry_after)
+            self.reply({"success": False, "error": "Rate limit exceeded, slow down"}, 429)
+            return True
+        if fault in ("500", "400", "404", "false200"):
+            messages = {"500": "Internal server error", "400": "Prompt is required and must be a string",
+                        "404": "Task not found", "false200": "Service busy, try again later"}
+            self.reply({"success": False, "error": messages[fault]}, 200 if fault == "false200" else int(fault))
+            return True
+        if fault == "no_uuid":
+            self.reply({"success": True, "data": {}})
+            return True
+        return False  # "unknown_status" is played by the task handler itself
+
+
+class _GenerateHandler(_FakeHandler):
+    endpoint = "generate"
+
+    async def post(self) -> None:
+        if await self.misbehave():
+            return
+        try:
+            body = json.loads(self.request.body)
+        except ValueError:
+            return self.reply({"success": False, "error": "Invalid JSON"}, 400)
+        self.fake.generate_bodies.append(body)
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            return self.reply({"success": False, "error": "Prompt is required and must be a string"}, 400)
+        params = {k: body[k] for k in ("width", "height", "batch_size", "steps", "model") if k in body}
+        task_uuid = self.fake.add_task(prompt, **params)
+        view = self.fake.task_view(self.fake.tasks[task_uuid], self.request.protocol + "://" + self.request.host)
+        view.update(taskStatus="pending", progress=0)
+        data: dict[str, Any] = {"task": view}
+        if self.fake.uuid_at == "data":
+            data["uuid"] = task_uuid
+            view.pop("uuid")
+        self.reply({"success": True, "data": data})
+
+
+class _TaskHandler(_FakeHandler):
+    endpoint = "task"
+
+    async def get(self, task_uuid: str) -> None:
+        self.fake.task_reads[task_uuid] += 1
+        self.fake.read_times[task_uuid].append(time.monotonic())
+        fault = self.fake._faults[self.endpoint][0] if self.fake._faults[self.endpoint] else None
+        if await self.misbehave():
+            return
+        task = self.fake.tasks.get(task_uuid)
+        if task is None:
+            return self.reply({"success": False, "error": "Task not found"}, 404)
+        task["reads"] += 1
+        view = self.fake.task_view(task, self.request.protocol + "://" + self.request.host)
+        if fault == "unknown_status":
+            view.update(taskStatus="mystery", progress=None)
+        self.reply({"success": True, "data": {"task": view}})
+
+
+class _ImageHandler(_FakeHandler):
+    endpoint = "image"
+
+    async def get(self, task_uuid: str, index: str) -> None:
+        if await self.misbehave():
+            return
+        task = self.fake.tasks.get(task_uuid)
+        if task is None or int(index) >= task["batch_size"]:
+            return self.reply({"success": False, "error": "Image not found"}, 404)
+        self.set_header("Content-Type", "image/png")
+        self.finish(render_png(task["prompt"], int(index), task["width"], task["height"]))
+
+
+class _StatsHandler(_FakeHandler):
+    def get(self) -> None:
+        self.reply(self.fake.stats())
+
+
+@lru_cache(maxsize=64)
+def render_png(prompt: str, index: int, width: int, height: int) -> bytes:
+    """A deterministic picture for a prompt: colour bands chosen by the prompt's hash."""
+    digest = hashlib.sha256(("%s#%d" % (prompt, index)).encode()).digest()
+    colors = [bytes(digest[i:i + 3]) for i in range(0, 24, 3)]
+    stripes = 4 + digest[24] % 8
+    bands = 4 + digest[25] % 8
+    stripe_w = -(-width // stripes)
+    rows = []
+    for band in range(bands):
+        pixels = b"".join(colors[(band * (1 + digest[26] % 3) + s) % len(colors)] * stripe_w for s in range(stripes))
+        rows.append(b"\x00" + pixels[:width * 3])
+    band_h = -(-height // bands)
+    raw = b"".join(rows[y // band_h] for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+
+
+def main() -> None:
+    import argparse
+
+    from tornado.httpserver import HTTPServer
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--address", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--reads-to-complete", type=int, default=2)
+    parser.add_argument("--seconds-to-complete", type=float, default=None)
+    args = parser.parse_args()
+
+    async def run() -> None:
+        fake = FakeZImage(reads_to_complete=args.reads_to_complete, seconds_to_complete=args.seconds_to_complete)
+        HTTPServer(fake.make_app()).listen(args.port, args.address)
+        print("fake Z-Image listening on http://%s:%d" % (args.address, args.port), flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

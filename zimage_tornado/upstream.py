@@ -1,0 +1,227 @@
+"""ZImageClient: the only module that knows Z-Image's wire format.
+
+Every failure, whatever its cause, leaves as one UpstreamError subclass carrying the status the
+gateway should answer with and a message that is safe to show a client (never exception text).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPResponse
+from tornado.simple_httpclient import HTTPTimeoutError
+from tornado.iostream import StreamClosedError
+
+from zimage_tornado import SERVICE_NAME, __version__
+from zimage_tornado.domain import COMPLETED, FAILED, FINAL_STATES, PENDING, PROCESSING, GenerationRequest, Task
+from zimage_tornado.validation import TASK_ID_RE
+
+log = logging.getLogger("zimage_tornado.upstream")
+
+KNOWN_STATES = FINAL_STATES | {PENDING, PROCESSING}
+MAX_MESSAGE = 500
+
+
+class UpstreamError(Exception):
+    status = 502
+    code = "upstream_error"
+    transient = True  # worth asking again at the next poll
+
+    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+        self.retry_after = retry_after
+
+
+class UpstreamUnavailable(UpstreamError):
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class UpstreamRejected(UpstreamError):
+    """The upstream said no (`success: false` or an error status)."""
+
+    code = "upstream_rejected"
+
+    @property
+    def transient(self) -> bool:  # type: ignore[override]
+        return self.status == 429 or self.status >= 500
+
+
+class UpstreamBadResponse(UpstreamError):
+    code = "upstream_bad_response"
+
+
+class TaskNotFound(UpstreamError):
+    status = 404
+    code = "task_not_found"
+    transient = False
+
+
+def encode_generate(request: GenerationRequest) -> dict[str, Any]:
+    """The submit body. Kept in one place: the service's camelCase variant is a change here only."""
+    return {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "model": request.model,
+        "batch_size": request.batch_size,
+        "width": request.width,
+        "height": request.height,
+        "steps": request.steps,
+        "cfg_scale": request.cfg_scale,
+    }
+
+
+class ZImageClient:
+    def __init__(self, base_url: str, http: AsyncHTTPClient) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = http
+        self.headers = {
+            "Accept": "application/json",
+            "User-Agent": "%s/%s" % (SERVICE_NAME, __version__),
+        }
+
+    async def submit(self, request: GenerationRequest) -> Task:
+        log.info("submitting task: model=%s batch_size=%d size=%dx%d steps=%d",
+                 request.model, request.batch_size, request.width, request.height, request.steps)
+        document = await self._call("POST", "/api/z-image/generate", encode_generate(request))
+        data = document.get("data")
+        data = data if isinstance(data, dict) else {}
+        task = data.get("task") if isinstance(data.get("task"), dict) else {}
+        uuid = data.get("uuid") or task.get("uuid")
+        # The uuid goes back into our own paths later: accept only what a client could send us.
+        if not isinstance(uuid, str) or not TASK_ID_RE.fullmatch(uuid):
+            log.warning("upstream accepted a task but sent no usable uuid: %.200r", document)
+            raise UpstreamBadResponse("The upstream answered without a usable task uuid")
+        log.info("task %s submitted", uuid)
+        return parse_task(uuid, task, document, default_status=PENDING)
+
+    async def get_task(self, uuid: str) -> Task:
+        document = await self._call("GET", "/api/z-image/task/%s" % uuid, task_uuid=uuid)
+        data = document.get("data")
+        if not isinstance(data, dict):
+            raise UpstreamBadResponse("The upstream's task answer has no data object")
+        task = data.get("task")
+        if not isinstance(task, dict):
+            task = data if "taskStatus" in data else None
+        if task is None:
+            raise UpstreamBadResponse("The upstream's task answer has no task object")
+        parsed = parse_task(uuid, task, document)
+        log.debug("task %s is %s (%s%%)", uuid, parsed.status, parsed.progress)
+        return parsed
+
+    async def _call(self, method: str, path: str, body: Any = None, task_uuid: str | None = None) -> dict[str, Any]:
+        url = self.base_url + path
+        headers = dict(self.headers)
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            # Timeouts come from the client's defaults (the upstream_* settings); raise_error=False
+            # so that HTTP error statuses arrive as responses and their bodies can be read.
+            response = await self._http.fetch(
+                url, method=method, headers=headers, raise_error=False,
+                body=None if body is None else json.dumps(body),
+            )
+        except HTTPTimeoutError as e:
+            raise UpstreamTimeout("The upstream did not answer in time") from e
+        except (HTTPClientError, OSError, StreamClosedError) as e:
+            log.warning("%s %s failed: %s", method, url, e)
+            raise UpstreamUnavailable("The upstream could not be reached") from e
+        return self._decode(response, task_uuid)
+
+    def _decode(self, response: HTTPResponse, task_uuid: str | None) -> dict[str, Any]:
+        if response.code == 599:  # a transport failure reported as a response
+            raise UpstreamUnavailable("The upstream could not be reached")
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        try:
+            document = json.loads(response.body or b"")
+        except (ValueError, UnicodeDecodeError):
+            document = None
+        if not isinstance(document, dict):
+            if response.code == 404 and task_uuid:
+                raise TaskNotFound("Task %s was not found upstream" % task_uuid)
+            if response.code >= 400:
+                raise UpstreamRejected("The upstream answered HTTP %d" % response.code,
+                                       status=client_status(response.code), retry_after=retry_after)
+            raise UpstreamBadResponse("The upstream answered with something that is not a JSON object")
+        if response.code < 400 and document.get("success") is not False:
+            return document
+        message = upstream_message(document) or "The upstream answered HTTP %d" % response.code
+        if task_uuid and (response.code == 404 or (response.code < 400 and "not found" in message.lower())):
+            raise TaskNotFound("Task %s was not found upstream: %s" % (task_uuid, message))
+        status = client_status(response.code) if response.code >= 400 else 502
+        raise UpstreamRejected(message, status=status, retry_after=retry_after)
+
+
+def client_status(upstream_status: int) -> int:
+    """A 4xx (429 included) is the client's to know; anything else is a bad gateway."""
+    return upstream_status if 400 <= upstream_status < 500 else 502
+
+
+def upstream_message(document: dict[str, Any]) -> str | None:
+    for key in ("error", "message", "errorMessage"):
+        value = document.get(key)
+        if isinstance(value, dict):
+            value = value.get("message")
+        if isinstance(value, str) and value.strip():
+            return value.strip()[:MAX_MESSAGE]
+    return None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None  # an HTTP-date: rare enough to ignore
+    return seconds if seconds is not None and 0 <= seconds <= 3600 else None
+
+
+def parse_task(uuid: str, task: dict[str, Any], document: dict[str, Any], default_status: str = PROCESSING) -> Task:
+    status = task.get("taskStatus", task.get("status", default_status))
+    status = status.lower() if isinstance(status, str) else default_status
+    if status not in KNOWN_STATES:
+        log.info("task %s has unknown status %r; treating it as still running", uuid, status)
+    image_urls = result_urls(task)
+    if status == COMPLETED and not image_urls:
+        raise UpstreamBadResponse("The upstream says task %s completed but gave no image URLs" % uuid)
+    error = None
+    if status == FAILED:
+        error = next((task[k] for k in ("errorMessage", "error", "failReason")
+                      if isinstance(task.get(k), str) and task[k].strip()), None)
+        error = error[:MAX_MESSAGE] if error else None
+    progress = task.get("progress")
+    queue_position = task.get("queuePosition")
+    return Task(
+        uuid=uuid,
+        status=status,
+        progress=progress if isinstance(progress, (int, float)) and not isinstance(progress, bool) else None,
+        image_urls=image_urls,
+        error=error,
+        queue_position=queue_position if isinstance(queue_position, int) else None,
+        raw=task,
+        document=document,
+    )
+
+
+def result_urls(task: dict[str, Any]) -> tuple[str, ...]:
+    """`resultUrls` (a list), or `resultUrl`: one URL or a JSON-encoded array of them."""
+    urls = task.get("resultUrls")
+    if urls is None:
+        urls = task.get("resultUrl")
+        if isinstance(urls, str) and urls.lstrip().startswith("["):
+            try:
+                urls = json.loads(urls)
+            except ValueError:
+                urls = None
+        elif isinstance(urls, str):
+            urls = [urls]
+    if not isinstance(urls, list):
+        return ()
+    return tuple(url for url in urls if isinstance(url, str) and url)

@@ -1,0 +1,112 @@
+"""Input checks for everything a client sends; each failure is a 400 naming the param.
+
+Nothing here talks to the upstream: a request that fails a check never leaves the gateway.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from zimage_tornado.errors import invalid
+
+# Letters, digits and '-' only: a task id is spliced into upstream paths, so nothing that
+# could change the path ('/', '..', '%', '?') may get through.
+TASK_ID_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch_size: int = 4
+    min_size: int = 64
+    max_size: int = 2048
+    size_multiple: int = 16
+    max_steps: int = 50
+    max_cfg_scale: float = 20.0
+    max_prompt_length: int = 8000
+
+
+def task_id(value: str) -> str:
+    if not TASK_ID_RE.fullmatch(value or ""):
+        raise invalid(
+            "Invalid task id: expected 1 to 64 letters, digits or '-'", param="uuid", code="invalid_task_id"
+        )
+    return value
+
+
+def json_object(value: Any, param: str | None = None) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise invalid("%s must be a JSON object" % (param or "The request body"), param=param, code="invalid_type")
+    return value
+
+
+def string(value: Any, param: str, *, max_length: int, allow_empty: bool = True) -> str:
+    if not isinstance(value, str):
+        raise invalid("%s must be a string" % param, param=param, code="invalid_type")
+    if not allow_empty and not value.strip():
+        raise invalid("%s must be a non-empty string" % param, param=param, code="missing_value")
+    if len(value) > max_length:
+        raise invalid("%s is longer than %d characters" % (param, max_length), param=param)
+    return value
+
+
+def integer(value: Any, param: str, low: int, high: int) -> int:
+    # bool is an int subclass and "4" is a string: both are type errors, not numbers.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid("%s must be an integer" % param, param=param, code="invalid_type")
+    if not low <= value <= high:
+        raise invalid("%s must be between %d and %d" % (param, low, high), param=param)
+    return value
+
+
+def number(value: Any, param: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise invalid("%s must be a number" % param, param=param, code="invalid_type")
+    if not math.isfinite(value) or not low <= value <= high:
+        raise invalid("%s must be between %g and %g" % (param, low, high), param=param)
+    return value
+
+
+def image_side(value: Any, param: str, limits: Limits) -> int:
+    side = integer(value, param, limits.min_size, limits.max_size)
+    if side % limits.size_multiple:
+        raise invalid("%s must be a multiple of %d" % (param, limits.size_multiple), param=param)
+    return side
+
+
+def generation_fields(params: Mapping[str, Any], limits: Limits) -> dict[str, Any]:
+    """Checks the optional generation parameters present in `params`; absent ones are left out."""
+    checks = {
+        "negative_prompt": lambda v: string(v, "negative_prompt", max_length=limits.max_prompt_length),
+        "batch_size": lambda v: integer(v, "batch_size", 1, limits.max_batch_size),
+        "width": lambda v: image_side(v, "width", limits),
+        "height": lambda v: image_side(v, "height", limits),
+        "steps": lambda v: integer(v, "steps", 1, limits.max_steps),
+        "cfg_scale": lambda v: number(v, "cfg_scale", 0, limits.max_cfg_scale),
+    }
+    return {name: check(params[name]) for name, check in checks.items() if params.get(name) is not None}
+
+
+def prompt(value: Any, limits: Limits, param: str = "prompt") -> str:
+    return string(value, param, max_length=limits.max_prompt_length, allow_empty=False).strip()
+
+
+def wait_budget(timeout: str | None, wait: str | None, server_budget: float) -> float:
+    """Seconds this request may wait: `?timeout=` caps the server budget, `?wait=false` means 0."""
+    if wait is not None:
+        flag = wait.strip().lower()
+        if flag in ("false", "0", "no"):
+            return 0.0
+        if flag not in ("true", "1", "yes"):
+            raise invalid("wait must be true or false", param="wait")
+    if timeout is None:
+        return server_budget
+    try:
+        seconds = float(timeout)
+    except ValueError:
+        raise invalid("timeout must be a number of seconds", param="timeout", code="invalid_type") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise invalid("timeout must be a non-negative number of seconds", param="timeout")
+    return min(seconds, server_budget)

@@ -1,0 +1,203 @@
+"""The long-poll engine: one polling loop per task, shared by every client waiting on it.
+
+A waiter is a plain Future plus one timer: thousands of them cost little. The loop for a task
+reads the upstream at once and then every `interval`, settles every waiter when the task
+finishes, and stops as soon as its last waiter has gone (answered, timed out or disconnected).
+Transient upstream faults are logged and retried at the next tick; only a definite answer
+(completed, failed, unknown task) ends a wait early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+from zimage_tornado.cache import ResultCache
+from zimage_tornado.domain import Task
+from zimage_tornado.upstream import TaskNotFound, UpstreamError, ZImageClient
+
+log = logging.getLogger("zimage_tornado.watcher")
+
+# Outcome states besides the task's own "completed" and "failed".
+NOT_FOUND = "not_found"
+TIMEOUT = "timeout"
+UPSTREAM_ERROR = "upstream_error"  # a definite, non-transient refusal while polling
+INTERRUPTED = "interrupted"  # the engine is shutting down
+
+
+class TooManyWaiters(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: str
+    uuid: str
+    task: Task | None = None  # the last state seen
+    error: UpstreamError | None = None  # the last upstream failure, if the last read failed
+    waited: float = 0.0  # the budget this waiter had
+
+
+class _Poll:
+    __slots__ = ("uuid", "waiters", "task", "task_at", "error", "wakeup", "runner")
+
+    def __init__(self, uuid: str) -> None:
+        self.uuid = uuid
+        self.waiters: set[asyncio.Future[Outcome]] = set()
+        self.task: Task | None = None
+        self.task_at = 0.0
+        self.error: UpstreamError | None = None
+        self.wakeup: asyncio.Future[None] | None = None
+        self.runner: asyncio.Task[None] | None = None
+
+
+class TaskWatcher:
+    def __init__(self, client: ZImageClient, *, interval: float, max_attempts: int, max_waiters: int,
+                 cache: ResultCache[Task]) -> None:
+        self.client = client
+        self.interval = interval
+        self.budget = interval * max_attempts  # the default wait: max_attempts intervals
+        self.max_waiters = max_waiters
+        self.cache = cache
+        self.waiting = 0
+        self.counters: Counter[str] = Counter()
+        self._polls: dict[str, _Poll] = {}
+        self._reads: dict[str, asyncio.Future[Task]] = {}
+
+    @property
+    def active_polls(self) -> int:
+        return len(self._polls)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def read(self, uuid: str) -> Task:
+        """The task now: from the cache when finished, else one upstream read shared by all
+        callers asking at the same moment."""
+        cached = self.cache.get(uuid)
+        if cached is not None:
+            self.counters["cache_hits"] += 1
+            return cached
+        pending = self._reads.get(uuid)
+        if pending is None:
+            pending = asyncio.ensure_future(self._read_upstream(uuid))
+            self._reads[uuid] = pending
+            pending.add_done_callback(functools.partial(self._read_done, uuid))
+        else:
+            self.counters["coalesced_reads"] += 1
+        # shield: one caller leaving must not cancel the read the others are waiting for
+        return await asyncio.shield(pending)
+
+    def _read_done(self, uuid: str, future: asyncio.Future[Task]) -> None:
+        self._reads.pop(uuid, None)
+        if not future.cancelled():
+            future.exception()  # retrieved here so an unawaited failure is not reported as lost
+
+    async def _read_upstream(self, uuid: str) -> Task:
+        self.counters["upstream_reads"] += 1
+        task = await self.client.get_task(uuid)
+        if task.is_final:
+            self.cache.put(uuid, task)
+        return task
+
+    async def peek(self, uuid: str) -> Task:
+        """The current state without waiting; reuses a running loop's read from this interval."""
+        poll = self._polls.get(uuid)
+        loop = asyncio.get_running_loop()
+        if poll is not None and poll.task is not None and loop.time() - poll.task_at < self.interval:
+            return poll.task
+        return await self.read(uuid)
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    def wait(self, uuid: str, budget: float | None = None) -> asyncio.Future[Outcome]:
+        """A future for the task's outcome within `budget` seconds. Cancel it to leave."""
+        loop = asyncio.get_running_loop()
+        budget = self.budget if budget is None else budget
+        future: asyncio.Future[Outcome] = loop.create_future()
+        cached = self.cache.get(uuid)
+        if cached is not None:
+            self.counters["cache_hits"] += 1
+            future.set_result(Outcome(cached.status, uuid, cached, None, budget))
+            return future
+        if self.waiting >= self.max_waiters:
+            self.counters["waiters_refused"] += 1
+            raise TooManyWaiters()
+        poll = self._polls.get(uuid)
+        if poll is None:
+            poll = self._polls[uuid] = _Poll(uuid)
+            poll.runner = asyncio.ensure_future(self._run(poll))
+        else:
+            self.counters["coalesced_waiters"] += 1
+        timer = loop.call_later(budget, self._expire, poll, future, budget)
+        poll.waiters.add(future)
+        self.waiting += 1
+        future.add_done_callback(functools.partial(self._left, poll, timer))
+        return future
+
+    def _expire(self, poll: _Poll, future: asyncio.Future[Outcome], budget: float) -> None:
+        if not future.done():
+            future.set_result(Outcome(TIMEOUT, poll.uuid, poll.task, poll.error, budget))
+
+    def _left(self, poll: _Poll, timer: asyncio.TimerHandle, future: asyncio.Future[Outcome]) -> None:
+        timer.cancel()
+        poll.waiters.discard(future)
+        self.waiting -= 1
+        if not poll.waiters and poll.wakeup is not None and not poll.wakeup.done():
+            poll.wakeup.set_result(None)  # the loop stops now instead of at its next tick
+
+    def _settle(self, poll: _Poll, state: str, error: UpstreamError | None = None) -> None:
+        for future in list(poll.waiters):
+            if not future.done():
+                future.set_result(Outcome(state, poll.uuid, poll.task, error, self.budget))
+
+    async def _run(self, poll: _Poll) -> None:
+        loop = asyncio.get_running_loop()
+        self.counters["polls_started"] += 1
+        try:
+            while poll.waiters:
+                delay = self.interval
+                try:
+                    task = await self.read(poll.uuid)
+                except TaskNotFound as e:
+                    self._settle(poll, NOT_FOUND, e)
+                    return
+                except UpstreamError as e:
+                    poll.error = e
+                    self.counters["upstream_errors"] += 1
+                    if not e.transient:
+                        log.warning("task %s: the upstream refused a status read: %s", poll.uuid, e)
+                        self._settle(poll, UPSTREAM_ERROR, e)
+                        return
+                    if e.retry_after:
+                        delay = max(delay, e.retry_after)
+                    log.warning("task %s: status read failed (%s: %s); retrying in %.1fs",
+                                poll.uuid, e.code, e, delay)
+                else:
+                    if poll.task is None or poll.task.status != task.status:
+                        log.info("task %s is %s", poll.uuid, task.status)
+                    poll.task, poll.task_at, poll.error = task, loop.time(), None
+                    if task.is_final:
+                        self._settle(poll, task.status)
+                        return
+                if not poll.waiters:
+                    break
+                poll.wakeup = loop.create_future()
+                await asyncio.wait([poll.wakeup], timeout=delay)
+        except asyncio.CancelledError:
+            self._settle(poll, INTERRUPTED, poll.error)
+            raise
+        except Exception:  # a bug here must not leave waiters hanging until their budget ends
+            log.exception("task %s: polling loop crashed", poll.uuid)
+            self._settle(poll, UPSTREAM_ERROR, UpstreamError("Internal error while polling the task"))
+        finally:
+            self._polls.pop(poll.uuid, None)
+
+    async def close(self) -> None:
+        """Ends every loop; their waiters get an INTERRUPTED outcome with the last state seen."""
+        runners = [poll.runner for poll in self._polls.values() if poll.runner is not None]
+        for runner in runners:
+            runner.cancel()
+        await asyncio.gather(*runners, return_exceptions=True)
