@@ -73,7 +73,7 @@ def make_proxy(io_loop, fake_url) -> Callable[..., Proxy]:
         settings = Settings(**{"upstream_url": fake_url, **FAST, **overrides})
         app = make_app(settings)
         server, port = serve(app)
-        proxy = Proxy("http://127.0.0.1:%d" % port, app.gateway, AsyncHTTPClient(force_instance=True))
+        proxy = Proxy("http://127.0.0.1:%d" % port, app.gateway, AsyncHTTPClient(force_instance=True, max_clients=500))
         started.append((server, proxy))
         return proxy
 
