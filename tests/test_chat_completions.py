@@ -75,6 +75,7 @@ async def test_client_errors_are_400_envelopes_and_never_reach_the_upstream(prox
     assert fake.calls["generate"] == 0
 
 
+@pytest.mark.parametrize("client", ["curl", "simple"])
 @pytest.mark.parametrize("fault,status,code", [
     ("400", 400, "upstream_rejected"),
     ("429", 429, "upstream_rejected"),
@@ -86,7 +87,8 @@ async def test_client_errors_are_400_envelopes_and_never_reach_the_upstream(prox
     ("reset", 502, "upstream_unavailable"),
 ])
 @pytest.mark.gen_test
-async def test_upstream_failures_map_to_documented_statuses(proxy, fake, fault, status, code):
+async def test_upstream_failures_map_to_documented_statuses(make_proxy, fake, fault, status, code, client):
+    proxy = make_proxy(upstream_client=client)
     fake.inject("generate", fault)
     response = await proxy.request("/v1/chat/completions", "POST", SPEC_BODY)
     body = json.loads(response.body)
@@ -101,19 +103,22 @@ async def test_upstream_failures_map_to_documented_statuses(proxy, fake, fault, 
         assert body["error"]["message"] == "Prompt is required and must be a string"
 
 
+@pytest.mark.parametrize("client", ["curl", "simple"])
 @pytest.mark.gen_test
-async def test_upstream_timeout_is_504(make_proxy, fake):
+async def test_upstream_timeout_is_504(make_proxy, fake, client):
     fake.inject("generate", "hang")
     fake.hang_seconds = 1.0
-    proxy = make_proxy(upstream_timeout=0.2)
+    proxy = make_proxy(upstream_timeout=0.2, upstream_client=client)
     code, body = await proxy.json("/v1/chat/completions", "POST", SPEC_BODY)
     assert code == 504
     assert body["error"]["code"] == "upstream_timeout"
 
 
+@pytest.mark.parametrize("client", ["curl", "simple"])
 @pytest.mark.gen_test
-async def test_upstream_unreachable_is_502(make_proxy):
-    proxy = make_proxy(upstream_url="http://127.0.0.1:9")  # discard port: nothing listens
+async def test_upstream_unreachable_is_502(make_proxy, client):
+    # discard port: nothing listens
+    proxy = make_proxy(upstream_url="http://127.0.0.1:9", upstream_client=client)
     code, body = await proxy.json("/v1/chat/completions", "POST", SPEC_BODY)
     assert code == 502
     assert body["error"]["code"] == "upstream_unavailable"

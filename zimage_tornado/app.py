@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tornado.httpclient import AsyncHTTPClient
 from tornado.web import Application
 
 from zimage_tornado import handlers
 from zimage_tornado.cache import ResultCache
 from zimage_tornado.config import Settings
 from zimage_tornado.openai_api import ModelTable
-from zimage_tornado.upstream import ZImageClient
+from zimage_tornado.upstream import ZImageClient, make_http_client
 from zimage_tornado.watcher import TaskWatcher
 
 access_log = logging.getLogger("zimage_tornado.access")
@@ -23,15 +22,12 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # Our own client, not the per-loop singleton: that one has 10 slots, and time spent
-        # queueing for a slot counts against request_timeout.
-        self.http = AsyncHTTPClient(
-            force_instance=True,
+        self.http = make_http_client(
+            settings.upstream_client,
             max_clients=settings.upstream_max_clients,
-            defaults={
-                "connect_timeout": settings.upstream_connect_timeout,  # the upstream host is down
-                "request_timeout": settings.upstream_timeout,  # the whole call, queueing included
-            },
+            connect_timeout=settings.upstream_connect_timeout,
+            request_timeout=settings.upstream_timeout,
+            ca_certs=settings.upstream_ca_certs,
         )
         self.upstream = ZImageClient(settings.upstream_url, self.http)
         self.watcher = TaskWatcher(

@@ -28,10 +28,13 @@ def setting(default, help: str):  # noqa: A002 - mirrors tornado's define(help=.
 class Settings:
     address: str = setting("127.0.0.1", "Address to listen on (0.0.0.0 for every interface)")
     port: int = setting(8000, "Port to listen on")
+    backlog: int = setting(1024, "Pending connections the kernel may queue before accept (capped by somaxconn)")
     upstream_url: str = setting("https://zimage.run", "Base URL of the Z-Image service")
     upstream_timeout: float = setting(30.0, "Seconds for a whole upstream call, queueing included")
     upstream_connect_timeout: float = setting(10.0, "Seconds to connect to the upstream")
     upstream_max_clients: int = setting(100, "Upstream calls in flight at once; more wait in a queue")
+    upstream_client: str = setting("curl", "HTTP client for the upstream: curl (pycurl, keep-alive) or simple")
+    upstream_ca_certs: str = setting("", "CA bundle to verify the upstream's TLS certificate (default: the system's)")
     poll_interval: float = setting(5.0, "Seconds between upstream status checks while a client waits")
     max_attempts: int = setting(60, "Status checks in a full wait: a wait lasts max_attempts x poll_interval")
     max_waiters: int = setting(10000, "Clients that may wait on tasks at once; more get 503")
@@ -47,7 +50,7 @@ class Settings:
     log_level: str = setting("info", "Log level: debug, info, warning or error")
 
     def __post_init__(self) -> None:
-        positive = ("port", "upstream_timeout", "upstream_connect_timeout", "upstream_max_clients",
+        positive = ("port", "backlog", "upstream_timeout", "upstream_connect_timeout", "upstream_max_clients",
                     "poll_interval", "max_attempts", "max_waiters", "cache_ttl", "max_batch_size",
                     "min_size", "size_multiple", "max_steps", "max_prompt_length")
         for name in positive:
@@ -59,6 +62,8 @@ class Settings:
             raise ValueError("min_size must not exceed max_size")
         if not self.upstream_url.startswith(("http://", "https://")):
             raise ValueError("upstream_url must be an http:// or https:// URL")
+        if self.upstream_client not in ("curl", "simple"):
+            raise ValueError("upstream_client must be curl or simple")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError("log_level must be debug, info, warning or error")
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import ssl
 from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPResponse
-from tornado.simple_httpclient import HTTPTimeoutError
+from tornado.simple_httpclient import HTTPTimeoutError, SimpleAsyncHTTPClient
 from tornado.iostream import StreamClosedError
 
 from zimage_tornado import SERVICE_NAME, __version__
@@ -22,6 +24,28 @@ log = logging.getLogger("zimage_tornado.upstream")
 
 KNOWN_STATES = FINAL_STATES | {PENDING, PROCESSING}
 MAX_MESSAGE = 500
+CURLE_OPERATION_TIMEDOUT = 28
+
+
+def make_http_client(kind: str, *, max_clients: int, connect_timeout: float, request_timeout: float,
+                     ca_certs: str = "") -> AsyncHTTPClient:
+    """A client of our own, not the per-loop singleton: that one has 10 slots, and time spent
+    queueing for a slot counts against request_timeout.
+
+    "curl" (the default) keeps connections to the upstream alive and parses in C: measured at
+    about twice the submit throughput of "simple", Tornado's pure-Python client."""
+    ca_certs = ca_certs or ssl.get_default_verify_paths().cafile or ""
+    defaults: dict[str, Any] = {
+        "connect_timeout": connect_timeout,  # the upstream host is down or unreachable
+        "request_timeout": request_timeout,  # the whole call, queueing for a slot included
+    }
+    if ca_certs and os.path.exists(ca_certs):
+        defaults["ca_certs"] = ca_certs  # given explicitly: pycurl's bundled libcurl has no default
+    if kind == "curl":
+        from tornado.curl_httpclient import CurlAsyncHTTPClient
+
+        return CurlAsyncHTTPClient(force_instance=True, max_clients=max_clients, defaults=defaults)
+    return SimpleAsyncHTTPClient(force_instance=True, max_clients=max_clients, defaults=defaults)
 
 
 class UpstreamError(Exception):
@@ -129,9 +153,13 @@ class ZImageClient:
                 url, method=method, headers=headers, raise_error=False,
                 body=None if body is None else json.dumps(body),
             )
-        except HTTPTimeoutError as e:
-            raise UpstreamTimeout("The upstream did not answer in time") from e
-        except (HTTPClientError, OSError, StreamClosedError) as e:
+        except HTTPClientError as e:
+            if isinstance(e, HTTPTimeoutError) or getattr(e, "errno", None) == CURLE_OPERATION_TIMEDOUT:
+                log.warning("%s %s timed out", method, url)
+                raise UpstreamTimeout("The upstream did not answer in time") from e
+            log.warning("%s %s failed: %s", method, url, e)
+            raise UpstreamUnavailable("The upstream could not be reached") from e
+        except (OSError, StreamClosedError) as e:
             log.warning("%s %s failed: %s", method, url, e)
             raise UpstreamUnavailable("The upstream could not be reached") from e
         return self._decode(response, task_uuid)
