@@ -28,7 +28,7 @@ def setup_logging(level: str) -> None:
 async def serve(settings: Settings) -> None:
     app = make_app(settings)
     server = HTTPServer(app)
-    server.listen(settings.port, settings.address)
+    server.listen(settings.port, settings.address, backlog=settings.backlog)
     log.info("zimage-tornado %s listening on http://%s:%d, upstream %s",
              __version__, settings.address, settings.port, settings.upstream_url)
     stopping = asyncio.Event()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import random
 import struct
 import time
 import uuid as uuidlib
@@ -41,9 +42,10 @@ FAULTS = {
 class FakeZImage:
     def __init__(self, *, reads_to_complete: int = 2, seconds_to_complete: float | None = None,
                  outcome: str = "complete", result_style: str = "list", uuid_at: str = "data",
-                 hang_seconds: float = 5.0, retry_after: str = "1") -> None:
+                 hang_seconds: float = 5.0, retry_after: str = "1", completion_spread: float = 0.0) -> None:
         self.reads_to_complete = reads_to_complete
         self.seconds_to_complete = seconds_to_complete  # if set, completion goes by time, not reads
+        self.completion_spread = completion_spread  # with time: each task takes up to this much longer
         self.outcome = outcome  # "complete", "fail" or "never" for new tasks
         self.result_style = result_style  # "list", "single" or "json_string"
         self.uuid_at = uuid_at  # "data" or "task"
@@ -80,8 +82,13 @@ class FakeZImage:
 
     def add_task(self, prompt: str = "a test task", outcome: str | None = None, **params: Any) -> str:
         task_uuid = str(uuidlib.uuid4())
+        created = time.monotonic()
+        duration = None
+        if self.seconds_to_complete is not None:
+            duration = self.seconds_to_complete + random.Random(task_uuid).uniform(0, self.completion_spread)
         self.tasks[task_uuid] = {
-            "uuid": task_uuid, "prompt": prompt, "created": time.monotonic(), "reads": 0,
+            "uuid": task_uuid, "prompt": prompt, "created": created, "reads": 0, "duration": duration,
+            "completes_at": None if duration is None else created + duration,
             "outcome": outcome or self.outcome,
             "width": params.get("width", 1024), "height": params.get("height", 1024),
             "batch_size": params.get("batch_size", 1), "params": params,
@@ -89,17 +96,24 @@ class FakeZImage:
         return task_uuid
 
     def stats(self) -> dict[str, Any]:
+        gaps = [b - a for times in self.read_times.values() for a, b in zip(times, times[1:])]
         return {"calls": dict(self.calls), "tasks": len(self.tasks),
                 "task_reads": sum(self.task_reads.values()),
-                "max_reads_per_task": max(self.task_reads.values(), default=0)}
+                "max_reads_per_task": max(self.task_reads.values(), default=0),
+                # per task: [first read, last read, reads]
+                "read_windows": {u: [t[0], t[-1], len(t)] for u, t in self.read_times.items()},
+                "min_read_gap": min(gaps, default=None),
+                # monotonic clock readings, comparable across processes on one Linux machine
+                "completes_at": {u: t["completes_at"] for u, t in self.tasks.items() if t["completes_at"]},
+                "finished_seen_at": {u: t["finished_seen_at"] for u, t in self.tasks.items() if "finished_seen_at" in t}}
 
     # -- task state ---------------------------------------------------------------------------
 
     def task_view(self, task: dict[str, Any], base_url: str) -> dict[str, Any]:
         view: dict[str, Any] = {"id": task["uuid"][:8], "uuid": task["uuid"], "prompt": task["prompt"],
                                 "width": task["width"], "height": task["height"]}
-        if self.seconds_to_complete is not None:
-            fraction = (time.monotonic() - task["created"]) / self.seconds_to_complete if self.seconds_to_complete else 1
+        if task["duration"] is not None:
+            fraction = (time.monotonic() - task["created"]) / task["duration"] if task["duration"] else 1
         else:
             fraction = task["reads"] / self.reads_to_complete if self.reads_to_complete else 1
         if task["outcome"] == "never":
@@ -115,7 +129,7 @@ class FakeZImage:
                 view["resultUrl"] = json.dumps(urls)
             else:
                 view["resultUrls"] = urls
-        elif (fraction < 0.2) if self.seconds_to_complete is not None else task["reads"] <= 1:
+        elif (fraction < 0.2) if task["duration"] is not None else task["reads"] <= 1:
             view.update(taskStatus="pending", progress=0, queuePosition=1)
         else:
             view.update(taskStatus="processing", progress=int(min(fraction, 0.99) * 100))
@@ -216,6 +230,8 @@ class _TaskHandler(_FakeHandler):
             return self.reply({"success": False, "error": "Task not found"}, 404)
         task["reads"] += 1
         view = self.fake.task_view(task, self.request.protocol + "://" + self.request.host)
+        if view["taskStatus"] in ("completed", "failed"):
+            task.setdefault("finished_seen_at", time.monotonic())  # benchmarks measure delivery from here
         if fault == "unknown_status":
             view.update(taskStatus="mystery", progress=None)
         self.reply({"success": True, "data": {"task": view}})
@@ -271,10 +287,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9100)
     parser.add_argument("--reads-to-complete", type=int, default=2)
     parser.add_argument("--seconds-to-complete", type=float, default=None)
+    parser.add_argument("--completion-spread", type=float, default=0.0)
     args = parser.parse_args()
 
     async def run() -> None:
-        fake = FakeZImage(reads_to_complete=args.reads_to_complete, seconds_to_complete=args.seconds_to_complete)
+        fake = FakeZImage(reads_to_complete=args.reads_to_complete, seconds_to_complete=args.seconds_to_complete,
+                          completion_spread=args.completion_spread)
         HTTPServer(fake.make_app()).listen(args.port, args.address)
         print("fake Z-Image listening on http://%s:%d" % (args.address, args.port), flush=True)
         await asyncio.Event().wait()

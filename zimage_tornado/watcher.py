@@ -149,16 +149,17 @@ class TaskWatcher:
             poll.wakeup.set_result(None)  # the loop stops now instead of at its next tick
 
     def _settle(self, poll: _Poll, state: str, error: UpstreamError | None = None) -> None:
+        outcome = Outcome(state, poll.uuid, poll.task, error, self.budget)  # one, shared by the fan-out
         for future in list(poll.waiters):
             if not future.done():
-                future.set_result(Outcome(state, poll.uuid, poll.task, error, self.budget))
+                future.set_result(outcome)
 
     async def _run(self, poll: _Poll) -> None:
         loop = asyncio.get_running_loop()
         self.counters["polls_started"] += 1
         try:
             while poll.waiters:
-                delay = self.interval
+                tick = loop.time()
                 try:
                     task = await self.read(poll.uuid)
                 except TaskNotFound as e:
@@ -171,10 +172,8 @@ class TaskWatcher:
                         log.warning("task %s: the upstream refused a status read: %s", poll.uuid, e)
                         self._settle(poll, UPSTREAM_ERROR, e)
                         return
-                    if e.retry_after:
-                        delay = max(delay, e.retry_after)
-                    log.warning("task %s: status read failed (%s: %s); retrying in %.1fs",
-                                poll.uuid, e.code, e, delay)
+                    log.warning("task %s: status read failed (%s: %s); retrying in %.2fs",
+                                poll.uuid, e.code, e, max(self.interval, e.retry_after or 0))
                 else:
                     if poll.task is None or poll.task.status != task.status:
                         log.info("task %s is %s", poll.uuid, task.status)
@@ -184,8 +183,10 @@ class TaskWatcher:
                         return
                 if not poll.waiters:
                     break
+                # Ticks keep a steady cadence: the time the read took counts toward the interval.
+                delay = tick + max(self.interval, (poll.error and poll.error.retry_after) or 0) - loop.time()
                 poll.wakeup = loop.create_future()
-                await asyncio.wait([poll.wakeup], timeout=delay)
+                await asyncio.wait([poll.wakeup], timeout=max(0.0, delay))
         except asyncio.CancelledError:
             self._settle(poll, INTERRUPTED, poll.error)
             raise
@@ -197,7 +198,8 @@ class TaskWatcher:
 
     async def close(self) -> None:
         """Ends every loop; their waiters get an INTERRUPTED outcome with the last state seen."""
-        runners = [poll.runner for poll in self._polls.values() if poll.runner is not None]
-        for runner in runners:
-            runner.cancel()
-        await asyncio.gather(*runners, return_exceptions=True)
+        pending = [poll.runner for poll in self._polls.values() if poll.runner is not None]
+        pending += list(self._reads.values())
+        for future in pending:
+            future.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
