@@ -37,6 +37,14 @@ def test_precedence_file_then_environment_then_flags(tmp_path):
     assert s.limits.max_batch_size == 8
 
 
+def test_flags_for_booleans_and_aliases():
+    assert load_settings(["z", "--chat-wait"], {}).chat_wait is True
+    assert load_settings(["z"], {"ZIMAGE_CHAT_WAIT": "false"}).chat_wait is False
+    assert load_settings(["z"], {"ZIMAGE_CHAT_WAIT": "true"}).chat_wait is True
+    s = load_settings(["z", "--model-aliases=dall-e-3=turbo, gpt-image-1 = base"], {})
+    assert s.aliases == {"dall-e-3": "turbo", "gpt-image-1": "base"}
+
+
 def test_config_file_from_the_environment(tmp_path):
     config = tmp_path / "zimage.conf"
     config.write_text("upstream_url = 'http://127.0.0.1:1234'\n")
@@ -51,6 +59,8 @@ def test_config_file_from_the_environment(tmp_path):
     (["z"], {"ZIMAGE_MAX_ATTEMPTS": "-1"}),
     (["z", "--upstream-url=ftp://x"], {}),
     (["z", "--config=/nonexistent/zimage.conf"], {}),
+    (["z", "--model-aliases=dall-e-3"], {}),
+    (["z", "--upstream-client=requests"], {}),
 ])
 def test_bad_settings_are_refused_with_a_message(argv, env):
     with pytest.raises(ValueError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import logging
 from typing import Any
 
@@ -10,6 +12,8 @@ from tornado.web import Application
 from zimage_tornado import handlers
 from zimage_tornado.cache import ResultCache
 from zimage_tornado.config import Settings
+from zimage_tornado.domain import GenerationRequest, Task
+from zimage_tornado.idempotency import IdempotencyStore
 from zimage_tornado.openai_api import ModelTable
 from zimage_tornado.upstream import ZImageClient, make_http_client
 from zimage_tornado.watcher import TaskWatcher
@@ -37,7 +41,19 @@ class Gateway:
             max_waiters=settings.max_waiters,
             cache=ResultCache(settings.cache_size, settings.cache_ttl),
         )
-        self.models = ModelTable()
+        self.models = ModelTable(settings.aliases)
+        self.idempotency = IdempotencyStore(settings.idempotency_ttl, settings.cache_size)
+
+    async def submit(self, request: GenerationRequest, idempotency_key: str | None = None) -> Task:
+        if idempotency_key is None:
+            return await self.upstream.submit(request)
+        return await self.idempotency.submit(idempotency_key, request, self.upstream.submit)
+
+    async def images_b64(self, task: Task) -> list[str]:
+        """The task's images, fetched concurrently and base64-encoded, in order."""
+        images = await asyncio.gather(*(self.upstream.fetch_image(url, self.settings.max_image_bytes)
+                                        for url in task.image_urls))
+        return [base64.b64encode(image).decode("ascii") for image in images]
 
     async def close(self) -> None:
         await self.watcher.close()
@@ -57,6 +73,9 @@ def make_app(settings: Settings, gateway: Gateway | None = None) -> Application:
         (r"/", handlers.InfoHandler, shared),
         (r"/health", handlers.HealthHandler, shared),
         (r"/v1/chat/completions", handlers.ChatCompletionsHandler, shared),
+        (r"/v1/images/generations", handlers.ImagesGenerationsHandler, shared),
+        (r"/v1/models", handlers.ModelsHandler, shared),
+        (r"/v1/models/([^/]+)", handlers.ModelHandler, shared),
         (r"/v1/tasks/([^/]+)", handlers.TaskHandler, shared),
         (r"/v1/images/([^/]+)", handlers.ImagesHandler, shared),
     ]

@@ -47,10 +47,15 @@ class Settings:
     max_steps: int = setting(50, "Largest steps accepted")
     max_cfg_scale: float = setting(20.0, "Largest cfg_scale accepted")
     max_prompt_length: int = setting(8000, "Longest prompt or negative_prompt accepted, in characters")
+    chat_wait: bool = setting(False, "Chat completions wait for the pictures and answer markdown images")
+    model_aliases: str = setting("", "Model name aliases, e.g. 'dall-e-3=turbo,gpt-image-1=turbo'")
+    idempotency_ttl: float = setting(86400.0, "Seconds an Idempotency-Key keeps returning the same task")
+    max_image_bytes: int = setting(20 * 1024 * 1024, "Largest image fetched for b64_json answers, in bytes")
     log_level: str = setting("info", "Log level: debug, info, warning or error")
 
     def __post_init__(self) -> None:
-        positive = ("port", "backlog", "upstream_timeout", "upstream_connect_timeout", "upstream_max_clients",
+        self.aliases  # parses, or raises ValueError
+        positive = ("port", "backlog", "idempotency_ttl", "max_image_bytes", "upstream_timeout", "upstream_connect_timeout", "upstream_max_clients",
                     "poll_interval", "max_attempts", "max_waiters", "cache_ttl", "max_batch_size",
                     "min_size", "size_multiple", "max_steps", "max_prompt_length")
         for name in positive:
@@ -71,6 +76,17 @@ class Settings:
     def limits(self) -> Limits:
         names = {f.name for f in dataclasses.fields(Limits)}
         return Limits(**{name: getattr(self, name) for name in names})
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        pairs = [item.strip() for item in self.model_aliases.split(",") if item.strip()]
+        table = {}
+        for pair in pairs:
+            name, sep, target = (part.strip() for part in pair.partition("="))
+            if not sep or not name or not target:
+                raise ValueError("model_aliases: expected name=upstream_model, got %r" % pair)
+            table[name] = target
+        return table
 
     @property
     def wait_budget(self) -> float:

@@ -11,12 +11,14 @@ import json
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler
 
 from zimage_tornado import SERVICE_NAME, __version__, openai_api, validation
-from zimage_tornado.errors import ApiError, invalid
+from zimage_tornado.domain import COMPLETED, FAILED, Task
+from zimage_tornado.errors import ApiError, envelope, invalid
 from zimage_tornado.upstream import UpstreamError
 from zimage_tornado.watcher import INTERRUPTED, TIMEOUT, Outcome, TooManyWaiters
 
@@ -28,12 +30,16 @@ log = logging.getLogger("zimage_tornado.handlers")
 
 class BaseHandler(RequestHandler):
     task_uuid: str | None = None  # named in error logs once known
+    submitted = False  # the upstream accepted a task for this request: a retry would pay twice
+    _waiting: asyncio.Future[Outcome] | None = None
 
     def initialize(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=UTF-8")
+
+    # -- input ---------------------------------------------------------------------------------
 
     def json_body(self) -> Any:
         if not self.request.body:
@@ -43,6 +49,8 @@ class BaseHandler(RequestHandler):
         except (ValueError, UnicodeDecodeError):
             raise invalid("The request body is not valid JSON", code="invalid_json") from None
 
+    # -- output --------------------------------------------------------------------------------
+
     def send(self, body: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
         self.set_status(status)
         for name, value in (headers or {}).items():
@@ -50,6 +58,17 @@ class BaseHandler(RequestHandler):
         self.finish(json.dumps(body, ensure_ascii=False))
 
     def api_error(self, exc: BaseException | None, status_code: int = 500) -> ApiError:
+        error = self._api_error(exc, status_code)
+        if self.submitted and self.task_uuid:
+            # The task exists upstream: the OpenAI SDK must not resubmit (and pay) again.
+            error.headers["x-should-retry"] = "false"
+            if self.task_uuid not in error.message:
+                error.message += " (task %s was accepted; fetch it later with GET /v1/images/%s)" % (
+                    self.task_uuid, self.task_uuid)
+            error.extra.setdefault("uuid", self.task_uuid)
+        return error
+
+    def _api_error(self, exc: BaseException | None, status_code: int) -> ApiError:
         if isinstance(exc, ApiError):
             return exc
         if isinstance(exc, UpstreamError):
@@ -58,8 +77,7 @@ class BaseHandler(RequestHandler):
             return ApiError(exc.status, str(exc), type="upstream_error", code=exc.code, headers=headers, extra=extra)
         if isinstance(exc, TooManyWaiters):
             return ApiError(503, "Too many clients are waiting on tasks; retry shortly", type="server_error",
-                            code="too_many_waiters",
-                            headers={"Retry-After": str(math.ceil(self.gateway.settings.poll_interval))})
+                            code="too_many_waiters", headers={"Retry-After": self.retry_after})
         if isinstance(exc, HTTPError) or exc is None:
             status = exc.status_code if isinstance(exc, HTTPError) else status_code
             message = self._reason if status == self.get_status() else "HTTP %d" % status
@@ -69,20 +87,85 @@ class BaseHandler(RequestHandler):
         # Never show a client the text of an unexpected exception.
         return ApiError(500, "Internal server error", type="server_error", code="internal_error")
 
+    @property
+    def retry_after(self) -> str:
+        return str(math.ceil(self.gateway.settings.poll_interval))
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
         error = self.api_error(exc, status_code)
         self.send(error.body(), error.status, error.headers)
 
     def log_exception(self, typ, value, tb) -> None:  # type: ignore[no-untyped-def]
-        known = isinstance(value, (ApiError, UpstreamError, TooManyWaiters, HTTPError))
-        if not known:
+        if not isinstance(value, (ApiError, UpstreamError, TooManyWaiters, HTTPError)):
             log.error("%s %s (task %s): unexpected error", self.request.method, self.request.path,
                       self.task_uuid or "-", exc_info=(typ, value, tb))
             return
-        error = self.api_error(value)
+        self.log_error(self.api_error(value))
+
+    def log_error(self, error: ApiError) -> None:
         log.warning("%s %s (task %s) -> %d %s: %s", self.request.method, self.request.path,
                     self.task_uuid or "-", error.status, error.code or error.type, error.message)
+
+    # -- tasks ---------------------------------------------------------------------------------
+
+    async def submit(self, request: Any) -> Task:
+        key = validation.idempotency_key(self.request.headers.get("Idempotency-Key"))
+        task = await self.gateway.submit(request, key)
+        self.task_uuid, self.submitted = task.uuid, True
+        return task
+
+    async def wait_for_task(self, budget: float | None = None,
+                            on_tick: Callable[[Task | None], Awaitable[None]] | None = None) -> Outcome | None:
+        """This request's task outcome from the shared engine; None when the client hung up.
+        `on_tick` is called after every status read while the task runs (for streams)."""
+        watcher = self.gateway.watcher
+        self._waiting = waiting = watcher.wait(self.task_uuid, budget)  # type: ignore[arg-type]
+        try:
+            while on_tick is not None and not waiting.done():
+                tick = watcher.next_tick(self.task_uuid)  # type: ignore[arg-type]
+                await asyncio.wait([waiting, tick], return_when=asyncio.FIRST_COMPLETED)
+                if not waiting.done():
+                    await on_tick(tick.result())
+            return await waiting
+        except (asyncio.CancelledError, StreamClosedError):
+            waiting.cancel()
+            return None  # the client left: nobody to answer
+        finally:
+            self._waiting = None
+
+    def on_connection_close(self) -> None:
+        if self._waiting is not None:
+            self._waiting.cancel()  # leave the task's polling loop at once
+
+    def finished_task(self, outcome: Outcome) -> Task:
+        """The completed task, or the ApiError that the outcome means."""
+        task = outcome.task
+        if outcome.state == COMPLETED and task is not None:
+            return task
+        if outcome.state == FAILED and task is not None:
+            raise openai_api.task_failed(task)
+        if outcome.state == TIMEOUT:
+            raise openai_api.wait_timed_out(outcome.uuid, outcome.waited, task, outcome.error)
+        if outcome.state == INTERRUPTED:
+            raise ApiError(503, "The gateway is shutting down; task %s goes on" % outcome.uuid, type="server_error",
+                           code="shutting_down", headers={"Retry-After": self.retry_after})
+        raise outcome.error or ApiError(502, "No answer for task %s" % outcome.uuid, type="upstream_error")
+
+    # -- server-sent events ------------------------------------------------------------------------
+
+    def start_stream(self) -> None:
+        self.set_header("Content-Type", "text/event-stream; charset=UTF-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")  # nginx: pass events on as they come
+
+    async def event(self, data: Any) -> None:
+        self.write("data: %s\n\n" % (data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)))
+        await self.flush()
+
+    async def keepalive(self) -> None:
+        self.write(": waiting\n\n")  # an SSE comment: keeps idle-timeout proxies from cutting us
+        await self.flush()
 
 
 class NotFoundHandler(BaseHandler):
@@ -114,10 +197,97 @@ class HealthHandler(BaseHandler):
 
 class ChatCompletionsHandler(BaseHandler):
     async def post(self) -> None:
-        request = openai_api.parse_chat_request(self.json_body(), self.gateway.settings.limits, self.gateway.models)
-        task = await self.gateway.upstream.submit(request.generation)
-        self.task_uuid = task.uuid
-        self.send(openai_api.chat_completion(request.model, task.uuid))
+        gateway = self.gateway
+        request = openai_api.parse_chat_request(self.json_body(), gateway.settings.limits, gateway.models)
+        wait = gateway.settings.chat_wait if request.wait is None else request.wait
+        self.completion = openai_api.completion_id(None)
+        if wait and request.background:
+            return await self.reply(request, openai_api.BACKGROUND_REPLY)  # no image job for it
+        task = await self.submit(request.generation)
+        self.completion = openai_api.completion_id(task.uuid)
+        if not wait:
+            return await self.reply(request, task.uuid)
+        if request.stream:
+            return await self.stream_pictures(request)
+        outcome = await self.wait_for_task()
+        if outcome is not None:
+            done = self.finished_task(outcome)
+            self.send(openai_api.chat_completion(request.model, task.uuid, openai_api.markdown_images(done.image_urls)))
+
+    async def reply(self, request: openai_api.ChatRequest, content: str) -> None:
+        if not request.stream:
+            return self.send(openai_api.chat_completion(request.model, self.task_uuid, content))
+        self.start_stream()
+        await self.event(self.chunk(request, {"role": "assistant", "content": ""}))
+        await self.event(self.chunk(request, {"content": content}))
+        await self.finish_stream(request)
+
+    async def stream_pictures(self, request: openai_api.ChatRequest) -> None:
+        """Wait mode, streamed: progress lines while the task runs, then the pictures."""
+        self.start_stream()
+        await self.event(self.chunk(request, {"role": "assistant", "content": ""}))
+        last: list[Any] = [None]
+
+        async def report(task: Task | None) -> None:
+            state = task and (task.status, task.progress, task.queue_position)
+            if task is not None and state != last[0]:
+                last[0] = state
+                await self.event(self.chunk(request, {"content": openai_api.progress_line(task)}))
+            else:
+                await self.keepalive()
+
+        try:
+            outcome = await self.wait_for_task(on_tick=report)
+            if outcome is None:
+                return
+            done = self.finished_task(outcome)
+        except (ApiError, UpstreamError) as e:
+            error = self.api_error(e)
+            self.log_error(error)
+            await self.event({"error": envelope(error.message, error.type, error.param, error.code)})
+            return await self.finish_stream(request, chunk=False)
+        separator = "\n" if last[0] is not None else ""
+        await self.event(self.chunk(request, {"content": separator + openai_api.markdown_images(done.image_urls)}))
+        await self.finish_stream(request)
+
+    def chunk(self, request: openai_api.ChatRequest, delta: dict[str, Any], finish: str | None = None) -> dict:
+        chunk = openai_api.chat_chunk(self.completion, request.model, delta, finish)
+        if self.task_uuid:
+            chunk["task_uuid"] = self.task_uuid
+        return chunk
+
+    async def finish_stream(self, request: openai_api.ChatRequest, chunk: bool = True) -> None:
+        if chunk:
+            await self.event(self.chunk(request, {}, "stop"))
+        await self.event("[DONE]")
+        self.finish()
+
+
+class ImagesGenerationsHandler(BaseHandler):
+    """What `client.images.generate(...)` sends: submit, wait for the pictures, answer them."""
+
+    async def post(self) -> None:
+        gateway = self.gateway
+        request = openai_api.parse_images_request(self.json_body(), gateway.settings.limits, gateway.models)
+        await self.submit(request.generation)
+        outcome = await self.wait_for_task()
+        if outcome is None:
+            return
+        done = self.finished_task(outcome)
+        b64 = await gateway.images_b64(done) if request.response_format == "b64_json" else None
+        self.send(openai_api.images_response(done.image_urls, b64))
+
+
+class ModelsHandler(BaseHandler):
+    def get(self) -> None:
+        self.send(openai_api.model_list(self.gateway.models.names))
+
+
+class ModelHandler(BaseHandler):
+    def get(self, model_id: str) -> None:
+        if not self.gateway.models.knows(model_id):
+            raise ApiError(404, "The model %r does not exist" % model_id[:200], param="model", code="model_not_found")
+        self.send(openai_api.model_object(model_id))
 
 
 class TaskHandler(BaseHandler):
@@ -130,47 +300,34 @@ class TaskHandler(BaseHandler):
 class ImagesHandler(BaseHandler):
     """The long-poll: answers when the task finishes or this request's budget runs out."""
 
-    _waiting: asyncio.Future[Outcome] | None = None
-
     async def get(self, uuid: str) -> None:
         self.task_uuid = validation.task_id(uuid)
         budget = validation.wait_budget(self.get_query_argument("timeout", None),
                                         self.get_query_argument("wait", None), self.gateway.settings.wait_budget)
-        watcher = self.gateway.watcher
         if budget <= 0:
-            task = await watcher.peek(self.task_uuid)
-            return self.answer(Outcome(task.status, task.uuid, task, None, 0))
-        self._waiting = watcher.wait(self.task_uuid, budget)
-        try:
-            outcome = await self._waiting
-        except asyncio.CancelledError:
-            return  # the client left: nobody to answer
-        finally:
-            self._waiting = None
-        self.answer(outcome)
+            task = await self.gateway.watcher.peek(self.task_uuid)
+            if not task.is_final:
+                return self.still_running(task)
+            outcome: Outcome | None = Outcome(task.status, task.uuid, task)
+        else:
+            outcome = await self.wait_for_task(budget)
+            if outcome is None:
+                return
+            if outcome.state == INTERRUPTED:  # the gateway is shutting down: say where the task stands
+                return self.still_running(outcome.task, outcome.uuid)
+        self.send(openai_api.images_ready(self.finished_task(outcome)))
 
-    def on_connection_close(self) -> None:
-        if self._waiting is not None:
-            self._waiting.cancel()  # leave the task's polling loop at once
-
-    def answer(self, outcome: Outcome) -> None:
-        task = outcome.task
-        if outcome.state == "completed" and task is not None:
-            return self.send(openai_api.images_ready(task))
-        if outcome.state == "failed" and task is not None:
-            raise openai_api.task_failed(task)
-        if outcome.state == TIMEOUT:
-            raise openai_api.wait_timed_out(outcome.uuid, outcome.waited, task, outcome.error)
-        if outcome.error is not None and outcome.state != INTERRUPTED:
-            raise outcome.error  # NOT_FOUND or a definite upstream refusal
-        # still running: a `wait=false` answer, or a wait cut short by shutdown
-        body = openai_api.task_progress(task) if task else {"uuid": outcome.uuid, "status": "unknown"}
-        retry_after = str(math.ceil(self.gateway.settings.poll_interval))
-        self.send(body, 202, {"Retry-After": retry_after})
+    def still_running(self, task: Task | None, uuid: str | None = None) -> None:
+        body = openai_api.task_progress(task) if task else {"uuid": uuid, "status": "unknown"}
+        self.send(body, 202, {"Retry-After": self.retry_after})
 
 
 ENDPOINTS = [
-    ("POST", "/v1/chat/completions", "Submit a generation task (OpenAI chat format); content is the task uuid"),
+    ("POST", "/v1/chat/completions", "Submit a generation task (OpenAI chat format); content is the task uuid, "
+                                     "or the pictures in wait mode; stream=true answers Server-Sent Events"),
+    ("POST", "/v1/images/generations", "OpenAI images.generate: submit, wait, answer URLs or b64_json"),
+    ("GET", "/v1/models", "The models this gateway serves"),
+    ("GET", "/v1/models/{model}", "One model"),
     ("GET", "/v1/tasks/{uuid}", "The upstream task, as the upstream reports it"),
     ("GET", "/v1/images/{uuid}", "Long-poll until the task's images are ready (?timeout=, ?wait=false)"),
     ("GET", "/health", "Liveness"),

@@ -6,6 +6,7 @@ Only this module knows OpenAI's shapes; it is pure (no I/O) so it is tested with
 from __future__ import annotations
 
 import time
+import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -21,6 +22,10 @@ class ModelTable:
 
     def __init__(self, aliases: Mapping[str, str] | None = None) -> None:
         self._aliases = {name.lower(): target for name, target in (aliases or {}).items()}
+        self.names = [*MODEL_IDS, *(aliases or {})]  # what GET /v1/models lists
+
+    def knows(self, name: str) -> bool:
+        return name.lower() in {n.lower() for n in self.names}
 
     def upstream(self, name: str) -> str:
         alias = self._aliases.get(name.lower())
@@ -29,34 +34,82 @@ class ModelTable:
         return "turbo" if "turbo" in name.lower() else "base"
 
 
+# Chat front-ends (Open WebUI and its kin) send their housekeeping prompts (titles, tags,
+# follow-ups) to the chat model itself; in wait mode these must not become image jobs.
+BACKGROUND_PREFIX = "### Task:"
+BACKGROUND_REPLY = '{"title": "Image generation", "tags": ["image"], "follow_ups": []}'
+MODEL_IDS = ("zimage-turbo", "zimage-base")
+
+
 @dataclass(frozen=True)
 class ChatRequest:
     generation: GenerationRequest
     model: str  # as the client named it, echoed back
+    stream: bool = False
+    wait: bool | None = None  # None: the server's chat_wait setting decides
+    background: bool = False  # a chat app's housekeeping prompt, not a picture request
 
 
-def parse_chat_request(body: Any, limits: Limits, models: ModelTable) -> ChatRequest:
+@dataclass(frozen=True)
+class ImagesRequest:
+    generation: GenerationRequest
+    model: str
+    response_format: str = "url"
+
+
+def merged_params(body: Any) -> dict[str, Any]:
+    """The body's fields with its `extra_body` object laid over them.
+
+    The curl examples nest parameters in "extra_body"; the OpenAI SDK merges extra_body= into the
+    top level of the JSON. Read both; nested wins."""
     body = validation.json_object(body)
     nested = body.get("extra_body")
     nested = {} if nested is None else validation.json_object(nested, "extra_body")
-    model = body.get("model")
-    if model is None:
-        model = "zimage-base"
-    model = validation.string(model, "model", max_length=200, allow_empty=False)
-    messages = body.get("messages")
+    return {**body, **{k: v for k, v in nested.items() if v is not None}}
+
+
+def model_name(params: dict[str, Any]) -> str:
+    model = params.get("model")
+    return "zimage-base" if model is None else validation.string(model, "model", max_length=200, allow_empty=False)
+
+
+def parse_chat_request(body: Any, limits: Limits, models: ModelTable) -> ChatRequest:
+    params = merged_params(body)
+    model = model_name(params)
+    messages = params.get("messages")
     if messages is not None and not isinstance(messages, list):
         raise invalid("messages must be an array of message objects", param="messages", code="invalid_type")
-
-    # The curl examples nest parameters in "extra_body"; the OpenAI SDK merges extra_body=
-    # into the top level of the JSON. Read both, nested first.
-    merged = {**body, **{k: v for k, v in nested.items() if v is not None}}
-    if merged.get("prompt") is not None:
-        prompt = validation.prompt(merged["prompt"], limits)
+    stream = validation.boolean(params.get("stream", False), "stream")
+    wait = None if params.get("wait") is None else validation.boolean(params["wait"], "wait")
+    if params.get("prompt") is not None:
+        prompt, background = validation.prompt(params["prompt"], limits), False
     else:
         prompt = validation.prompt(last_user_text(messages or []), limits, param="messages")
-    fields = validation.generation_fields(merged, limits)
+        background = prompt.startswith(BACKGROUND_PREFIX)
+    fields = validation.generation_fields(params, limits)
     generation = GenerationRequest(prompt=prompt, model=models.upstream(model), **fields)
-    return ChatRequest(generation=generation, model=model)
+    return ChatRequest(generation, model, stream, wait, background)
+
+
+def parse_images_request(body: Any, limits: Limits, models: ModelTable) -> ImagesRequest:
+    """`POST /v1/images/generations`: OpenAI's names (n, size) plus the Z-Image extras."""
+    params = merged_params(body)
+    model = model_name(params)
+    prompt = validation.prompt(params.get("prompt"), limits) if params.get("prompt") is not None else None
+    if prompt is None:
+        raise invalid("prompt is required", param="prompt", code="missing_value")
+    if params.get("stream"):
+        raise invalid("Streaming image generation is not supported", param="stream")
+    fields = validation.generation_fields(params, limits)
+    if params.get("n") is not None:
+        fields["batch_size"] = validation.integer(params["n"], "n", 1, limits.max_batch_size)
+    dimensions = validation.size(params.get("size"), limits)
+    if dimensions is not None:
+        fields["width"], fields["height"] = dimensions
+    response_format = validation.choice(params.get("response_format") or "url", "response_format",
+                                        ("url", "b64_json"))
+    generation = GenerationRequest(prompt=prompt, model=models.upstream(model), **fields)
+    return ImagesRequest(generation, model, response_format)
 
 
 def last_user_text(messages: list[Any]) -> str:
@@ -79,21 +132,62 @@ def message_text(content: Any) -> str:
                   code="invalid_type")
 
 
-def chat_completion(model: str, task_uuid: str, created: int | None = None) -> dict[str, Any]:
+def completion_id(task_uuid: str | None) -> str:
+    return "chatcmpl-%s" % (task_uuid or uuidlib.uuid4())
+
+
+def chat_completion(model: str, task_uuid: str | None, content: str | None = None,
+                    created: int | None = None) -> dict[str, Any]:
+    """The spec's answer: content is the task uuid, unless the gateway waited for the pictures."""
+    message: dict[str, Any] = {"role": "assistant", "content": task_uuid if content is None else content}
+    if task_uuid is not None:
+        message["task_uuid"] = task_uuid
     return {
-        "id": "chatcmpl-%s" % task_uuid,
+        "id": completion_id(task_uuid),
         "object": "chat.completion",
         "created": int(time.time()) if created is None else created,
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": task_uuid, "task_uuid": task_uuid},
-                "finish_reason": "stop",
-            }
-        ],
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
     }
+
+
+def chat_chunk(completion: str, model: str, delta: dict[str, Any], finish_reason: str | None = None,
+               created: int | None = None) -> dict[str, Any]:
+    return {
+        "id": completion,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()) if created is None else created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+
+
+def markdown_images(urls: tuple[str, ...] | list[str]) -> str:
+    """One markdown image per URL: what chat front-ends render as pictures."""
+    return "\n\n".join("![image %d](%s)" % (i, url) for i, url in enumerate(urls, 1))
+
+
+def progress_line(task: Task) -> str:
+    if task.queue_position is not None and task.status == "pending":
+        return "Waiting in the queue (position %d)…\n" % task.queue_position
+    if task.progress is not None:
+        return "Generating: %s, %d%%\n" % (task.status, task.progress)
+    return "Generating: %s\n" % task.status
+
+
+def images_response(urls: list[str] | tuple[str, ...], b64: list[str] | None = None,
+                    created: int | None = None) -> dict[str, Any]:
+    data = [{"b64_json": item} for item in b64] if b64 is not None else [{"url": url} for url in urls]
+    return {"created": int(time.time()) if created is None else created, "data": data}
+
+
+def model_object(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "zimage"}
+
+
+def model_list(model_ids: list[str]) -> dict[str, Any]:
+    return {"object": "list", "data": [model_object(m) for m in model_ids]}
 
 
 def images_ready(task: Task) -> dict[str, Any]:

@@ -141,28 +141,51 @@ class ZImageClient:
         log.debug("task %s is %s (%s%%)", uuid, parsed.status, parsed.progress)
         return parsed
 
+    async def fetch_image(self, url: str, max_bytes: int) -> bytes:
+        """One result image, for b64_json answers. Bytes past `max_bytes` are not kept."""
+        if not url.startswith(("http://", "https://")):
+            raise UpstreamBadResponse("The upstream gave an image URL that is not http(s)")
+        chunks: list[bytes] = []
+        size = 0
+
+        def collect(chunk: bytes) -> None:
+            nonlocal size
+            size += len(chunk)
+            if size <= max_bytes:
+                chunks.append(chunk)
+
+        response = await self._fetch("The image host", url, headers={"User-Agent": self.headers["User-Agent"]},
+                                     streaming_callback=collect)
+        if response.code != 200:
+            raise UpstreamRejected("The image host answered HTTP %d" % response.code, status=502)
+        if size > max_bytes:
+            raise UpstreamBadResponse("An image is larger than %d bytes" % max_bytes)
+        return b"".join(chunks)
+
     async def _call(self, method: str, path: str, body: Any = None, task_uuid: str | None = None) -> dict[str, Any]:
         url = self.base_url + path
         headers = dict(self.headers)
         if body is not None:
             headers["Content-Type"] = "application/json"
+        response = await self._fetch("The upstream", url, method=method, headers=headers,
+                                     body=None if body is None else json.dumps(body))
+        return self._decode(response, task_uuid)
+
+    async def _fetch(self, who: str, url: str, **kwargs: Any) -> HTTPResponse:
+        """fetch() with every transport failure mapped to an UpstreamError. Timeouts come from the
+        client's defaults (the upstream_* settings); raise_error=False so that HTTP error statuses
+        arrive as responses whose bodies can be read."""
         try:
-            # Timeouts come from the client's defaults (the upstream_* settings); raise_error=False
-            # so that HTTP error statuses arrive as responses and their bodies can be read.
-            response = await self._http.fetch(
-                url, method=method, headers=headers, raise_error=False,
-                body=None if body is None else json.dumps(body),
-            )
+            return await self._http.fetch(url, raise_error=False, **kwargs)
         except HTTPClientError as e:
             if isinstance(e, HTTPTimeoutError) or getattr(e, "errno", None) == CURLE_OPERATION_TIMEDOUT:
-                log.warning("%s %s timed out", method, url)
-                raise UpstreamTimeout("The upstream did not answer in time") from e
-            log.warning("%s %s failed: %s", method, url, e)
-            raise UpstreamUnavailable("The upstream could not be reached") from e
+                log.warning("%s %s timed out", kwargs.get("method", "GET"), url)
+                raise UpstreamTimeout("%s did not answer in time" % who) from e
+            log.warning("%s %s failed: %s", kwargs.get("method", "GET"), url, e)
+            raise UpstreamUnavailable("%s could not be reached" % who) from e
         except (OSError, StreamClosedError) as e:
-            log.warning("%s %s failed: %s", method, url, e)
-            raise UpstreamUnavailable("The upstream could not be reached") from e
-        return self._decode(response, task_uuid)
+            log.warning("%s %s failed: %s", kwargs.get("method", "GET"), url, e)
+            raise UpstreamUnavailable("%s could not be reached" % who) from e
 
     def _decode(self, response: HTTPResponse, task_uuid: str | None) -> dict[str, Any]:
         if response.code == 599:  # a transport failure reported as a response

@@ -52,6 +52,36 @@ def string(value: Any, param: str, *, max_length: int, allow_empty: bool = True)
     return value
 
 
+def boolean(value: Any, param: str) -> bool:
+    if not isinstance(value, bool):
+        raise invalid("%s must be true or false" % param, param=param, code="invalid_type")
+    return value
+
+
+def choice(value: Any, param: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise invalid("%s must be one of: %s" % (param, ", ".join(allowed)), param=param)
+    return value
+
+
+def size(value: Any, limits: Limits) -> tuple[int, int] | None:
+    """OpenAI's `size`, "WIDTHxHEIGHT"; "auto" (or absent) leaves the default."""
+    if value is None or value == "auto":
+        return None
+    match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", value) if isinstance(value, str) else None
+    if match is None:
+        raise invalid("size must look like 1024x1024", param="size")
+    return image_side(int(match.group(1)), "size", limits), image_side(int(match.group(2)), "size", limits)
+
+
+def idempotency_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not 1 <= len(value) <= 255 or not value.isprintable():
+        raise invalid("Idempotency-Key must be 1 to 255 printable characters", param="Idempotency-Key")
+    return value
+
+
 def integer(value: Any, param: str, low: int, high: int) -> int:
     # bool is an int subclass and "4" is a string: both are type errors, not numbers.
     if isinstance(value, bool) or not isinstance(value, int):

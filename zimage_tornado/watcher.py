@@ -42,7 +42,7 @@ class Outcome:
 
 
 class _Poll:
-    __slots__ = ("uuid", "waiters", "task", "task_at", "error", "wakeup", "runner")
+    __slots__ = ("uuid", "waiters", "task", "task_at", "error", "wakeup", "runner", "tick")
 
     def __init__(self, uuid: str) -> None:
         self.uuid = uuid
@@ -52,6 +52,7 @@ class _Poll:
         self.error: UpstreamError | None = None
         self.wakeup: asyncio.Future[None] | None = None
         self.runner: asyncio.Task[None] | None = None
+        self.tick: asyncio.Future[Task | None] | None = None  # resolved after the next read
 
 
 class TaskWatcher:
@@ -137,6 +138,25 @@ class TaskWatcher:
         future.add_done_callback(functools.partial(self._left, poll, timer))
         return future
 
+    def next_tick(self, uuid: str) -> asyncio.Future[Task | None]:
+        """Resolves with the latest state after the task's next status read (streams report
+        progress with it); at once, with None, when no loop runs for the task."""
+        poll = self._polls.get(uuid)
+        if poll is None:
+            done: asyncio.Future[Task | None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        if poll.tick is None:
+            poll.tick = asyncio.get_running_loop().create_future()
+        return poll.tick
+
+    @staticmethod
+    def _ticked(poll: _Poll) -> None:
+        if poll.tick is not None:
+            if not poll.tick.done():
+                poll.tick.set_result(poll.task)
+            poll.tick = None
+
     def _expire(self, poll: _Poll, future: asyncio.Future[Outcome], budget: float) -> None:
         if not future.done():
             future.set_result(Outcome(TIMEOUT, poll.uuid, poll.task, poll.error, budget))
@@ -181,6 +201,7 @@ class TaskWatcher:
                     if task.is_final:
                         self._settle(poll, task.status)
                         return
+                self._ticked(poll)
                 if not poll.waiters:
                     break
                 # Ticks keep a steady cadence: the time the read took counts toward the interval.
@@ -195,6 +216,7 @@ class TaskWatcher:
             self._settle(poll, UPSTREAM_ERROR, UpstreamError("Internal error while polling the task"))
         finally:
             self._polls.pop(poll.uuid, None)
+            self._ticked(poll)
 
     async def close(self) -> None:
         """Ends every loop; their waiters get an INTERRUPTED outcome with the last state seen."""
