@@ -20,9 +20,9 @@ from zimage_tornado.fake_upstream import FakeZImage
 FAST = dict(poll_interval=0.05, max_attempts=20, upstream_timeout=2.0, upstream_connect_timeout=1.0)
 
 
-def serve(app) -> tuple[HTTPServer, int]:
+def serve(app, **server_options: Any) -> tuple[HTTPServer, int]:
     sock, port = bind_unused_port()
-    server = HTTPServer(app)
+    server = HTTPServer(app, **server_options)
     server.add_sockets([sock])
     return server, port
 
@@ -72,7 +72,7 @@ def make_proxy(io_loop, fake_url) -> Callable[..., Proxy]:
     def start(**overrides: Any) -> Proxy:
         settings = Settings(**{"upstream_url": fake_url, **FAST, **overrides})
         app = make_app(settings)
-        server, port = serve(app)
+        server, port = serve(app, idle_connection_timeout=settings.idle_timeout, body_timeout=settings.body_timeout)
         proxy = Proxy("http://127.0.0.1:%d" % port, app.gateway, AsyncHTTPClient(force_instance=True, max_clients=500))
         started.append((server, proxy))
         return proxy

@@ -14,6 +14,7 @@ from zimage_tornado.cache import ResultCache
 from zimage_tornado.config import Settings
 from zimage_tornado.domain import GenerationRequest, Task
 from zimage_tornado.idempotency import IdempotencyStore
+from zimage_tornado.metrics import Metrics
 from zimage_tornado.openai_api import ModelTable
 from zimage_tornado.upstream import ZImageClient, make_http_client
 from zimage_tornado.watcher import TaskWatcher
@@ -33,7 +34,8 @@ class Gateway:
             request_timeout=settings.upstream_timeout,
             ca_certs=settings.upstream_ca_certs,
         )
-        self.upstream = ZImageClient(settings.upstream_url, self.http)
+        self.metrics = Metrics(self)
+        self.upstream = ZImageClient(settings.upstream_url, self.http, observer=self.metrics.observe_upstream)
         self.watcher = TaskWatcher(
             self.upstream,
             interval=settings.poll_interval,
@@ -43,6 +45,9 @@ class Gateway:
         )
         self.models = ModelTable(settings.aliases)
         self.idempotency = IdempotencyStore(settings.idempotency_ttl, settings.cache_size)
+        self.api_keys = settings.load_api_keys()
+        self.shutting_down = False
+        self.active: set[Any] = set()  # handlers of requests being served, for a graceful stop
 
     async def submit(self, request: GenerationRequest, idempotency_key: str | None = None) -> Task:
         if idempotency_key is None:
@@ -61,9 +66,16 @@ class Gateway:
 
 
 def log_request(handler: Any) -> None:
-    # One access line per request; errors were already logged, with their cause, by the handler.
-    access_log.info("%d %s %.1fms", handler.get_status(), handler._request_summary(),
-                    1000.0 * handler.request.request_time())
+    """Application log_function: metrics for every request, and one access line each (errors
+    were already logged, with their cause, by the handler)."""
+    seconds = handler.request.request_time()
+    gateway = getattr(handler, "gateway", None)  # absent for tornado's own handlers
+    if gateway is not None:
+        gateway.metrics.observe_request(getattr(handler, "route", "other"), handler.request.method,
+                                        handler.get_status(), seconds)
+    if access_log.isEnabledFor(logging.INFO):  # skip the formatting work when nobody reads it
+        access_log.info("%d %s %s (%s) %.1fms", handler.get_status(), handler.request.method, handler.request.uri,
+                        getattr(handler, "client_ip", handler.request.remote_ip), 1000.0 * seconds)
 
 
 def make_app(settings: Settings, gateway: Gateway | None = None) -> Application:
@@ -72,6 +84,8 @@ def make_app(settings: Settings, gateway: Gateway | None = None) -> Application:
     routes = [
         (r"/", handlers.InfoHandler, shared),
         (r"/health", handlers.HealthHandler, shared),
+        (r"/health/ready", handlers.ReadinessHandler, shared),
+        (r"/metrics", handlers.MetricsHandler, shared),
         (r"/v1/chat/completions", handlers.ChatCompletionsHandler, shared),
         (r"/v1/images/generations", handlers.ImagesGenerationsHandler, shared),
         (r"/v1/models", handlers.ModelsHandler, shared),

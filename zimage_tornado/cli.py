@@ -1,57 +1,176 @@
-"""Entry point: settings, logging, the server, and a clean stop on SIGTERM/SIGINT."""
+"""Entry point: settings, logging, listening, workers, systemd notifications, graceful stop."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
+import time
+from collections import deque
 from typing import Sequence
 
 from tornado.httpserver import HTTPServer
+from tornado.ioloop import PeriodicCallback
+from tornado.netutil import bind_sockets
 
 from zimage_tornado import __version__
-from zimage_tornado.app import make_app
+from zimage_tornado.app import Gateway, make_app
 from zimage_tornado.config import Settings, load_settings
+from zimage_tornado.logs import setup_logging
+from zimage_tornado.sdnotify import Notifier
 
 log = logging.getLogger("zimage_tornado")
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
-async def serve(settings: Settings) -> None:
-    app = make_app(settings)
-    server = HTTPServer(app)
-    server.listen(settings.port, settings.address, backlog=settings.backlog)
-    log.info("zimage-tornado %s listening on http://%s:%d, upstream %s",
-             __version__, settings.address, settings.port, settings.upstream_url)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
-    await stopping.wait()
-    log.info("shutting down: no new connections; answering waiting clients with their current status")
-    server.stop()
-    await app.gateway.close()
-    await server.close_all_connections()
-    log.info("stopped")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = load_settings(list(argv) if argv is not None else sys.argv)
-    except ValueError as e:
+        settings.load_api_keys()  # a missing key file stops us here, with a message
+    except (ValueError, OSError) as e:
         print("zimage-tornado: %s" % e, file=sys.stderr)
         sys.exit(2)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     try:
-        asyncio.run(serve(settings))
+        # Bound before any fork, so that every worker accepts on the same socket.
+        sockets = bind_sockets(settings.port, settings.address, backlog=settings.backlog)
     except OSError as e:  # typically the port is taken
-        log.error("cannot serve on %s:%d: %s", settings.address, settings.port, e)
+        log.error("cannot listen on %s:%d: %s", settings.address, settings.port, e)
         sys.exit(1)
+    notifier = Notifier()
+    processes = settings.processes or os.cpu_count() or 1
+    if processes == 1:
+        code = asyncio.run(serve(settings, sockets, notifier))
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)  # stopped cleanly: a late signal changes nothing
+    else:
+        code = supervise(settings, sockets, processes, notifier)
+    sys.exit(code)
+
+
+def status_line(gateway: Gateway) -> str:
+    watcher = gateway.watcher
+    return "%d waiting, %d tasks polled, %d requests" % (watcher.waiting, watcher.active_polls, len(gateway.active))
+
+
+async def serve(settings: Settings, sockets: list, notifier: Notifier) -> int:
+    app = make_app(settings)
+    gateway: Gateway = app.gateway  # type: ignore[attr-defined]
+    # idle_connection_timeout also bounds how long a client may take to send its headers, and
+    # body_timeout its body: a slow-loris client cannot hold a connection forever.
+    server = HTTPServer(app, idle_connection_timeout=settings.idle_timeout, body_timeout=settings.body_timeout)
+    server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+    log.info("zimage-tornado %s listening on http://%s:%d, upstream %s",
+             __version__, settings.address, port, settings.upstream_url)
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    notifier.notify(READY=1, STATUS=status_line(gateway))
+    heartbeat = None
+    if notifier.enabled:
+        interval = notifier.watchdog_interval or 5.0
+        fields = {"WATCHDOG": 1} if notifier.watchdog_interval else {}
+        heartbeat = PeriodicCallback(lambda: notifier.notify(**fields, STATUS=status_line(gateway)),
+                                     interval * 1000)
+        heartbeat.start()
+    await stopping.wait()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the graceful stop short
+        loop.add_signal_handler(signum, log.info, "already shutting down")
+    if heartbeat is not None:
+        heartbeat.stop()
+    return await shutdown(server, gateway, notifier, settings.shutdown_timeout)
+
+
+async def shutdown(server: HTTPServer, gateway: Gateway, notifier: Notifier, timeout: float) -> int:
+    """Stop accepting, answer every waiting client with its task's current status, let requests in
+    flight (submits included: an accepted job is never lost) finish, then close. Bounded by
+    `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    notifier.notify(STOPPING=1, STATUS="shutting down")
+    log.info("shutting down: %s", status_line(gateway))
+    gateway.shutting_down = True
+    server.stop()
+    await gateway.watcher.close()
+    while gateway.active and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if gateway.active:
+        log.warning("%d requests still running after shutdown_timeout; closing them", len(gateway.active))
+    try:
+        await asyncio.wait_for(server.close_all_connections(), max(0.1, deadline - loop.time()))
+    except asyncio.TimeoutError:
+        log.warning("connections still open after shutdown_timeout")
+    await gateway.close()
+    log.info("stopped")
+    return 0
+
+
+def supervise(settings: Settings, sockets: list, processes: int, notifier: Notifier) -> int:
+    """Forks `processes` workers on the shared sockets, restarts one that dies, passes SIGTERM
+    and SIGINT on to all of them, and exits when they have all stopped."""
+    children: dict[int, int] = {}  # pid -> worker number
+    starts: deque[float] = deque(maxlen=10)
+    stopping: list[float] = []
+
+    def spawn(number: int) -> None:
+        starts.append(time.monotonic())
+        pid = os.fork()
+        if pid == 0:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, signal.SIG_DFL)
+            code = 1
+            try:
+                code = asyncio.run(serve(settings, sockets, Notifier({})))  # only the main process notifies
+            except BaseException:  # noqa: BLE001 - a worker reports its end and exits, whatever it was
+                log.exception("worker %d crashed", number)
+            finally:
+                os._exit(code)
+        children[pid] = number
+
+    def forward(signum: int, frame: object) -> None:
+        if not stopping:
+            stopping.append(time.monotonic())
+            notifier.notify(STOPPING=1, STATUS="shutting down %d workers" % len(children))
+        for pid in list(children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    for number in range(processes):
+        spawn(number)
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    log.info("started %d worker processes", processes)
+    notifier.notify(READY=1, STATUS="%d workers" % processes)
+    next_ping = 0.0
+    exit_code = 0
+    while children:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid:
+            number = children.pop(pid)
+            code = os.waitstatus_to_exitcode(status)
+            if stopping:
+                exit_code = exit_code or int(code != 0)
+            elif len(starts) == starts.maxlen and time.monotonic() - starts[0] < 10:
+                log.error("workers keep dying (last exit %s); stopping", code)
+                forward(signal.SIGTERM, None)
+                exit_code = 1
+            else:
+                log.error("worker %d (pid %d) exited with %s; starting another", number, pid, code)
+                spawn(number)
+            continue
+        now = time.monotonic()
+        if stopping and now - stopping[0] > settings.shutdown_timeout + 5:
+            for child in children:
+                os.kill(child, signal.SIGKILL)  # a stuck worker: systemd would do the same
+        if notifier.enabled and now >= next_ping:
+            fields = {"WATCHDOG": 1} if notifier.watchdog_interval else {}
+            notifier.notify(**fields, STATUS="%d workers" % len(children))
+            next_ping = now + (notifier.watchdog_interval or 5.0)
+        time.sleep(0.05)
+    return exit_code

@@ -8,6 +8,7 @@ Precedence, lowest first: defaults, config file, environment, command line.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -51,11 +52,26 @@ class Settings:
     model_aliases: str = setting("", "Model name aliases, e.g. 'dall-e-3=turbo,gpt-image-1=turbo'")
     idempotency_ttl: float = setting(86400.0, "Seconds an Idempotency-Key keeps returning the same task")
     max_image_bytes: int = setting(20 * 1024 * 1024, "Largest image fetched for b64_json answers, in bytes")
+    processes: int = setting(1, "Worker processes sharing the listening socket (0: one per CPU core)")
+    shutdown_timeout: float = setting(10.0, "Seconds a SIGTERM/SIGINT shutdown may take before the process exits")
+    idle_timeout: float = setting(60.0, "Seconds a client connection may idle, or take to send its headers")
+    body_timeout: float = setting(30.0, "Seconds a client may take to send a request body")
+    max_body_bytes: int = setting(1024 * 1024, "Largest request body accepted, in bytes (more: 413)")
+    api_keys: str = setting("", "Comma-separated API keys; when set (or api_keys_file), /v1/* needs one")
+    api_keys_file: str = setting("", "File of API keys, one per line ('#' starts a comment)")
+    metrics_require_key: bool = setting(False, "GET /metrics needs an API key too")
+    trusted_proxies: str = setting("", "Comma-separated IPs/CIDRs whose X-Forwarded-For / X-Real-IP is believed")
+    cors_origins: str = setting("", "Comma-separated browser origins allowed by CORS, or '*' (default: none)")
     log_level: str = setting("info", "Log level: debug, info, warning or error")
+    log_format: str = setting("text", "Log line format: text or json")
 
     def __post_init__(self) -> None:
         self.aliases  # parses, or raises ValueError
-        positive = ("port", "backlog", "idempotency_ttl", "max_image_bytes", "upstream_timeout", "upstream_connect_timeout", "upstream_max_clients",
+        self.proxy_networks  # parses, or raises ValueError
+        if self.processes < 0 or self.log_format not in ("text", "json"):
+            raise ValueError("processes must be 0 or more, log_format text or json")
+        positive = ("port", "backlog", "idempotency_ttl", "max_image_bytes", "shutdown_timeout", "idle_timeout",
+                    "body_timeout", "max_body_bytes", "upstream_timeout", "upstream_connect_timeout", "upstream_max_clients",
                     "poll_interval", "max_attempts", "max_waiters", "cache_ttl", "max_batch_size",
                     "min_size", "size_multiple", "max_steps", "max_prompt_length")
         for name in positive:
@@ -87,6 +103,26 @@ class Settings:
                 raise ValueError("model_aliases: expected name=upstream_model, got %r" % pair)
             table[name] = target
         return table
+
+    @property
+    def proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        try:
+            return tuple(ipaddress.ip_network(item.strip(), strict=False)
+                         for item in self.trusted_proxies.split(",") if item.strip())
+        except ValueError as e:
+            raise ValueError("trusted_proxies: %s" % e) from None
+
+    @property
+    def origins(self) -> frozenset[str]:
+        return frozenset(item.strip() for item in self.cors_origins.split(",") if item.strip())
+
+    def load_api_keys(self) -> frozenset[str]:
+        """The keys from api_keys and api_keys_file (read now: call it at start-up)."""
+        keys = [k.strip() for k in self.api_keys.split(",")]
+        if self.api_keys_file:
+            with open(self.api_keys_file, encoding="utf-8") as f:
+                keys += [line.split("#", 1)[0].strip() for line in f]
+        return frozenset(k for k in keys if k)
 
     @property
     def wait_budget(self) -> float:

@@ -56,6 +56,7 @@ class FakeZImage:
         self.task_reads: Counter[str] = Counter()  # by task uuid
         self.read_times: defaultdict[str, list[float]] = defaultdict(list)
         self.generate_bodies: list[Any] = []
+        self.request_headers: list[dict[str, str]] = []  # of every call, in order
         self._faults: dict[str, deque[str]] = defaultdict(deque)
         self._always: dict[str, str] = {}
 
@@ -158,6 +159,7 @@ class _FakeHandler(RequestHandler):
     async def misbehave(self) -> bool:
         """Plays the next fault, if any; True when the answer has been given (or refused)."""
         self.fake.calls[self.endpoint] += 1
+        self.fake.request_headers.append(dict(self.request.headers))
         fault = self.fake.next_fault(self.endpoint)
         if fault is None:
             return False

@@ -7,18 +7,26 @@ once (log_exception) with the method, path and task uuid.
 from __future__ import annotations
 
 import asyncio
+import functools
+import hmac
+import ipaddress
 import json
 import logging
 import math
+import os
+import re
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+import uuid as uuidlib
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
+from tornado.httputil import HTTPServerRequest
 from tornado.iostream import StreamClosedError
-from tornado.web import HTTPError, RequestHandler
+from tornado.web import HTTPError, RequestHandler, stream_request_body
 
-from zimage_tornado import SERVICE_NAME, __version__, openai_api, validation
+from zimage_tornado import SERVICE_NAME, __version__, logs, openai_api, validation
 from zimage_tornado.domain import COMPLETED, FAILED, Task
 from zimage_tornado.errors import ApiError, envelope, invalid
+from zimage_tornado.metrics import CONTENT_TYPE
 from zimage_tornado.upstream import UpstreamError
 from zimage_tornado.watcher import INTERRUPTED, TIMEOUT, Outcome, TooManyWaiters
 
@@ -28,24 +36,99 @@ if TYPE_CHECKING:
 log = logging.getLogger("zimage_tornado.handlers")
 
 
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, Idempotency-Key, X-Request-ID"
+CORS_EXPOSE_HEADERS = "X-Request-ID, x-should-retry, Retry-After"
+
+
+@stream_request_body  # so that an oversize body is refused (413) before it is read
 class BaseHandler(RequestHandler):
+    route = "other"  # the metrics label: a route template, never a raw path
+    open_during_shutdown = False
     task_uuid: str | None = None  # named in error logs once known
     submitted = False  # the upstream accepted a task for this request: a retry would pay twice
     _waiting: asyncio.Future[Outcome] | None = None
 
     def initialize(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        self._body: list[bytes] = []
+        self._body_size = 0
+
+    @functools.cached_property
+    def request_id(self) -> str:
+        given = self.request.headers.get("X-Request-ID", "")
+        return given if REQUEST_ID_RE.fullmatch(given) else uuidlib.uuid4().hex
 
     def set_default_headers(self) -> None:
+        # Also called when an error clears the response: these survive into error answers.
         self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.set_header("X-Request-ID", self.request_id)
+        origin = self.request.headers.get("Origin")
+        origins = self.application.gateway.settings.origins  # type: ignore[attr-defined]
+        if origin and ("*" in origins or origin in origins):
+            self.set_header("Access-Control-Allow-Origin", "*" if "*" in origins else origin)
+            self.set_header("Access-Control-Expose-Headers", CORS_EXPOSE_HEADERS)
+            self.set_header("Vary", "Origin")
+
+    def prepare(self) -> None:
+        self.gateway.active.add(self)
+        logs.request_id.set(self.request_id)
+        settings = self.gateway.settings
+        self.client_ip = client_address(self.request, settings.proxy_networks)
+        if self.request.method == "OPTIONS":
+            return  # a CORS preflight: browsers send it without credentials
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > settings.max_body_bytes:
+            self.body_too_large()
+        if self.gateway.shutting_down and not self.open_during_shutdown:
+            self.set_header("Connection", "close")
+            raise ApiError(503, "The gateway is shutting down; retry shortly", type="server_error",
+                           code="shutting_down", headers={"Retry-After": self.retry_after, "Connection": "close"})
+        if self.request.path.startswith("/v1/") or (self.route == "/metrics" and settings.metrics_require_key):
+            self.check_api_key()
+
+    def check_api_key(self) -> None:
+        keys = self.gateway.api_keys
+        if not keys:
+            return  # no keys configured: any bearer, as the spec's "zimage-free" examples expect
+        scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
+        given = token.strip().encode()
+        # Compare with every key, in constant time, so that timing tells nothing about them.
+        matched = [hmac.compare_digest(given, key.encode()) for key in keys]
+        if scheme.lower() != "bearer" or not any(matched):
+            raise ApiError(401, "Invalid or missing API key: send Authorization: Bearer <key>",
+                           code="invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="zimage-tornado"'})
+
+    def data_received(self, chunk: bytes) -> None:
+        self._body_size += len(chunk)
+        if self._body_size <= self.gateway.settings.max_body_bytes:
+            self._body.append(chunk)
+
+    def body_too_large(self) -> None:
+        raise ApiError(413, "The request body is larger than %d bytes" % self.gateway.settings.max_body_bytes,
+                       code="body_too_large", headers={"Connection": "close"})
+
+    def options(self, *args: str) -> None:
+        if "Access-Control-Allow-Origin" in self._headers:
+            self.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+            self.set_header("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS)
+            self.set_header("Access-Control-Max-Age", "600")
+        self.set_status(204)
+        self.finish()
+
+    def on_finish(self) -> None:
+        self.gateway.active.discard(self)
 
     # -- input ---------------------------------------------------------------------------------
 
     def json_body(self) -> Any:
-        if not self.request.body:
+        if self._body_size > self.gateway.settings.max_body_bytes:
+            self.body_too_large()
+        body = b"".join(self._body)
+        if not body:
             raise invalid("The request body is empty; send a JSON object", code="invalid_json")
         try:
-            return json.loads(self.request.body)
+            return json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise invalid("The request body is not valid JSON", code="invalid_json") from None
 
@@ -94,6 +177,8 @@ class BaseHandler(RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
         error = self.api_error(exc, status_code)
+        if error.status in (400, 413) and self._body_size > self.gateway.settings.max_body_bytes:
+            error.headers["Connection"] = "close"  # the rest of the body is not worth reading
         self.send(error.body(), error.status, error.headers)
 
     def log_exception(self, typ, value, tb) -> None:  # type: ignore[no-untyped-def]
@@ -135,6 +220,7 @@ class BaseHandler(RequestHandler):
             self._waiting = None
 
     def on_connection_close(self) -> None:
+        self.gateway.active.discard(self)
         if self._waiting is not None:
             self._waiting.cancel()  # leave the task's polling loop at once
 
@@ -170,10 +256,13 @@ class BaseHandler(RequestHandler):
 
 class NotFoundHandler(BaseHandler):
     def prepare(self) -> None:
+        super().prepare()
         raise ApiError(404, "Unknown route: %s %s" % (self.request.method, self.request.path), code="unknown_route")
 
 
 class InfoHandler(BaseHandler):
+    route = "/"
+
     def get(self) -> None:
         self.send({
             "service": SERVICE_NAME,
@@ -185,6 +274,9 @@ class InfoHandler(BaseHandler):
 
 
 class HealthHandler(BaseHandler):
+    route = "/health"
+    open_during_shutdown = True
+
     def get(self) -> None:
         # Liveness only: it must stay cheap and never touch the upstream.
         self.send({
@@ -192,10 +284,51 @@ class HealthHandler(BaseHandler):
             "service": SERVICE_NAME,
             "version": __version__,
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "pid": os.getpid(),
         })
 
 
+class ReadinessHandler(BaseHandler):
+    """Ready unless shutting down; says whether the upstream answered lately, from what the
+    gateway's own traffic saw (it never polls the upstream for this)."""
+
+    route = "/health/ready"
+    open_during_shutdown = True
+
+    def get(self) -> None:
+        gateway, now = self.gateway, time.monotonic()
+        upstream = gateway.upstream
+        window = max(60.0, 3 * gateway.settings.poll_interval)
+        answered_ago = None if upstream.last_answer_at is None else round(now - upstream.last_answer_at, 3)
+        failure = None
+        if upstream.last_failure is not None:
+            failure = {"seconds_ago": round(now - upstream.last_failure[0], 3), "error": upstream.last_failure[1]}
+        status = "shutting_down" if gateway.shutting_down else "ready"
+        self.send({
+            "status": status,
+            "upstream": {
+                "url": gateway.settings.upstream_url,
+                "answered_recently": answered_ago is not None and answered_ago <= window,
+                "last_answer_seconds_ago": answered_ago,
+                "last_failure": failure,
+            },
+            "waiters": gateway.watcher.waiting,
+            "polling_loops": gateway.watcher.active_polls,
+        }, 503 if gateway.shutting_down else 200)
+
+
+class MetricsHandler(BaseHandler):
+    route = "/metrics"
+    open_during_shutdown = True
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE)
+        self.finish(self.gateway.metrics.render())
+
+
 class ChatCompletionsHandler(BaseHandler):
+    route = "/v1/chat/completions"
+
     async def post(self) -> None:
         gateway = self.gateway
         request = openai_api.parse_chat_request(self.json_body(), gateway.settings.limits, gateway.models)
@@ -240,6 +373,10 @@ class ChatCompletionsHandler(BaseHandler):
             outcome = await self.wait_for_task(on_tick=report)
             if outcome is None:
                 return
+            if outcome.state == INTERRUPTED:  # shutting down: end the stream with where the task stands
+                status = outcome.task.status if outcome.task else "submitted"
+                await self.event(self.chunk(request, {"content": openai_api.restart_note(outcome.uuid, status)}))
+                return await self.finish_stream(request)
             done = self.finished_task(outcome)
         except (ApiError, UpstreamError) as e:
             error = self.api_error(e)
@@ -266,6 +403,8 @@ class ChatCompletionsHandler(BaseHandler):
 class ImagesGenerationsHandler(BaseHandler):
     """What `client.images.generate(...)` sends: submit, wait for the pictures, answer them."""
 
+    route = "/v1/images/generations"
+
     async def post(self) -> None:
         gateway = self.gateway
         request = openai_api.parse_images_request(self.json_body(), gateway.settings.limits, gateway.models)
@@ -279,11 +418,15 @@ class ImagesGenerationsHandler(BaseHandler):
 
 
 class ModelsHandler(BaseHandler):
+    route = "/v1/models"
+
     def get(self) -> None:
         self.send(openai_api.model_list(self.gateway.models.names))
 
 
 class ModelHandler(BaseHandler):
+    route = "/v1/models/{model}"
+
     def get(self, model_id: str) -> None:
         if not self.gateway.models.knows(model_id):
             raise ApiError(404, "The model %r does not exist" % model_id[:200], param="model", code="model_not_found")
@@ -291,6 +434,8 @@ class ModelHandler(BaseHandler):
 
 
 class TaskHandler(BaseHandler):
+    route = "/v1/tasks/{uuid}"
+
     async def get(self, uuid: str) -> None:
         self.task_uuid = validation.task_id(uuid)
         task = await self.gateway.watcher.peek(self.task_uuid)
@@ -299,6 +444,8 @@ class TaskHandler(BaseHandler):
 
 class ImagesHandler(BaseHandler):
     """The long-poll: answers when the task finishes or this request's budget runs out."""
+
+    route = "/v1/images/{uuid}"
 
     async def get(self, uuid: str) -> None:
         self.task_uuid = validation.task_id(uuid)
@@ -322,6 +469,25 @@ class ImagesHandler(BaseHandler):
         self.send(body, 202, {"Retry-After": self.retry_after})
 
 
+def client_address(request: HTTPServerRequest, trusted: Sequence[Any]) -> str:
+    """The client's IP: X-Forwarded-For / X-Real-IP are believed only from trusted proxies."""
+    def is_trusted(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in trusted)
+
+    remote = request.remote_ip or "-"
+    if not trusted or not is_trusted(remote):
+        return remote
+    forwarded = [a.strip() for a in request.headers.get("X-Forwarded-For", "").split(",") if a.strip()]
+    for address in reversed(forwarded):  # the nearest hop first; skip our own proxies
+        if not is_trusted(address):
+            return address
+    return request.headers.get("X-Real-IP", "").strip() or (forwarded[0] if forwarded else remote)
+
+
 ENDPOINTS = [
     ("POST", "/v1/chat/completions", "Submit a generation task (OpenAI chat format); content is the task uuid, "
                                      "or the pictures in wait mode; stream=true answers Server-Sent Events"),
@@ -330,6 +496,8 @@ ENDPOINTS = [
     ("GET", "/v1/models/{model}", "One model"),
     ("GET", "/v1/tasks/{uuid}", "The upstream task, as the upstream reports it"),
     ("GET", "/v1/images/{uuid}", "Long-poll until the task's images are ready (?timeout=, ?wait=false)"),
-    ("GET", "/health", "Liveness"),
+    ("GET", "/health", "Liveness: cheap, never calls the upstream"),
+    ("GET", "/health/ready", "Readiness: 503 while shutting down; whether the upstream answered recently"),
+    ("GET", "/metrics", "Prometheus metrics"),
     ("GET", "/", "This service description"),
 ]

@@ -176,6 +176,11 @@ def progress_line(task: Task) -> str:
     return "Generating: %s\n" % task.status
 
 
+def restart_note(task_uuid: str, status: str) -> str:
+    return ("\nThe gateway is restarting. Task %s is %s and goes on: fetch its pictures with "
+            "GET /v1/images/%s.\n" % (task_uuid, status, task_uuid))
+
+
 def images_response(urls: list[str] | tuple[str, ...], b64: list[str] | None = None,
                     created: int | None = None) -> dict[str, Any]:
     data = [{"b64_json": item} for item in b64] if b64 is not None else [{"url": url} for url in urls]

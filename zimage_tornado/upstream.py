@@ -10,17 +10,19 @@ import json
 import logging
 import os
 import ssl
-from typing import Any
+import time
+from typing import Any, Awaitable, Callable, TypeVar
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPResponse
 from tornado.simple_httpclient import HTTPTimeoutError, SimpleAsyncHTTPClient
 from tornado.iostream import StreamClosedError
 
-from zimage_tornado import SERVICE_NAME, __version__
+from zimage_tornado import SERVICE_NAME, __version__, logs
 from zimage_tornado.domain import COMPLETED, FAILED, FINAL_STATES, PENDING, PROCESSING, GenerationRequest, Task
 from zimage_tornado.validation import TASK_ID_RE
 
 log = logging.getLogger("zimage_tornado.upstream")
+T = TypeVar("T")
 
 KNOWN_STATES = FINAL_STATES | {PENDING, PROCESSING}
 MAX_MESSAGE = 500
@@ -103,16 +105,44 @@ def encode_generate(request: GenerationRequest) -> dict[str, Any]:
     }
 
 
+Observer = Callable[[str, str, float], None]  # (kind, outcome, seconds)
+
+
 class ZImageClient:
-    def __init__(self, base_url: str, http: AsyncHTTPClient) -> None:
+    def __init__(self, base_url: str, http: AsyncHTTPClient, observer: Observer | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self._http = http
+        self._observer = observer
         self.headers = {
             "Accept": "application/json",
             "User-Agent": "%s/%s" % (SERVICE_NAME, __version__),
         }
+        self.last_answer_at: float | None = None  # monotonic time of the last HTTP answer, any status
+        self.last_failure: tuple[float, str] | None = None  # when and why it last could not be reached
 
     async def submit(self, request: GenerationRequest) -> Task:
+        return await self._observed("submit", self._submit(request))
+
+    async def get_task(self, uuid: str) -> Task:
+        return await self._observed("task", self._get_task(uuid))
+
+    async def fetch_image(self, url: str, max_bytes: int) -> bytes:
+        """One result image, for b64_json answers. Bytes past `max_bytes` are not kept."""
+        return await self._observed("image", self._fetch_image(url, max_bytes))
+
+    async def _observed(self, kind: str, call: Awaitable[T]) -> T:
+        started = time.monotonic()
+        outcome = "ok"
+        try:
+            return await call
+        except UpstreamError as e:
+            outcome = e.code
+            raise
+        finally:
+            if self._observer is not None:
+                self._observer(kind, outcome, time.monotonic() - started)
+
+    async def _submit(self, request: GenerationRequest) -> Task:
         log.info("submitting task: model=%s batch_size=%d size=%dx%d steps=%d",
                  request.model, request.batch_size, request.width, request.height, request.steps)
         document = await self._call("POST", "/api/z-image/generate", encode_generate(request))
@@ -127,7 +157,7 @@ class ZImageClient:
         log.info("task %s submitted", uuid)
         return parse_task(uuid, task, document, default_status=PENDING)
 
-    async def get_task(self, uuid: str) -> Task:
+    async def _get_task(self, uuid: str) -> Task:
         document = await self._call("GET", "/api/z-image/task/%s" % uuid, task_uuid=uuid)
         data = document.get("data")
         if not isinstance(data, dict):
@@ -141,8 +171,7 @@ class ZImageClient:
         log.debug("task %s is %s (%s%%)", uuid, parsed.status, parsed.progress)
         return parsed
 
-    async def fetch_image(self, url: str, max_bytes: int) -> bytes:
-        """One result image, for b64_json answers. Bytes past `max_bytes` are not kept."""
+    async def _fetch_image(self, url: str, max_bytes: int) -> bytes:
         if not url.startswith(("http://", "https://")):
             raise UpstreamBadResponse("The upstream gave an image URL that is not http(s)")
         chunks: list[bytes] = []
@@ -175,17 +204,28 @@ class ZImageClient:
         """fetch() with every transport failure mapped to an UpstreamError. Timeouts come from the
         client's defaults (the upstream_* settings); raise_error=False so that HTTP error statuses
         arrive as responses whose bodies can be read."""
+        request_id = logs.request_id.get()
+        if request_id != "-":
+            kwargs["headers"] = {**kwargs.get("headers", {}), "X-Request-ID": request_id}
         try:
-            return await self._http.fetch(url, raise_error=False, **kwargs)
+            response = await self._http.fetch(url, raise_error=False, **kwargs)
         except HTTPClientError as e:
             if isinstance(e, HTTPTimeoutError) or getattr(e, "errno", None) == CURLE_OPERATION_TIMEDOUT:
-                log.warning("%s %s timed out", kwargs.get("method", "GET"), url)
-                raise UpstreamTimeout("%s did not answer in time" % who) from e
-            log.warning("%s %s failed: %s", kwargs.get("method", "GET"), url, e)
-            raise UpstreamUnavailable("%s could not be reached" % who) from e
+                error: UpstreamError = UpstreamTimeout("%s did not answer in time" % who)
+            else:
+                error = UpstreamUnavailable("%s could not be reached" % who)
+            self._transport_failed(kwargs.get("method", "GET"), url, e, error)
+            raise error from e
         except (OSError, StreamClosedError) as e:
-            log.warning("%s %s failed: %s", kwargs.get("method", "GET"), url, e)
-            raise UpstreamUnavailable("%s could not be reached" % who) from e
+            error = UpstreamUnavailable("%s could not be reached" % who)
+            self._transport_failed(kwargs.get("method", "GET"), url, e, error)
+            raise error from e
+        self.last_answer_at = time.monotonic()
+        return response
+
+    def _transport_failed(self, method: str, url: str, cause: Exception, error: UpstreamError) -> None:
+        log.warning("%s %s failed: %s", method, url, cause)
+        self.last_failure = (time.monotonic(), str(error))
 
     def _decode(self, response: HTTPResponse, task_uuid: str | None) -> dict[str, Any]:
         if response.code == 599:  # a transport failure reported as a response

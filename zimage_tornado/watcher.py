@@ -10,6 +10,7 @@ Transient upstream faults are logged and retried at the next tick; only a defini
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 from collections import Counter
@@ -67,6 +68,7 @@ class TaskWatcher:
         self.counters: Counter[str] = Counter()
         self._polls: dict[str, _Poll] = {}
         self._reads: dict[str, asyncio.Future[Task]] = {}
+        self.closed = False
 
     @property
     def active_polls(self) -> int:
@@ -83,7 +85,7 @@ class TaskWatcher:
             return cached
         pending = self._reads.get(uuid)
         if pending is None:
-            pending = asyncio.ensure_future(self._read_upstream(uuid))
+            pending = self._shared_task(self._read_upstream(uuid))
             self._reads[uuid] = pending
             pending.add_done_callback(functools.partial(self._read_done, uuid))
         else:
@@ -123,13 +125,16 @@ class TaskWatcher:
             self.counters["cache_hits"] += 1
             future.set_result(Outcome(cached.status, uuid, cached, None, budget))
             return future
+        if self.closed:  # shutting down: no new loops
+            future.set_result(Outcome(INTERRUPTED, uuid, None, None, budget))
+            return future
         if self.waiting >= self.max_waiters:
             self.counters["waiters_refused"] += 1
             raise TooManyWaiters()
         poll = self._polls.get(uuid)
         if poll is None:
             poll = self._polls[uuid] = _Poll(uuid)
-            poll.runner = asyncio.ensure_future(self._run(poll))
+            poll.runner = self._shared_task(self._run(poll))
         else:
             self.counters["coalesced_waiters"] += 1
         timer = loop.call_later(budget, self._expire, poll, future, budget)
@@ -156,6 +161,12 @@ class TaskWatcher:
             if not poll.tick.done():
                 poll.tick.set_result(poll.task)
             poll.tick = None
+
+    @staticmethod
+    def _shared_task(coroutine):  # type: ignore[no-untyped-def]
+        # Serves many requests: start from an empty context, not the first request's (its
+        # X-Request-ID would otherwise tag every log line and upstream call of the task).
+        return asyncio.get_running_loop().create_task(coroutine, context=contextvars.Context())
 
     def _expire(self, poll: _Poll, future: asyncio.Future[Outcome], budget: float) -> None:
         if not future.done():
@@ -219,7 +230,9 @@ class TaskWatcher:
             self._ticked(poll)
 
     async def close(self) -> None:
-        """Ends every loop; their waiters get an INTERRUPTED outcome with the last state seen."""
+        """Ends every loop; their waiters get an INTERRUPTED outcome with the last state seen,
+        and so does every later wait()."""
+        self.closed = True
         pending = [poll.runner for poll in self._polls.values() if poll.runner is not None]
         pending += list(self._reads.values())
         for future in pending:
