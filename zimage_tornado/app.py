@@ -83,6 +83,7 @@ def make_app(settings: Settings, gateway: Gateway | None = None) -> Application:
     shared = {"gateway": gateway}
     routes = [
         (r"/", handlers.InfoHandler, shared),
+        (r"/playground", handlers.PlaygroundHandler, shared),
         (r"/health", handlers.HealthHandler, shared),
         (r"/health/ready", handlers.ReadinessHandler, shared),
         (r"/metrics", handlers.MetricsHandler, shared),

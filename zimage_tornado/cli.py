@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from tornado.netutil import bind_sockets
 from zimage_tornado import __version__
 from zimage_tornado.app import Gateway, make_app
 from zimage_tornado.config import Settings, load_settings
+from zimage_tornado.fake_upstream import FakeZImage
 from zimage_tornado.logs import setup_logging
 from zimage_tornado.sdnotify import Notifier
 
@@ -40,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(1)
     notifier = Notifier()
     processes = settings.processes or os.cpu_count() or 1
+    if settings.demo and processes != 1:
+        log.warning("--demo runs one process: the simulated service keeps its tasks in that process")
+        processes = 1
     if processes == 1:
         code = asyncio.run(serve(settings, sockets, notifier))
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -54,7 +59,20 @@ def status_line(gateway: Gateway) -> str:
     return "%d waiting, %d tasks polled, %d requests" % (watcher.waiting, watcher.active_polls, len(gateway.active))
 
 
+async def start_demo_upstream(settings: Settings) -> Settings:
+    """--demo: the fake Z-Image of the tests, on a free loopback port, as this gateway's upstream."""
+    fake = FakeZImage(seconds_to_complete=settings.demo_seconds)
+    demo_sockets = bind_sockets(0, "127.0.0.1")
+    HTTPServer(fake.make_app()).add_sockets(demo_sockets)
+    url = "http://127.0.0.1:%d" % demo_sockets[0].getsockname()[1]
+    log.info("demo mode: a simulated Z-Image service on %s answers every task in %gs; no network needed",
+             url, settings.demo_seconds)
+    return dataclasses.replace(settings, upstream_url=url)
+
+
 async def serve(settings: Settings, sockets: list, notifier: Notifier) -> int:
+    if settings.demo:
+        settings = await start_demo_upstream(settings)
     app = make_app(settings)
     gateway: Gateway = app.gateway  # type: ignore[attr-defined]
     # idle_connection_timeout also bounds how long a client may take to send its headers, and
@@ -62,7 +80,7 @@ async def serve(settings: Settings, sockets: list, notifier: Notifier) -> int:
     server = HTTPServer(app, idle_connection_timeout=settings.idle_timeout, body_timeout=settings.body_timeout)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
-    log.info("zimage-tornado %s listening on http://%s:%d, upstream %s",
+    log.info("zimage-tornado %s listening on http://%s:%d, upstream %s; playground at /playground",
              __version__, settings.address, port, settings.upstream_url)
 
     stopping = asyncio.Event()

@@ -62,6 +62,8 @@ class Settings:
     metrics_require_key: bool = setting(False, "GET /metrics needs an API key too")
     trusted_proxies: str = setting("", "Comma-separated IPs/CIDRs whose X-Forwarded-For / X-Real-IP is believed")
     cors_origins: str = setting("", "Comma-separated browser origins allowed by CORS, or '*' (default: none)")
+    demo: bool = setting(False, "Start a built-in simulated Z-Image service on loopback and use it as the upstream")
+    demo_seconds: float = setting(4.0, "With --demo: seconds a simulated task takes from submit to pictures")
     log_level: str = setting("info", "Log level: debug, info, warning or error")
     log_format: str = setting("text", "Log line format: text or json")
 
@@ -71,7 +73,7 @@ class Settings:
         if self.processes < 0 or self.log_format not in ("text", "json"):
             raise ValueError("processes must be 0 or more, log_format text or json")
         positive = ("port", "backlog", "idempotency_ttl", "max_image_bytes", "shutdown_timeout", "idle_timeout",
-                    "body_timeout", "max_body_bytes", "upstream_timeout", "upstream_connect_timeout", "upstream_max_clients",
+                    "body_timeout", "max_body_bytes", "demo_seconds", "upstream_timeout", "upstream_connect_timeout", "upstream_max_clients",
                     "poll_interval", "max_attempts", "max_waiters", "cache_ttl", "max_batch_size",
                     "min_size", "size_multiple", "max_steps", "max_prompt_length")
         for name in positive:

@@ -259,18 +259,21 @@ class _StatsHandler(_FakeHandler):
 
 @lru_cache(maxsize=64)
 def render_png(prompt: str, index: int, width: int, height: int) -> bytes:
-    """A deterministic picture for a prompt: colour bands chosen by the prompt's hash."""
+    """A deterministic picture for a prompt: vertical stripes, each fading from one colour of the
+    prompt's palette to another. Different prompts (and images of a batch) look different."""
     digest = hashlib.sha256(("%s#%d" % (prompt, index)).encode()).digest()
-    colors = [bytes(digest[i:i + 3]) for i in range(0, 24, 3)]
-    stripes = 4 + digest[24] % 8
-    bands = 4 + digest[25] % 8
-    stripe_w = -(-width // stripes)
+    palette = [digest[i:i + 3] for i in range(0, 24, 3)]
+    stripes = 3 + digest[24] % 6
+    edges = [width * s // stripes for s in range(stripes + 1)]
     rows = []
-    for band in range(bands):
-        pixels = b"".join(colors[(band * (1 + digest[26] % 3) + s) % len(colors)] * stripe_w for s in range(stripes))
-        rows.append(b"\x00" + pixels[:width * 3])
-    band_h = -(-height // bands)
-    raw = b"".join(rows[y // band_h] for y in range(height))
+    for y in range(height):
+        t = y / max(1, height - 1)
+        pixels = b"".join(
+            bytes(round(a + (b - a) * t) for a, b in zip(palette[s % 8], palette[(s + 1 + digest[25] % 7) % 8]))
+            * (edges[s + 1] - edges[s])
+            for s in range(stripes))
+        rows.append(b"\x00" + pixels)  # filter type 0 for each scanline
+    raw = b"".join(rows)
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)

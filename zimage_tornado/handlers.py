@@ -17,6 +17,7 @@ import os
 import re
 import time
 import uuid as uuidlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 from tornado.httputil import HTTPServerRequest
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("zimage_tornado.handlers")
 
 
+PLAYGROUND_PAGE = (Path(__file__).parent / "static" / "playground.html").read_bytes()
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, Idempotency-Key, X-Request-ID"
 CORS_EXPOSE_HEADERS = "X-Request-ID, x-should-retry, Retry-After"
@@ -264,13 +266,31 @@ class InfoHandler(BaseHandler):
     route = "/"
 
     def get(self) -> None:
+        accept = self.request.headers.get("Accept", "")
+        if accept.startswith("text/html"):  # a person with a browser: show them the playground
+            return self.redirect("/playground")
         self.send({
             "service": SERVICE_NAME,
             "version": __version__,
             "description": "OpenAI-compatible gateway for the Z-Image text-to-image service",
             "upstream": self.gateway.settings.upstream_url,
+            "demo": self.gateway.settings.demo,
+            "playground": "/playground",
             "endpoints": [{"method": m, "path": p, "description": d} for m, p, d in ENDPOINTS],
         })
+
+
+class PlaygroundHandler(BaseHandler):
+    """One self-contained page (no build step, no CDN): it works offline."""
+
+    route = "/playground"
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/html; charset=UTF-8")
+        # Images come from the upstream's image host, anywhere; everything else from here.
+        self.set_header("Content-Security-Policy", "default-src 'self'; img-src 'self' http: https: data:; "
+                        "style-src 'unsafe-inline'; script-src 'unsafe-inline'; frame-ancestors 'none'")
+        self.finish(PLAYGROUND_PAGE)
 
 
 class HealthHandler(BaseHandler):
@@ -499,5 +519,6 @@ ENDPOINTS = [
     ("GET", "/health", "Liveness: cheap, never calls the upstream"),
     ("GET", "/health/ready", "Readiness: 503 while shutting down; whether the upstream answered recently"),
     ("GET", "/metrics", "Prometheus metrics"),
-    ("GET", "/", "This service description"),
+    ("GET", "/playground", "A page to try it in a browser: prompt to pictures"),
+    ("GET", "/", "This service description (browsers are sent to the playground)"),
 ]
