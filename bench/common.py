@@ -57,7 +57,8 @@ def cpu_split() -> tuple[set[int] | None, set[int] | None]:
 
 @contextmanager
 def started(args: Sequence[str], port: int, cpus: set[int] | None = None) -> Iterator[subprocess.Popen]:
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+    # Their logs would drown the table: a benchmark reports what its clients saw.
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     try:
         wait_listening(port, proc)

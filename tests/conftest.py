@@ -51,7 +51,7 @@ class Proxy:
             raw = json.dumps(body).encode()
         return await self.http.fetch(self.url + path, method=method, body=raw, headers=headers,
                                      raise_error=False, request_timeout=timeout,
-                                     allow_nonstandard_methods=True)
+                                     allow_nonstandard_methods=True, follow_redirects=False)
 
     async def json(self, path: str, method: str = "GET", body: Any = None, **kw: Any) -> tuple[int, Any]:
         response = await self.request(path, method, body, **kw)

@@ -23,3 +23,10 @@ def test_every_setting_is_in_the_settings_table():
 def test_every_endpoint_is_documented():
     for method, path, _ in ENDPOINTS:
         assert "`%s %s`" % (method, path) in README, path
+
+
+def test_fault_matrix_table_is_the_tested_one():
+    from test_fault_matrix import ENDPOINTS, MATRIX
+    assert "| Upstream fault | %s |" % " | ".join(ENDPOINTS) in README
+    for fault, cells in MATRIX.items():
+        assert "| %s | %s |" % (fault, " | ".join(cells)) in README, fault

@@ -87,6 +87,7 @@ def make_app(settings: Settings, gateway: Gateway | None = None) -> Application:
         (r"/health", handlers.HealthHandler, shared),
         (r"/health/ready", handlers.ReadinessHandler, shared),
         (r"/metrics", handlers.MetricsHandler, shared),
+        (r"/openapi.json", handlers.OpenApiHandler, shared),
         (r"/v1/chat/completions", handlers.ChatCompletionsHandler, shared),
         (r"/v1/images/generations", handlers.ImagesGenerationsHandler, shared),
         (r"/v1/models", handlers.ModelsHandler, shared),

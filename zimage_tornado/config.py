@@ -56,6 +56,7 @@ class Settings:
     shutdown_timeout: float = setting(10.0, "Seconds a SIGTERM/SIGINT shutdown may take before the process exits")
     idle_timeout: float = setting(60.0, "Seconds a client connection may idle, or take to send its headers")
     body_timeout: float = setting(30.0, "Seconds a client may take to send a request body")
+    write_timeout: float = setting(60.0, "Seconds a client may take to read an answer (or a stream event)")
     max_body_bytes: int = setting(1024 * 1024, "Largest request body accepted, in bytes (more: 413)")
     api_keys: str = setting("", "Comma-separated API keys; when set (or api_keys_file), /v1/* needs one")
     api_keys_file: str = setting("", "File of API keys, one per line ('#' starts a comment)")
@@ -73,7 +74,7 @@ class Settings:
         if self.processes < 0 or self.log_format not in ("text", "json"):
             raise ValueError("processes must be 0 or more, log_format text or json")
         positive = ("port", "backlog", "idempotency_ttl", "max_image_bytes", "shutdown_timeout", "idle_timeout",
-                    "body_timeout", "max_body_bytes", "demo_seconds", "upstream_timeout", "upstream_connect_timeout", "upstream_max_clients",
+                    "body_timeout", "write_timeout", "max_body_bytes", "demo_seconds", "upstream_timeout", "upstream_connect_timeout", "upstream_max_clients",
                     "poll_interval", "max_attempts", "max_waiters", "cache_ttl", "max_batch_size",
                     "min_size", "size_multiple", "max_steps", "max_prompt_length")
         for name in positive:

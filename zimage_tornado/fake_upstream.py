@@ -39,10 +39,15 @@ FAULTS = {
 }
 
 
+# What a soak run's random faults are drawn from: the transient kinds a real service shows.
+RANDOM_FAULTS = ("500", "502", "503", "429", "garbage", "reset", "false200", "hang")
+
+
 class FakeZImage:
     def __init__(self, *, reads_to_complete: int = 2, seconds_to_complete: float | None = None,
                  outcome: str = "complete", result_style: str = "list", uuid_at: str = "data",
-                 hang_seconds: float = 5.0, retry_after: str = "1", completion_spread: float = 0.0) -> None:
+                 hang_seconds: float = 5.0, retry_after: str = "1", completion_spread: float = 0.0,
+                 fault_rate: float = 0.0, seed: int = 0) -> None:
         self.reads_to_complete = reads_to_complete
         self.seconds_to_complete = seconds_to_complete  # if set, completion goes by time, not reads
         self.completion_spread = completion_spread  # with time: each task takes up to this much longer
@@ -59,6 +64,8 @@ class FakeZImage:
         self.request_headers: list[dict[str, str]] = []  # of every call, in order
         self._faults: dict[str, deque[str]] = defaultdict(deque)
         self._always: dict[str, str] = {}
+        self.fault_rate = fault_rate  # share of calls that fail at random (soak tests)
+        self._random = random.Random(seed)
 
     # -- switches ---------------------------------------------------------------------------
 
@@ -79,7 +86,11 @@ class FakeZImage:
     def next_fault(self, endpoint: str) -> str | None:
         if self._faults[endpoint]:
             return self._faults[endpoint].popleft()
-        return self._always.get(endpoint)
+        if endpoint in self._always:
+            return self._always[endpoint]
+        if self.fault_rate and endpoint != "image" and self._random.random() < self.fault_rate:
+            return self._random.choice(RANDOM_FAULTS)
+        return None
 
     def add_task(self, prompt: str = "a test task", outcome: str | None = None, **params: Any) -> str:
         task_uuid = str(uuidlib.uuid4())
@@ -105,6 +116,7 @@ class FakeZImage:
                 "read_windows": {u: [t[0], t[-1], len(t)] for u, t in self.read_times.items()},
                 "min_read_gap": min(gaps, default=None),
                 # monotonic clock readings, comparable across processes on one Linux machine
+                "task_uuids": list(self.tasks),
                 "completes_at": {u: t["completes_at"] for u, t in self.tasks.items() if t["completes_at"]},
                 "finished_seen_at": {u: t["finished_seen_at"] for u, t in self.tasks.items() if "finished_seen_at" in t}}
 
@@ -147,6 +159,7 @@ class FakeZImage:
 
 class _FakeHandler(RequestHandler):
     endpoint = ""
+    fault: str | None = None  # the fault this call plays
 
     def initialize(self, fake: FakeZImage) -> None:
         self.fake = fake
@@ -160,7 +173,7 @@ class _FakeHandler(RequestHandler):
         """Plays the next fault, if any; True when the answer has been given (or refused)."""
         self.fake.calls[self.endpoint] += 1
         self.fake.request_headers.append(dict(self.request.headers))
-        fault = self.fake.next_fault(self.endpoint)
+        fault = self.fault = self.fake.next_fault(self.endpoint)
         if fault is None:
             return False
         if fault == "hang":
@@ -224,7 +237,6 @@ class _TaskHandler(_FakeHandler):
     async def get(self, task_uuid: str) -> None:
         self.fake.task_reads[task_uuid] += 1
         self.fake.read_times[task_uuid].append(time.monotonic())
-        fault = self.fake._faults[self.endpoint][0] if self.fake._faults[self.endpoint] else None
         if await self.misbehave():
             return
         task = self.fake.tasks.get(task_uuid)
@@ -234,7 +246,7 @@ class _TaskHandler(_FakeHandler):
         view = self.fake.task_view(task, self.request.protocol + "://" + self.request.host)
         if view["taskStatus"] in ("completed", "failed"):
             task.setdefault("finished_seen_at", time.monotonic())  # benchmarks measure delivery from here
-        if fault == "unknown_status":
+        if self.fault == "unknown_status":
             view.update(taskStatus="mystery", progress=None)
         self.reply({"success": True, "data": {"task": view}})
 
@@ -293,11 +305,14 @@ def main() -> None:
     parser.add_argument("--reads-to-complete", type=int, default=2)
     parser.add_argument("--seconds-to-complete", type=float, default=None)
     parser.add_argument("--completion-spread", type=float, default=0.0)
+    parser.add_argument("--fault-rate", type=float, default=0.0, help="share of calls that fail at random")
+    parser.add_argument("--hang-seconds", type=float, default=5.0)
     args = parser.parse_args()
 
     async def run() -> None:
         fake = FakeZImage(reads_to_complete=args.reads_to_complete, seconds_to_complete=args.seconds_to_complete,
-                          completion_spread=args.completion_spread)
+                          completion_spread=args.completion_spread, fault_rate=args.fault_rate,
+                          hang_seconds=args.hang_seconds)
         HTTPServer(fake.make_app()).listen(args.port, args.address)
         print("fake Z-Image listening on http://%s:%d" % (args.address, args.port), flush=True)
         await asyncio.Event().wait()

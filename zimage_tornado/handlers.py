@@ -24,7 +24,7 @@ from tornado.httputil import HTTPServerRequest
 from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
-from zimage_tornado import SERVICE_NAME, __version__, logs, openai_api, validation
+from zimage_tornado import SERVICE_NAME, __version__, logs, openai_api, openapi, validation
 from zimage_tornado.domain import COMPLETED, FAILED, Task
 from zimage_tornado.errors import ApiError, envelope, invalid
 from zimage_tornado.metrics import CONTENT_TYPE
@@ -121,6 +121,19 @@ class BaseHandler(RequestHandler):
     def on_finish(self) -> None:
         self.gateway.active.discard(self)
 
+    def finish(self, chunk: Any = None) -> asyncio.Future[None]:
+        return self.within_write_timeout(super().finish(chunk))
+
+    def within_write_timeout(self, written: asyncio.Future[None]) -> asyncio.Future[None]:
+        """A client that stops reading would pin this connection, and the answer buffered for it,
+        for ever: past write_timeout the connection is closed."""
+        if not written.done():
+            stream = self.request.connection.stream  # type: ignore[union-attr]
+            timer = asyncio.get_running_loop().call_later(
+                self.gateway.settings.write_timeout, lambda: written.done() or stream.close())
+            written.add_done_callback(lambda _: timer.cancel())
+        return written
+
     # -- input ---------------------------------------------------------------------------------
 
     def json_body(self) -> Any:
@@ -184,6 +197,10 @@ class BaseHandler(RequestHandler):
         self.send(error.body(), error.status, error.headers)
 
     def log_exception(self, typ, value, tb) -> None:  # type: ignore[no-untyped-def]
+        if isinstance(value, StreamClosedError):
+            log.info("%s %s (task %s): the client went away", self.request.method, self.request.path,
+                     self.task_uuid or "-")
+            return
         if not isinstance(value, (ApiError, UpstreamError, TooManyWaiters, HTTPError)):
             log.error("%s %s (task %s): unexpected error", self.request.method, self.request.path,
                       self.task_uuid or "-", exc_info=(typ, value, tb))
@@ -222,6 +239,9 @@ class BaseHandler(RequestHandler):
             self._waiting = None
 
     def on_connection_close(self) -> None:
+        # super() fails the body future of a streamed request body: without it, a client that
+        # hangs up mid-body leaves this handler's coroutine pending for ever (a leak).
+        super().on_connection_close()
         self.gateway.active.discard(self)
         if self._waiting is not None:
             self._waiting.cancel()  # leave the task's polling loop at once
@@ -249,11 +269,11 @@ class BaseHandler(RequestHandler):
 
     async def event(self, data: Any) -> None:
         self.write("data: %s\n\n" % (data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)))
-        await self.flush()
+        await self.within_write_timeout(self.flush())
 
     async def keepalive(self) -> None:
         self.write(": waiting\n\n")  # an SSE comment: keeps idle-timeout proxies from cutting us
-        await self.flush()
+        await self.within_write_timeout(self.flush())
 
 
 class NotFoundHandler(BaseHandler):
@@ -334,7 +354,16 @@ class ReadinessHandler(BaseHandler):
             },
             "waiters": gateway.watcher.waiting,
             "polling_loops": gateway.watcher.active_polls,
+            "requests_in_flight": len(gateway.active) - 1,  # not counting this one
         }, 503 if gateway.shutting_down else 200)
+
+
+class OpenApiHandler(BaseHandler):
+    route = "/openapi.json"
+    open_during_shutdown = True
+
+    def get(self) -> None:
+        self.send(openapi.document())
 
 
 class MetricsHandler(BaseHandler):
@@ -519,6 +548,7 @@ ENDPOINTS = [
     ("GET", "/health", "Liveness: cheap, never calls the upstream"),
     ("GET", "/health/ready", "Readiness: 503 while shutting down; whether the upstream answered recently"),
     ("GET", "/metrics", "Prometheus metrics"),
+    ("GET", "/openapi.json", "The OpenAPI 3.1 description of these endpoints"),
     ("GET", "/playground", "A page to try it in a browser: prompt to pictures"),
     ("GET", "/", "This service description (browsers are sent to the playground)"),
 ]

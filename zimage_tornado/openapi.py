@@ -1,0 +1,291 @@
+"""The OpenAPI 3.1 description of every endpoint, served at GET /openapi.json.
+
+Kept by hand next to the code it describes; tests/test_openapi.py checks it is a valid OpenAPI 3.1
+document and that real answers of every endpoint match it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zimage_tornado import SERVICE_NAME, __version__
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": "#/components/schemas/%s" % name}
+
+
+def json_response(description: str, schema: dict[str, Any], headers: tuple[str, ...] = ()) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": schema}}}
+    if headers:
+        response["headers"] = {name: {"$ref": "#/components/headers/%s" % name} for name in headers}
+    return response
+
+
+def error(description: str, *headers: str) -> dict[str, Any]:
+    return json_response(description, ref("Error"), headers)
+
+
+COMMON_ERRORS = {
+    "401": error("Missing or wrong API key (only when api_keys are set)", "WWW-Authenticate"),
+    "503": error("The gateway is shutting down, or too many clients wait", "Retry-After"),
+}
+UPSTREAM_ERRORS = {
+    "429": error("The upstream is rate-limiting", "Retry-After"),
+    "502": error("The upstream failed, answered garbage, or could not be reached"),
+    "504": error("The upstream did not answer in time"),
+}
+ACCEPTED_ERRORS = {
+    "502": error("The task failed, or the upstream failed (x-should-retry: false once accepted)", "x-should-retry"),
+    "503": error("Shutting down or too many waiters (x-should-retry: false once accepted)",
+                 "Retry-After", "x-should-retry"),
+    "504": error("Still running when the wait ended (x-should-retry: false)", "x-should-retry"),
+}
+TASK_UUID = {"name": "uuid", "in": "path", "required": True,
+             "description": "A task uuid: 1 to 64 letters, digits or '-'", "schema": {"type": "string"}}
+IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False,
+                   "description": "The same key within idempotency_ttl returns the same task",
+                   "schema": {"type": "string", "minLength": 1, "maxLength": 255}}
+NULLABLE_STRING = {"type": ["string", "null"]}
+NUMBER_OR_NULL = {"type": ["number", "null"]}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "description": "OpenAI's error envelope; long-poll errors add uuid, status and details beside it",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type", "param", "code"],
+                "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                               "param": NULLABLE_STRING, "code": NULLABLE_STRING},
+            },
+            "uuid": {"type": "string"},
+            "status": {"type": "string"},
+            "reason": {"type": "string"},
+            "last_status": NULLABLE_STRING,
+            "progress": NUMBER_OR_NULL,
+            "upstream_error": {"type": "string"},
+            "task_info": {"type": "object"},
+        },
+    },
+    "GenerationParameters": {
+        "type": "object",
+        "properties": {
+            "prompt": {"type": "string", "minLength": 1},
+            "negative_prompt": {"type": "string"},
+            "batch_size": {"type": "integer", "minimum": 1},
+            "width": {"type": "integer"},
+            "height": {"type": "integer"},
+            "steps": {"type": "integer", "minimum": 1},
+            "cfg_scale": {"type": "number", "minimum": 0},
+        },
+    },
+    "ChatCompletionRequest": {
+        "type": "object",
+        "description": "Generation parameters are read from extra_body and from the top level; extra_body wins.",
+        "allOf": [ref("GenerationParameters")],
+        "properties": {
+            "model": {"type": "string"},
+            "messages": {"type": "array", "items": {"type": "object", "properties": {
+                "role": {"type": "string"},
+                "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}}}},
+            "extra_body": {"allOf": [ref("GenerationParameters")], "properties": {"wait": {"type": "boolean"}}},
+            "stream": {"type": "boolean"},
+            "wait": {"type": "boolean"},
+        },
+    },
+    "ChatCompletion": {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices", "usage"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^chatcmpl-"},
+            "object": {"const": "chat.completion"},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["index", "message", "finish_reason"],
+                "properties": {
+                    "index": {"type": "integer"},
+                    "message": {"type": "object", "required": ["role", "content"], "properties": {
+                        "role": {"const": "assistant"},
+                        "content": {"type": "string", "description": "The task uuid, or markdown images in wait mode"},
+                        "task_uuid": {"type": "string"}}},
+                    "finish_reason": {"const": "stop"}}}},
+            "usage": {"type": "object", "properties": {"prompt_tokens": {"type": "integer"},
+                                                        "completion_tokens": {"type": "integer"},
+                                                        "total_tokens": {"type": "integer"}}},
+        },
+    },
+    "ImagesRequest": {
+        "type": "object",
+        "required": ["prompt"],
+        "allOf": [ref("GenerationParameters")],
+        "properties": {
+            "model": {"type": "string"},
+            "n": {"type": "integer", "minimum": 1},
+            "size": {"type": "string", "description": "WIDTHxHEIGHT, or auto"},
+            "response_format": {"enum": ["url", "b64_json"]},
+        },
+    },
+    "ImagesResponse": {
+        "type": "object",
+        "required": ["created", "data"],
+        "properties": {
+            "created": {"type": "integer"},
+            "data": {"type": "array", "items": {"type": "object", "properties": {
+                "url": {"type": "string"}, "b64_json": {"type": "string"}},
+                "minProperties": 1}},
+        },
+    },
+    "Model": {
+        "type": "object",
+        "required": ["id", "object", "created", "owned_by"],
+        "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+                       "owned_by": {"type": "string"}},
+    },
+    "ModelList": {"type": "object", "required": ["object", "data"],
+                  "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": ref("Model")}}},
+    "ImagesReady": {
+        "type": "object",
+        "required": ["uuid", "status", "image_urls", "task_info"],
+        "properties": {"uuid": {"type": "string"}, "status": {"const": "completed"},
+                       "image_urls": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                       "task_info": {"type": "object"}},
+    },
+    "TaskRunning": {
+        "type": "object",
+        "required": ["uuid", "status"],
+        "properties": {"uuid": {"type": "string"}, "status": {"type": "string"}, "progress": NUMBER_OR_NULL,
+                       "queue_position": {"type": "integer"}, "task_info": {"type": "object"}},
+    },
+    "UpstreamTask": {
+        "type": "object",
+        "description": "The upstream's own answer, passed through unchanged",
+        "properties": {"success": {"type": "boolean"}, "data": {"type": "object"}},
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status", "service", "version", "timestamp"],
+        "properties": {"status": {"const": "ok"}, "service": {"type": "string"}, "version": {"type": "string"},
+                       "timestamp": {"type": "string"}, "pid": {"type": "integer"}},
+    },
+    "Readiness": {
+        "type": "object",
+        "required": ["status", "upstream", "waiters", "polling_loops"],
+        "properties": {
+            "status": {"enum": ["ready", "shutting_down"]},
+            "upstream": {"type": "object", "required": ["url", "answered_recently"], "properties": {
+                "url": {"type": "string"}, "answered_recently": {"type": "boolean"},
+                "last_answer_seconds_ago": NUMBER_OR_NULL,
+                "last_failure": {"type": ["object", "null"]}}},
+            "waiters": {"type": "integer"},
+            "polling_loops": {"type": "integer"},
+            "requests_in_flight": {"type": "integer"},
+        },
+    },
+    "Info": {
+        "type": "object",
+        "required": ["service", "version", "upstream", "endpoints"],
+        "properties": {"service": {"type": "string"}, "version": {"type": "string"}, "upstream": {"type": "string"},
+                       "demo": {"type": "boolean"}, "playground": {"type": "string"},
+                       "endpoints": {"type": "array", "items": {"type": "object"}}},
+    },
+}
+
+HEADERS = {
+    "Retry-After": {"description": "Seconds to wait before asking again", "schema": {"type": "string"}},
+    "WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}},
+    "x-should-retry": {"description": "false once the upstream has accepted the task: a retry would pay twice",
+                       "schema": {"type": "string"}},
+}
+
+
+def document() -> dict[str, Any]:
+    v1_errors = dict(COMMON_ERRORS)
+    submit_errors = {"400": error("Invalid input; param names it; nothing reached the upstream"),
+                     "413": error("The body is larger than max_body_bytes"),
+                     **v1_errors, **UPSTREAM_ERRORS}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": SERVICE_NAME, "version": __version__,
+                 "description": "OpenAI-compatible gateway for the Z-Image text-to-image service"},
+        "servers": [{"url": "/"}],
+        "components": {
+            "schemas": SCHEMAS,
+            "headers": HEADERS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "Only checked when api_keys are set"}},
+        },
+        "paths": {
+            "/v1/chat/completions": {"post": {
+                "summary": "Submit a generation task; content is the task uuid (or the pictures in wait mode)",
+                "security": [{"bearer": []}, {}],
+                "parameters": [IDEMPOTENCY_KEY],
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": ref("ChatCompletionRequest")}}},
+                "responses": {
+                    "200": {"description": "The chat completion, or with stream=true Server-Sent Events of "
+                                           "chat.completion.chunk objects ending with data: [DONE]",
+                            "content": {"application/json": {"schema": ref("ChatCompletion")},
+                                        "text/event-stream": {"schema": {"type": "string"}}}},
+                    **submit_errors, **ACCEPTED_ERRORS},
+            }},
+            "/v1/images/generations": {"post": {
+                "summary": "OpenAI images.generate: submit, wait, answer URLs or b64_json",
+                "security": [{"bearer": []}, {}],
+                "parameters": [IDEMPOTENCY_KEY],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": ref("ImagesRequest")}}},
+                "responses": {"200": json_response("The pictures", ref("ImagesResponse")),
+                              **submit_errors, **ACCEPTED_ERRORS},
+            }},
+            "/v1/models": {"get": {
+                "summary": "The models served", "security": [{"bearer": []}, {}],
+                "responses": {"200": json_response("The list", ref("ModelList")), **v1_errors}}},
+            "/v1/models/{model}": {"get": {
+                "summary": "One model", "security": [{"bearer": []}, {}],
+                "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": json_response("The model", ref("Model")),
+                              "404": error("Unknown model"), **v1_errors}}},
+            "/v1/tasks/{uuid}": {"get": {
+                "summary": "The upstream task, as the upstream reports it", "security": [{"bearer": []}, {}],
+                "parameters": [TASK_UUID],
+                "responses": {"200": json_response("The upstream's answer", ref("UpstreamTask")),
+                              "400": error("Malformed uuid"), "404": error("Unknown task"),
+                              **v1_errors, **UPSTREAM_ERRORS}}},
+            "/v1/images/{uuid}": {"get": {
+                "summary": "Long-poll until the task's pictures are ready", "security": [{"bearer": []}, {}],
+                "parameters": [
+                    TASK_UUID,
+                    {"name": "timeout", "in": "query", "required": False, "schema": {"type": "number", "minimum": 0},
+                     "description": "Wait at most this many seconds (capped by the server's budget)"},
+                    {"name": "wait", "in": "query", "required": False, "schema": {"type": "boolean"},
+                     "description": "false: answer at once"},
+                ],
+                "responses": {
+                    "200": json_response("Completed", ref("ImagesReady")),
+                    "202": json_response("Still running (wait=false), or the server is shutting down",
+                                         ref("TaskRunning"), ("Retry-After",)),
+                    "400": error("Malformed uuid or query"),
+                    "404": error("Unknown task"),
+                    "502": error("The task failed, or the wait ended while the upstream was failing"),
+                    "503": error("Too many waiting clients", "Retry-After"),
+                    "504": error("Still running when the wait ended"),
+                    "401": COMMON_ERRORS["401"], "429": UPSTREAM_ERRORS["429"]}}},
+            "/health": {"get": {"summary": "Liveness", "responses": {"200": json_response("Alive", ref("Health"))}}},
+            "/health/ready": {"get": {"summary": "Readiness", "responses": {
+                "200": json_response("Ready", ref("Readiness")),
+                "503": json_response("Shutting down", ref("Readiness"))}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
+                "200": {"description": "Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "401": COMMON_ERRORS["401"]}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {
+                "200": json_response("OpenAPI 3.1", {"type": "object"})}}},
+            "/playground": {"get": {"summary": "A page to try the gateway in a browser", "responses": {
+                "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+            "/": {"get": {"summary": "Service description (browsers are redirected to /playground)", "responses": {
+                "200": json_response("The service", ref("Info")),
+                "302": {"description": "To /playground, for a browser"}}}},
+        },
+    }
