@@ -9,8 +9,6 @@ import time
 
 import pytest
 
-from test_service_process import gateways  # noqa: F401 - the fixture
-
 PIPELINE = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 300
 
 
@@ -74,7 +72,7 @@ async def drained(gateway, timeout=5.0):
 
 
 @pytest.mark.gen_test(timeout=90)
-async def test_hostile_clients_do_not_hurt_normal_ones_or_leak(gateways):  # noqa: F811
+async def test_hostile_clients_do_not_hurt_normal_ones_or_leak(gateways):
     gateway = gateways("--write-timeout=0.3", "--idle-timeout=1", "--body-timeout=1", "--max-body-bytes=100000",
                        "--log-level=warning")
     await gateway.started()

@@ -13,72 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from tornado.httpclient import AsyncHTTPClient
-from tornado.testing import bind_unused_port
-
 from zimage_tornado.sdnotify import Notifier
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class Gateway:
-    """A `python -m zimage_tornado` process on a free port; its stderr goes to a file."""
-
-    def __init__(self, tmp_path, fake_url, *args, env=None):
-        sock, self.port = bind_unused_port()
-        sock.close()
-        self.url = "http://127.0.0.1:%d" % self.port
-        self.log_path = tmp_path / ("gateway-%d.log" % self.port)
-        environment = {**os.environ, "ZIMAGE_UPSTREAM_URL": fake_url, "ZIMAGE_POLL_INTERVAL": "0.1",
-                       **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "zimage_tornado", "--port=%d" % self.port, *args],
-                                     cwd=ROOT, env=environment, stderr=self.log_path.open("w"))
-        self.http = AsyncHTTPClient(force_instance=True, max_clients=200)
-
-    async def started(self, timeout=15.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc.poll() is None, self.log()
-            try:
-                return await self.http.fetch(self.url + "/health", request_timeout=2)
-            except OSError:
-                assert time.monotonic() < deadline, "the gateway did not start"
-                await asyncio.sleep(0.05)
-
-    async def fetch(self, path, **kw):
-        return await self.http.fetch(self.url + path, raise_error=False, request_timeout=30, **kw)
-
-    async def stopped(self, signum=signal.SIGTERM, timeout=20.0):
-        if signum is not None:
-            self.proc.send_signal(signum)
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None:
-            assert time.monotonic() < deadline, "the gateway did not stop"
-            await asyncio.sleep(0.05)
-        self.http.close()
-        return self.proc.returncode
-
-    def log(self):
-        return self.log_path.read_text()
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def gateways(tmp_path, fake_url):
-    started = []
-
-    def start(*args, env=None):
-        gateway = Gateway(tmp_path, fake_url, *args, env=env)
-        started.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in started:
-        gateway.kill()
 
 
 @pytest.mark.gen_test(timeout=60)

@@ -16,6 +16,13 @@ from zimage_tornado.errors import ApiError, invalid
 from zimage_tornado.validation import Limits
 
 
+# Chat front-ends (Open WebUI and its kin) send their housekeeping prompts (titles, tags,
+# follow-ups) to the chat model itself; in wait mode these must not become image jobs.
+BACKGROUND_PREFIX = "### Task:"
+BACKGROUND_REPLY = '{"title": "Image generation", "tags": ["image"], "follow_ups": []}'
+MODEL_IDS = ("zimage-turbo", "zimage-base")
+
+
 class ModelTable:
     """OpenAI model name -> upstream model name: explicit aliases first, then the spec's rule
     ("turbo" when the name contains "turbo", in any case, else "base")."""
@@ -32,13 +39,6 @@ class ModelTable:
         if alias is not None:
             return alias
         return "turbo" if "turbo" in name.lower() else "base"
-
-
-# Chat front-ends (Open WebUI and its kin) send their housekeeping prompts (titles, tags,
-# follow-ups) to the chat model itself; in wait mode these must not become image jobs.
-BACKGROUND_PREFIX = "### Task:"
-BACKGROUND_REPLY = '{"title": "Image generation", "tags": ["image"], "follow_ups": []}'
-MODEL_IDS = ("zimage-turbo", "zimage-base")
 
 
 @dataclass(frozen=True)
