@@ -8,6 +8,7 @@ Precedence, lowest first: defaults, config file, environment, command line.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 from dataclasses import dataclass, field
@@ -91,12 +92,12 @@ class Settings:
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError("log_level must be debug, info, warning or error")
 
-    @property
+    @functools.cached_property  # read on every request: computed once
     def limits(self) -> Limits:
         names = {f.name for f in dataclasses.fields(Limits)}
         return Limits(**{name: getattr(self, name) for name in names})
 
-    @property
+    @functools.cached_property  # read on every request: computed once
     def aliases(self) -> dict[str, str]:
         pairs = [item.strip() for item in self.model_aliases.split(",") if item.strip()]
         table = {}
@@ -107,7 +108,7 @@ class Settings:
             table[name] = target
         return table
 
-    @property
+    @functools.cached_property  # read on every request: computed once
     def proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         try:
             return tuple(ipaddress.ip_network(item.strip(), strict=False)
@@ -115,7 +116,7 @@ class Settings:
         except ValueError as e:
             raise ValueError("trusted_proxies: %s" % e) from None
 
-    @property
+    @functools.cached_property  # read on every request: computed once
     def origins(self) -> frozenset[str]:
         return frozenset(item.strip() for item in self.cors_origins.split(",") if item.strip())
 

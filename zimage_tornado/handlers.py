@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 import logging
 import math
@@ -36,6 +37,16 @@ log = logging.getLogger("zimage_tornado.handlers")
 
 PLAYGROUND_PAGE = (Path(__file__).parent / "static" / "playground.html").read_bytes()
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+REQUEST_ID_PREFIX = uuidlib.uuid4().hex[:16]
+REQUEST_COUNTER = itertools.count()
+
+
+def _new_request_id_prefix() -> None:
+    global REQUEST_ID_PREFIX
+    REQUEST_ID_PREFIX = uuidlib.uuid4().hex[:16]
+
+
+os.register_at_fork(after_in_child=_new_request_id_prefix)  # --processes workers must not share ids
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, Idempotency-Key, X-Request-ID"
 CORS_EXPOSE_HEADERS = "X-Request-ID, x-should-retry, Retry-After"
 
@@ -56,7 +67,8 @@ class BaseHandler(RequestHandler):
     @functools.cached_property
     def request_id(self) -> str:
         given = self.request.headers.get("X-Request-ID", "")
-        return given if REQUEST_ID_RE.fullmatch(given) else uuidlib.uuid4().hex
+        # Made up: unique, not secret, so a random per-process prefix and a counter (no syscall).
+        return given if REQUEST_ID_RE.fullmatch(given) else "%s%016x" % (REQUEST_ID_PREFIX, next(REQUEST_COUNTER))
 
     def set_default_headers(self) -> None:
         # Also called when an error clears the response: these survive into error answers.
@@ -81,7 +93,6 @@ class BaseHandler(RequestHandler):
         if length.isdigit() and int(length) > settings.max_body_bytes:
             self.body_too_large()
         if self.gateway.shutting_down and not self.open_during_shutdown:
-            self.set_header("Connection", "close")
             raise ApiError(503, "The gateway is shutting down; retry shortly", type="server_error",
                            code="shutting_down", headers={"Retry-After": self.retry_after, "Connection": "close"})
         if self.request.path.startswith("/v1/") or (self.route == "/metrics" and settings.metrics_require_key):
@@ -375,8 +386,8 @@ class ChatCompletionsHandler(BaseHandler):
         gateway = self.gateway
         request = openai_api.parse_chat_request(self.json_body(), gateway.settings.limits, gateway.models)
         wait = gateway.settings.chat_wait if request.wait is None else request.wait
-        self.completion = openai_api.completion_id(None)
         if wait and request.background:
+            self.completion = openai_api.completion_id(None)
             return await self.reply(request, openai_api.BACKGROUND_REPLY)  # no image job for it
         task = await self.submit(request.generation)
         self.completion = openai_api.completion_id(task.uuid)

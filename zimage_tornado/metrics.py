@@ -6,7 +6,7 @@ polling loops, cache hits, ...) is read when Prometheus scrapes, from the object
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -35,14 +35,25 @@ class Metrics:
                                           "Duration of calls to the Z-Image service, by kind", ["kind"],
                                           buckets=UPSTREAM_BUCKETS, registry=self.registry)
         self.registry.register(_EngineCollector(gateway))
+        self._children: dict[tuple[str, str, object], tuple[Any, Any]] = {}  # bounded: routes x methods x statuses
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:  # labels() is a locked lookup: do it once per label set
+            children = self._children[key] = (self.requests.labels(route, method, str(status)),
+                                              self.latency.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_upstream(self, kind: str, outcome: str, seconds: float) -> None:
-        self.upstream_calls.labels(kind, outcome).inc()
-        self.upstream_latency.labels(kind).observe(seconds)
+        key = ("upstream", kind, outcome)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (self.upstream_calls.labels(kind, outcome),
+                                              self.upstream_latency.labels(kind))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
