@@ -190,7 +190,6 @@ class TaskWatcher:
         self.counters["polls_started"] += 1
         try:
             while poll.waiters:
-                tick = loop.time()
                 try:
                     task = await self.read(poll.uuid)
                 except TaskNotFound as e:
@@ -215,10 +214,11 @@ class TaskWatcher:
                 self._ticked(poll)
                 if not poll.waiters:
                     break
-                # Ticks keep a steady cadence: the time the read took counts toward the interval.
-                delay = tick + max(self.interval, (poll.error and poll.error.retry_after) or 0) - loop.time()
+                # Counted from the answer, not from the request: however late a read reached the
+                # upstream, the next one comes at least one interval later (it may rate-limit).
+                delay = max(self.interval, (poll.error and poll.error.retry_after) or 0)
                 poll.wakeup = loop.create_future()
-                await asyncio.wait([poll.wakeup], timeout=max(0.0, delay))
+                await asyncio.wait([poll.wakeup], timeout=delay)
         except asyncio.CancelledError:
             self._settle(poll, INTERRUPTED, poll.error)
             raise
