@@ -81,7 +81,7 @@ def make_proxy(io_loop, fake_url) -> Callable[..., Proxy]:
     def start(**overrides: Any) -> Proxy:
         settings = Settings(**{"upstream_url": fake_url, **FAST, **overrides})
         app = make_app(settings)
-        server, port = serve(app, idle_connection_timeout=settings.idle_timeout, body_timeout=settings.body_timeout)
+        server, port = serve(app, idle_connection_timeout=settings.idle_timeout)
         proxy = Proxy("http://127.0.0.1:%d" % port, app.gateway, AsyncHTTPClient(force_instance=True, max_clients=500))
         started.append((server, proxy))
         return proxy

@@ -209,3 +209,11 @@ async def test_forwarded_client_address_only_from_trusted_proxies(make_proxy, ca
         await proxy.request("/health", headers={"X-Forwarded-For": "198.51.100.1, 203.0.113.7, 10.1.2.3"})
     line = [r.getMessage() for r in caplog.records if r.name == "zimage_tornado.access"][-1]
     assert "(%s)" % expected in line
+
+
+@pytest.mark.gen_test
+async def test_a_get_with_a_body_is_refused_rather_than_waited_for(proxy, fake):
+    response = await proxy.request("/v1/models", "GET", raw=b'{"x": 1}')
+    assert response.code == 400
+    assert json.loads(response.body)["error"]["code"] == "unexpected_body"
+    assert sum(fake.calls.values()) == 0

@@ -12,6 +12,7 @@ from tornado.web import Application
 from zimage_tornado import handlers
 from zimage_tornado.cache import ResultCache
 from zimage_tornado.config import Settings
+from zimage_tornado.deadlines import BodyDeadlines
 from zimage_tornado.domain import GenerationRequest, Task
 from zimage_tornado.idempotency import IdempotencyStore
 from zimage_tornado.metrics import Metrics
@@ -47,6 +48,7 @@ class Gateway:
         self.idempotency = IdempotencyStore(settings.idempotency_ttl, settings.cache_size)
         self.api_keys = settings.load_api_keys()
         self.shutting_down = False
+        self.bodies = BodyDeadlines(settings.body_timeout)
         self.active: set[Any] = set()  # handlers of requests being served, for a graceful stop
 
     async def submit(self, request: GenerationRequest, idempotency_key: str | None = None) -> Task:

@@ -75,9 +75,9 @@ async def serve(settings: Settings, sockets: list, notifier: Notifier) -> int:
         settings = await start_demo_upstream(settings)
     app = make_app(settings)
     gateway: Gateway = app.gateway  # type: ignore[attr-defined]
-    # idle_connection_timeout also bounds how long a client may take to send its headers, and
-    # body_timeout its body: a slow-loris client cannot hold a connection forever.
-    server = HTTPServer(app, idle_connection_timeout=settings.idle_timeout, body_timeout=settings.body_timeout)
+    # idle_connection_timeout also bounds how long a client may take to send its headers (and
+    # gateway.bodies its body): a slow-loris client cannot hold a connection forever.
+    server = HTTPServer(app, idle_connection_timeout=settings.idle_timeout)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
     log.info("zimage-tornado %s listening on http://%s:%d, upstream %s; playground at /playground",

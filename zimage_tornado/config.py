@@ -74,10 +74,11 @@ class Settings:
         self.proxy_networks  # parses, or raises ValueError
         if self.processes < 0 or self.log_format not in ("text", "json"):
             raise ValueError("processes must be 0 or more, log_format text or json")
-        positive = ("port", "backlog", "idempotency_ttl", "max_image_bytes", "shutdown_timeout", "idle_timeout",
-                    "body_timeout", "write_timeout", "max_body_bytes", "demo_seconds", "upstream_timeout", "upstream_connect_timeout", "upstream_max_clients",
-                    "poll_interval", "max_attempts", "max_waiters", "cache_ttl", "max_batch_size",
-                    "min_size", "size_multiple", "max_steps", "max_prompt_length")
+        positive = ("port", "backlog", "upstream_timeout", "upstream_connect_timeout", "upstream_max_clients",
+                    "poll_interval", "max_attempts", "max_waiters", "cache_ttl", "max_batch_size", "min_size",
+                    "size_multiple", "max_steps", "max_prompt_length", "idempotency_ttl", "max_image_bytes",
+                    "shutdown_timeout", "idle_timeout", "body_timeout", "write_timeout", "max_body_bytes",
+                    "demo_seconds")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError("%s must be positive" % name)

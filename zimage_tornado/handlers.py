@@ -92,6 +92,12 @@ class BaseHandler(RequestHandler):
         length = self.request.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > settings.max_body_bytes:
             self.body_too_large()
+        chunked = "chunked" in self.request.headers.get("Transfer-Encoding", "").lower()
+        if chunked or (length.isdigit() and int(length) > 0):
+            if self.request.method != "POST":  # no GET of ours takes a body: do not wait for one
+                raise ApiError(400, "%s requests take no body" % self.request.method, code="unexpected_body",
+                               headers={"Connection": "close"})
+            self.gateway.bodies.expect(self, self.body_too_slow)
         if self.gateway.shutting_down and not self.open_during_shutdown:
             raise ApiError(503, "The gateway is shutting down; retry shortly", type="server_error",
                            code="shutting_down", headers={"Retry-After": self.retry_after, "Connection": "close"})
@@ -109,6 +115,14 @@ class BaseHandler(RequestHandler):
         self._body_size += len(chunk)
         if self._body_size <= self.gateway.settings.max_body_bytes:
             self._body.append(chunk)
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit() and self._body_size >= int(length):
+            self.gateway.bodies.received(self)
+
+    def body_too_slow(self) -> None:
+        log.info("%s %s: the body did not arrive within body_timeout; closing the connection",
+                 self.request.method, self.request.path)
+        self.request.connection.stream.close()  # type: ignore[union-attr]
 
     def body_too_large(self) -> None:
         raise ApiError(413, "The request body is larger than %d bytes" % self.gateway.settings.max_body_bytes,
@@ -124,6 +138,7 @@ class BaseHandler(RequestHandler):
 
     def on_finish(self) -> None:
         self.gateway.active.discard(self)
+        self.gateway.bodies.received(self)
 
     def finish(self, chunk: Any = None) -> asyncio.Future[None]:
         return self.within_write_timeout(super().finish(chunk))
@@ -141,6 +156,7 @@ class BaseHandler(RequestHandler):
     # -- input ---------------------------------------------------------------------------------
 
     def json_body(self) -> Any:
+        self.gateway.bodies.received(self)  # the method runs once the whole body is in
         if self._body_size > self.gateway.settings.max_body_bytes:
             self.body_too_large()
         body = b"".join(self._body)
@@ -247,6 +263,7 @@ class BaseHandler(RequestHandler):
         # hangs up mid-body leaves this handler's coroutine pending for ever (a leak).
         super().on_connection_close()
         self.gateway.active.discard(self)
+        self.gateway.bodies.received(self)
         if self._waiting is not None:
             self._waiting.cancel()  # leave the task's polling loop at once
 
