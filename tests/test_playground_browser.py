@@ -44,7 +44,7 @@ def start_gateway(tmp_path, *args):
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     for path in (CHROMIUM, CHROMEDRIVER):
-        assert os.path.exists(path), "%s is missing: install Debian's chromium and chromium-driver (.ci/run does)" % path
+        assert os.path.exists(path), "%s is missing: install Debian's chromium and chromium-driver (.ci/system-packages does)" % path
     options = Options()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",

@@ -129,7 +129,7 @@ async def test_json_logs_carry_the_request_id(gateways):
 
 def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
     analyze = shutil.which("systemd-analyze")
-    assert analyze, "systemd-analyze is missing: install Debian's systemd package (.ci/run does)"
+    assert analyze, "systemd-analyze is missing: install Debian's systemd package (.ci/system-packages does)"
     unit = (ROOT / "deploy" / "zimage-tornado.service").read_text()
     for line in ("Type=notify", "Restart=on-failure", "WatchdogSec=", "EnvironmentFile=", "DynamicUser=yes",
                  "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes"):
