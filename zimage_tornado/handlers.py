@@ -289,11 +289,13 @@ class BaseHandler(RequestHandler):
         self.set_header("X-Accel-Buffering", "no")  # nginx: pass events on as they come
 
     async def event(self, data: Any) -> None:
-        self.write("data: %s\n\n" % (data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)))
-        await self.within_write_timeout(self.flush())
+        await self._emit("data: %s\n\n" % (data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)))
 
     async def keepalive(self) -> None:
-        self.write(": waiting\n\n")  # an SSE comment: keeps idle-timeout proxies from cutting us
+        await self._emit(": waiting\n\n")  # an SSE comment: keeps idle-timeout proxies from cutting us
+
+    async def _emit(self, text: str) -> None:
+        self.write(text)
         await self.within_write_timeout(self.flush())
 
 
@@ -429,12 +431,13 @@ class ChatCompletionsHandler(BaseHandler):
         """Wait mode, streamed: progress lines while the task runs, then the pictures."""
         self.start_stream()
         await self.event(self.chunk(request, {"role": "assistant", "content": ""}))
-        last: list[Any] = [None]
+        last = None  # the state last reported
 
         async def report(task: Task | None) -> None:
+            nonlocal last
             state = task and (task.status, task.progress, task.queue_position)
-            if task is not None and state != last[0]:
-                last[0] = state
+            if task is not None and state != last:
+                last = state
                 await self.event(self.chunk(request, {"content": openai_api.progress_line(task)}))
             else:
                 await self.keepalive()
@@ -453,7 +456,7 @@ class ChatCompletionsHandler(BaseHandler):
             self.log_error(error)
             await self.event({"error": envelope(error.message, error.type, error.param, error.code)})
             return await self.finish_stream(request, chunk=False)
-        separator = "\n" if last[0] is not None else ""
+        separator = "\n" if last is not None else ""
         await self.event(self.chunk(request, {"content": separator + openai_api.markdown_images(done.image_urls)}))
         await self.finish_stream(request)
 

@@ -38,20 +38,18 @@ class Metrics:
         self._children: dict[tuple[str, str, object], tuple[Any, Any]] = {}  # bounded: routes x methods x statuses
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        key = (route, method, status)
-        children = self._children.get(key)
-        if children is None:  # labels() is a locked lookup: do it once per label set
-            children = self._children[key] = (self.requests.labels(route, method, str(status)),
-                                              self.latency.labels(route))
-        children[0].inc()
-        children[1].observe(seconds)
+        self._observe((route, method, status), self.requests, (route, method, str(status)),
+                      self.latency, (route,), seconds)
 
     def observe_upstream(self, kind: str, outcome: str, seconds: float) -> None:
-        key = ("upstream", kind, outcome)
+        self._observe(("upstream", kind, outcome), self.upstream_calls, (kind, outcome),
+                      self.upstream_latency, (kind,), seconds)
+
+    def _observe(self, key: tuple[str, str, object], counter: Counter, counter_labels: tuple[str, ...],
+                 histogram: Histogram, histogram_labels: tuple[str, ...], seconds: float) -> None:
         children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = (self.upstream_calls.labels(kind, outcome),
-                                              self.upstream_latency.labels(kind))
+        if children is None:  # labels() is a locked lookup: do it once per label set
+            children = self._children[key] = (counter.labels(*counter_labels), histogram.labels(*histogram_labels))
         children[0].inc()
         children[1].observe(seconds)
 

@@ -190,6 +190,9 @@ class TaskWatcher:
         self.counters["polls_started"] += 1
         try:
             while poll.waiters:
+                # Counted from the answer, not from the request: however late a read reached the
+                # upstream, the next one comes at least one interval later (it may rate-limit).
+                delay = self.interval
                 try:
                     task = await self.read(poll.uuid)
                 except TaskNotFound as e:
@@ -202,8 +205,9 @@ class TaskWatcher:
                         log.warning("task %s: the upstream refused a status read: %s", poll.uuid, e)
                         self._settle(poll, UPSTREAM_ERROR, e)
                         return
+                    delay = max(delay, e.retry_after or 0)
                     log.warning("task %s: status read failed (%s: %s); retrying in %.2fs",
-                                poll.uuid, e.code, e, max(self.interval, e.retry_after or 0))
+                                poll.uuid, e.code, e, delay)
                 else:
                     if poll.task is None or poll.task.status != task.status:
                         log.info("task %s is %s", poll.uuid, task.status)
@@ -214,9 +218,6 @@ class TaskWatcher:
                 self._ticked(poll)
                 if not poll.waiters:
                     break
-                # Counted from the answer, not from the request: however late a read reached the
-                # upstream, the next one comes at least one interval later (it may rate-limit).
-                delay = max(self.interval, (poll.error and poll.error.retry_after) or 0)
                 poll.wakeup = loop.create_future()
                 await asyncio.wait([poll.wakeup], timeout=delay)
         except asyncio.CancelledError:
