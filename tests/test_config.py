@@ -61,6 +61,7 @@ def test_config_file_from_the_environment(tmp_path):
     (["z", "--config=/nonexistent/zimage.conf"], {}),
     (["z", "--model-aliases=dall-e-3"], {}),
     (["z", "--upstream-client=requests"], {}),
+    (["z", "--upstream-ca-certs=/nonexistent/ca.pem"], {}),
 ])
 def test_bad_settings_are_refused_with_a_message(argv, env):
     with pytest.raises(ValueError):

@@ -88,6 +88,9 @@ class Settings:
             raise ValueError("min_size must not exceed max_size")
         if not self.upstream_url.startswith(("http://", "https://")):
             raise ValueError("upstream_url must be an http:// or https:// URL")
+        if self.upstream_ca_certs and not os.path.isfile(self.upstream_ca_certs):
+            # A typo here must not quietly fall back to the system's CAs.
+            raise ValueError("upstream_ca_certs: no such file: %s" % self.upstream_ca_certs)
         if self.upstream_client not in ("curl", "simple"):
             raise ValueError("upstream_client must be curl or simple")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -36,13 +36,14 @@ def make_http_client(kind: str, *, max_clients: int, connect_timeout: float, req
 
     "curl" (the default) keeps connections to the upstream alive and parses in C: measured at
     about twice the submit throughput of "simple", Tornado's pure-Python client."""
-    ca_certs = ca_certs or ssl.get_default_verify_paths().cafile or ""
     defaults: dict[str, Any] = {
         "connect_timeout": connect_timeout,  # the upstream host is down or unreachable
         "request_timeout": request_timeout,  # the whole call, queueing for a slot included
     }
-    if ca_certs and os.path.exists(ca_certs):
-        defaults["ca_certs"] = ca_certs  # given explicitly: pycurl's bundled libcurl has no default
+    system = ssl.get_default_verify_paths().cafile
+    if ca_certs or (system and os.path.exists(system)):
+        # Named explicitly: pycurl's bundled libcurl has no default bundle of its own.
+        defaults["ca_certs"] = ca_certs or system
     if kind == "curl":
         from tornado.curl_httpclient import CurlAsyncHTTPClient
 
