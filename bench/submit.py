@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 
-import os
-
-from common import (Connection, cpu_split, fake_upstream, free_port, percentile, proxy, raise_fd_limit, started,
-                    table)
+from common import Connection, cpu_split, fake_upstream, free_port, percentile, proxy, raise_fd_limit, started, table
 
 UPSTREAM_BODY = {"prompt": "a red bicycle", "negative_prompt": "", "model": "turbo", "batch_size": 1,
                  "width": 1024, "height": 1024, "steps": 8, "cfg_scale": 7}

@@ -3,13 +3,11 @@ both listen on free 127.0.0.1 ports inside the test's IOLoop."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -19,9 +17,11 @@ from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
-from zimage_tornado.app import Gateway, make_app
+from helpers import eventually
+from zimage_tornado.app import make_app
 from zimage_tornado.config import Settings
 from zimage_tornado.fake_upstream import FakeZImage
+from zimage_tornado.gateway import Gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,14 +113,13 @@ class GatewayProcess:
         self.http = AsyncHTTPClient(force_instance=True, max_clients=200)
 
     async def started(self, timeout=15.0):
-        deadline = time.monotonic() + timeout
-        while True:
+        async def health():
             assert self.proc.poll() is None, self.log()
             try:
                 return await self.http.fetch(self.url + "/health", request_timeout=2)
             except OSError:
-                assert time.monotonic() < deadline, "the gateway did not start"
-                await asyncio.sleep(0.05)
+                return None
+        return await eventually(health, timeout, 0.05, "the gateway did not start")
 
     async def fetch(self, path, **kw):
         return await self.http.fetch(self.url + path, raise_error=False, request_timeout=30, **kw)
@@ -128,10 +127,7 @@ class GatewayProcess:
     async def stopped(self, signum=signal.SIGTERM, timeout=20.0):
         if signum is not None:
             self.proc.send_signal(signum)
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None:
-            assert time.monotonic() < deadline, "the gateway did not stop"
-            await asyncio.sleep(0.05)
+        await eventually(lambda: self.proc.poll() is not None, timeout, 0.05, "the gateway did not stop")
         self.http.close()
         return self.proc.returncode
 

@@ -6,9 +6,9 @@ import re
 
 import openai
 import pytest
-from tornado.tcpclient import TCPClient
 
-from test_engine import wait_until
+from helpers import connect
+from helpers import eventually as wait_until
 
 MESSAGES = [{"role": "user", "content": "a castle in the clouds"}]
 TITLE_PROMPT = ("### Task:\nGenerate a concise, 3-5 word title with an emoji summarizing the chat history.\n"
@@ -97,8 +97,7 @@ async def test_stream_in_wait_mode_reports_progress_then_pictures(proxy, fake):
 
 
 async def raw_stream(proxy, body):
-    port = int(proxy.url.rsplit(":", 1)[1])
-    stream = await TCPClient().connect("127.0.0.1", port)
+    stream = await connect(proxy.url)
     payload = json.dumps(body).encode()
     await stream.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))

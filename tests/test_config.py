@@ -1,17 +1,11 @@
 """Settings from flags, a config file and ZIMAGE_* variables; the command line itself."""
 
-import asyncio
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from tornado.httpclient import AsyncHTTPClient
-from tornado.testing import bind_unused_port
 
 from zimage_tornado.config import Settings, load_settings
 
@@ -89,36 +83,19 @@ def test_console_script_is_installed():
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_module_starts_serves_logs_and_stops_on_sigterm(fake_url, fake):
-    sock, port = bind_unused_port()
-    sock.close()
-    env = {**os.environ, "ZIMAGE_UPSTREAM_URL": fake_url, "ZIMAGE_POLL_INTERVAL": "0.05"}
-    proc = subprocess.Popen([sys.executable, "-m", "zimage_tornado", "--port=%d" % port], cwd=ROOT, env=env,
-                            stderr=subprocess.PIPE, text=True)
-    http = AsyncHTTPClient(force_instance=True)
-    try:
-        url = "http://127.0.0.1:%d" % port
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                health = await http.fetch(url + "/health")
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "server did not start"
-                await asyncio.sleep(0.1)
-        assert health.code == 200
-        submit = await http.fetch(url + "/v1/chat/completions", method="POST",
-                                  body='{"model": "zimage-turbo", "prompt": "a fox"}')
-        assert b"chatcmpl-" in submit.body
-        task_uuid = json.loads(submit.body)["choices"][0]["message"]["content"]
-        images = await http.fetch(url + "/v1/images/" + task_uuid)
-        assert images.code == 200
-    finally:
-        http.close()
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=15)
-    assert proc.returncode == 0
-    assert "listening on http://127.0.0.1:%d" % port in stderr
+async def test_module_starts_serves_logs_and_stops_on_sigterm(gateways, fake):
+    gateway = gateways(env={"ZIMAGE_POLL_INTERVAL": "0.05"})
+    health = await gateway.started()
+    assert health.code == 200
+    submit = await gateway.fetch("/v1/chat/completions", method="POST",
+                                 body='{"model": "zimage-turbo", "prompt": "a fox"}')
+    assert b"chatcmpl-" in submit.body
+    task_uuid = json.loads(submit.body)["choices"][0]["message"]["content"]
+    images = await gateway.fetch("/v1/images/" + task_uuid)
+    assert images.code == 200
+    assert await gateway.stopped() == 0
+    stderr = gateway.log()
+    assert "listening on http://127.0.0.1:%d" % gateway.port in stderr
     assert "submitting task" in stderr and "task %s submitted" % task_uuid in stderr
     assert "task %s is completed" % task_uuid in stderr
     assert "Traceback" not in stderr

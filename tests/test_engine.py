@@ -5,22 +5,15 @@ import json
 import time
 
 import pytest
-from tornado.tcpclient import TCPClient
 
+from helpers import connect
+from helpers import eventually as wait_until
 from zimage_tornado.cache import ResultCache
-
-
-async def wait_until(predicate, timeout=3.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def open_wait(proxy, task_uuid):
     """A raw client that starts a long-poll; close() the stream to hang up mid-wait."""
-    port = int(proxy.url.rsplit(":", 1)[1])
-    stream = await TCPClient().connect("127.0.0.1", port)
+    stream = await connect(proxy.url)
     await stream.write(b"GET /v1/images/%s HTTP/1.1\r\nHost: x\r\n\r\n" % task_uuid.encode())
     return stream
 

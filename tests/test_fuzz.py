@@ -12,10 +12,10 @@ import threading
 from urllib.parse import quote
 
 import pytest
+from conftest import serve
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import serve
 from zimage_tornado.app import make_app
 from zimage_tornado.config import Settings
 from zimage_tornado.fake_upstream import FakeZImage

@@ -5,7 +5,8 @@ import time
 
 import pytest
 from tornado.iostream import IOStream
-from tornado.tcpclient import TCPClient
+
+from helpers import connect
 
 
 @pytest.mark.gen_test
@@ -28,8 +29,7 @@ async def test_raw_http_client_waits_on_one_connection(proxy, fake):
     """What `curl http://host/v1/images/<uuid>` does: one request, one answer when ready."""
     fake.reads_to_complete = 4
     task_uuid = await proxy.submit()
-    port = int(proxy.url.rsplit(":", 1)[1])
-    stream: IOStream = await TCPClient().connect("127.0.0.1", port)
+    stream: IOStream = await connect(proxy.url)
     await stream.write(b"GET /v1/images/%s HTTP/1.1\r\nHost: localhost\r\nUser-Agent: curl/8\r\n"
                        b"Accept: */*\r\nConnection: close\r\n\r\n" % task_uuid.encode())
     raw = await stream.read_until_close()
@@ -74,19 +74,25 @@ async def test_failed_task_is_502_with_the_upstream_reason(proxy, fake):
     assert body["error"]["code"] == "task_failed"
 
 
-@pytest.mark.gen_test
-async def test_budget_spent_is_504_with_last_status_and_progress(make_proxy, fake):
+async def wait_on_a_task_that_never_finishes(make_proxy, fake, query="", **settings):
+    """(status, body, seconds waited, task uuid) of a long-poll on a task that never finishes."""
     fake.outcome = "never"
-    proxy = make_proxy(poll_interval=0.05, max_attempts=4)
+    proxy = make_proxy(poll_interval=0.05, **settings)
     task_uuid = await proxy.submit()
     started = time.monotonic()
-    code, body = await proxy.json("/v1/images/%s" % task_uuid)
+    code, body = await proxy.json("/v1/images/%s%s" % (task_uuid, query))
+    return code, body, time.monotonic() - started, task_uuid
+
+
+@pytest.mark.gen_test
+async def test_budget_spent_is_504_with_last_status_and_progress(make_proxy, fake):
+    code, body, waited, task_uuid = await wait_on_a_task_that_never_finishes(make_proxy, fake, max_attempts=4)
     assert code == 504
     assert body["status"] == "timeout"
     assert body["last_status"] == "processing"
     assert isinstance(body["progress"], int)
     assert body["error"]["code"] == "timeout"
-    assert 0.15 <= time.monotonic() - started < 2
+    assert 0.15 <= waited < 2
     assert 4 <= fake.task_reads[task_uuid] <= 5  # checked at once, then every interval
 
 
@@ -125,13 +131,9 @@ async def test_wait_false_answers_at_once_with_202(make_proxy, fake):
 
 @pytest.mark.gen_test
 async def test_timeout_query_caps_the_wait(make_proxy, fake):
-    fake.outcome = "never"
-    proxy = make_proxy(poll_interval=0.05, max_attempts=1000)
-    task_uuid = await proxy.submit()
-    started = time.monotonic()
-    code, body = await proxy.json("/v1/images/%s?timeout=0.3" % task_uuid)
+    code, _, waited, _ = await wait_on_a_task_that_never_finishes(make_proxy, fake, "?timeout=0.3", max_attempts=1000)
     assert code == 504
-    assert 0.25 <= time.monotonic() - started < 2
+    assert 0.25 <= waited < 2
 
 
 @pytest.mark.gen_test

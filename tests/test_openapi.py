@@ -104,3 +104,13 @@ async def test_real_answers_match_the_document(make_proxy, fake):
     contract.check("/v1/models", "GET", response)
     assert {template for template, _, _ in SEEN} == set(contract.document["paths"])  # every path exercised
     assert len(SEEN) >= 30
+
+
+@pytest.mark.gen_test
+async def test_the_document_names_every_route_and_no_other(proxy):
+    from zimage_tornado.web.routes import ENDPOINTS
+    document = json.loads((await proxy.request("/openapi.json")).body)
+    documented = {(method.upper(), path) for path, operations in document["paths"].items() for method in operations}
+    assert documented == {(method, path) for method, path, _ in ENDPOINTS}
+    for method, path, description in ENDPOINTS:
+        assert document["paths"][path][method.lower()]["summary"] == description

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 from tornado.testing import bind_unused_port
+
+from helpers import wait_listening
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "artifacts" / "playground.png"
@@ -28,23 +29,15 @@ def start_gateway(tmp_path, *args):
     log = (tmp_path / ("gateway-%d.log" % port)).open("w")
     proc = subprocess.Popen([sys.executable, "-m", "zimage_tornado", "--port=%d" % port, *args],
                             cwd=ROOT, stderr=log, env={**os.environ, "ZIMAGE_LOG_LEVEL": "warning"})
-    deadline = time.monotonic() + 20
-    import socket
-    while True:
-        assert proc.poll() is None, "the gateway exited"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "the gateway did not start"
-            time.sleep(0.05)
+    wait_listening(port, proc)
     return proc, "http://127.0.0.1:%d" % port
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     for path in (CHROMIUM, CHROMEDRIVER):
-        assert os.path.exists(path), "%s is missing: install Debian's chromium and chromium-driver (.ci/system-packages does)" % path
+        assert os.path.exists(path), ("%s is missing: install Debian's chromium and chromium-driver "
+                                      "(.ci/system-packages does)" % path)
     options = Options()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -91,7 +84,8 @@ def generate(driver, timeout=30):
     driver.find_element(By.ID, "submit").click()
     # done when the button is back (the page disables it while it works)
     WebDriverWait(driver, timeout).until(
-        lambda d: d.find_element(By.ID, "submit").is_enabled() and d.find_element(By.ID, "status").text != "Submitting…")
+        lambda d: d.find_element(By.ID, "submit").is_enabled()
+        and d.find_element(By.ID, "status").text != "Submitting…")
 
 
 def loaded_images(driver):

@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 from zimage_tornado.config import Settings
-from zimage_tornado.handlers import ENDPOINTS
+from zimage_tornado.web.routes import ENDPOINTS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

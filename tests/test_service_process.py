@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from helpers import eventually
 from zimage_tornado.sdnotify import Notifier
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,14 +67,15 @@ async def test_sd_notify_ready_status_watchdog_and_stopping(gateways, tmp_path):
     gateway = gateways(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "300000"})
     messages: list[str] = []
 
+    def received(predicate):
+        try:
+            messages.append(listener.recv(4096).decode())
+        except BlockingIOError:
+            pass
+        return predicate()
+
     async def until(predicate, timeout=15.0):
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            assert time.monotonic() < deadline, messages
-            try:
-                messages.append(listener.recv(4096).decode())
-            except BlockingIOError:
-                await asyncio.sleep(0.02)
+        await eventually(lambda: received(predicate), timeout, 0.02, lambda: str(messages))
 
     await until(lambda: any("READY=1" in m for m in messages))
     # READY is sent only once the socket listens

@@ -1,14 +1,16 @@
 """OpenAI request -> GenerationRequest, without a server."""
 
+import dataclasses
 import math
 
 import pytest
 
+from zimage_tornado.config import Settings
 from zimage_tornado.errors import ApiError
 from zimage_tornado.openai_api import ModelTable, chat_completion, parse_chat_request
-from zimage_tornado.validation import Limits, task_id, wait_budget
+from zimage_tornado.validation import task_id, wait_budget
 
-LIMITS = Limits()
+LIMITS = Settings().limits
 MODELS = ModelTable()
 
 
@@ -108,7 +110,8 @@ def test_bad_input_names_the_param(body, param):
 
 
 def test_limits_are_configurable():
-    request = parse_chat_request({"model": "m", "prompt": "x", "batch_size": 8}, Limits(max_batch_size=8), MODELS)
+    limits = dataclasses.replace(LIMITS, max_batch_size=8)
+    request = parse_chat_request({"model": "m", "prompt": "x", "batch_size": 8}, limits, MODELS)
     assert request.generation.batch_size == 8
 
 

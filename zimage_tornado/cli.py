@@ -17,9 +17,10 @@ from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
 from zimage_tornado import __version__
-from zimage_tornado.app import Gateway, make_app
+from zimage_tornado.app import make_app
 from zimage_tornado.config import Settings, load_settings
 from zimage_tornado.fake_upstream import FakeZImage
+from zimage_tornado.gateway import Gateway
 from zimage_tornado.logs import setup_logging
 from zimage_tornado.sdnotify import Notifier
 
@@ -92,8 +93,9 @@ async def serve(settings: Settings, sockets: list, notifier: Notifier) -> int:
     if notifier.enabled:
         interval = notifier.watchdog_interval or 5.0
         fields = {"WATCHDOG": 1} if notifier.watchdog_interval else {}
-        heartbeat = PeriodicCallback(lambda: notifier.notify(**fields, STATUS=status_line(gateway)),
-                                     interval * 1000)
+        def beat() -> None:
+            notifier.notify(**fields, STATUS=status_line(gateway))
+        heartbeat = PeriodicCallback(beat, interval * 1000)
         heartbeat.start()
     await stopping.wait()
     for signum in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the graceful stop short

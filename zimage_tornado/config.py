@@ -70,8 +70,7 @@ class Settings:
     log_format: str = setting("text", "Log line format: text or json")
 
     def __post_init__(self) -> None:
-        self.aliases  # parses, or raises ValueError
-        self.proxy_networks  # parses, or raises ValueError
+        _ = self.aliases, self.proxy_networks  # parsed now: a bad value raises ValueError at start
         if self.processes < 0 or self.log_format not in ("text", "json"):
             raise ValueError("processes must be 0 or more, log_format text or json")
         positive = ("port", "backlog", "upstream_timeout", "upstream_connect_timeout", "upstream_max_clients",
@@ -96,12 +95,13 @@ class Settings:
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError("log_level must be debug, info, warning or error")
 
-    @functools.cached_property  # read on every request: computed once
+    # The derived values below are read on every request: each is computed once.
+    @functools.cached_property
     def limits(self) -> Limits:
         names = {f.name for f in dataclasses.fields(Limits)}
         return Limits(**{name: getattr(self, name) for name in names})
 
-    @functools.cached_property  # read on every request: computed once
+    @functools.cached_property
     def aliases(self) -> dict[str, str]:
         pairs = [item.strip() for item in self.model_aliases.split(",") if item.strip()]
         table = {}
@@ -112,7 +112,7 @@ class Settings:
             table[name] = target
         return table
 
-    @functools.cached_property  # read on every request: computed once
+    @functools.cached_property
     def proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         try:
             return tuple(ipaddress.ip_network(item.strip(), strict=False)
@@ -120,7 +120,7 @@ class Settings:
         except ValueError as e:
             raise ValueError("trusted_proxies: %s" % e) from None
 
-    @functools.cached_property  # read on every request: computed once
+    @functools.cached_property
     def origins(self) -> frozenset[str]:
         return frozenset(item.strip() for item in self.cors_origins.split(",") if item.strip())
 
@@ -134,6 +134,7 @@ class Settings:
 
     @property
     def wait_budget(self) -> float:
+        """A full wait: max_attempts status checks, one every poll_interval."""
         return self.poll_interval * self.max_attempts
 
 

@@ -118,7 +118,8 @@ class FakeZImage:
                 # monotonic clock readings, comparable across processes on one Linux machine
                 "task_uuids": list(self.tasks),
                 "completes_at": {u: t["completes_at"] for u, t in self.tasks.items() if t["completes_at"]},
-                "finished_seen_at": {u: t["finished_seen_at"] for u, t in self.tasks.items() if "finished_seen_at" in t}}
+                "finished_seen_at": {u: t["finished_seen_at"] for u, t in self.tasks.items()
+                                     if "finished_seen_at" in t}}
 
     # -- task state ---------------------------------------------------------------------------
 
@@ -180,7 +181,7 @@ class _FakeHandler(RequestHandler):
             await asyncio.sleep(self.fake.hang_seconds)
             return False
         if fault == "reset":
-            self.request.connection.stream.close()
+            self.request.connection.stream.close()  # type: ignore[union-attr]
             return True
         if fault in ("502", "503"):
             self.set_status(int(fault))

@@ -6,15 +6,14 @@ polling loops, cache hits, ...) is read when Prometheus scrapes, from the object
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from zimage_tornado import __version__
-
-if TYPE_CHECKING:
-    from zimage_tornado.app import Gateway
+from zimage_tornado.idempotency import IdempotencyStore
+from zimage_tornado.watcher import TaskWatcher
 
 # Long-polls last up to minutes: the buckets reach past the default five-minute wait.
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -23,7 +22,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Metrics:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("zimage_http_requests", "HTTP requests answered, by route, method and status",
                                 ["route", "method", "status"], registry=self.registry)
@@ -34,8 +33,11 @@ class Metrics:
         self.upstream_latency = Histogram("zimage_upstream_call_duration_seconds",
                                           "Duration of calls to the Z-Image service, by kind", ["kind"],
                                           buckets=UPSTREAM_BUCKETS, registry=self.registry)
-        self.registry.register(_EngineCollector(gateway))
         self._children: dict[tuple[str, str, object], tuple[Any, Any]] = {}  # bounded: routes x methods x statuses
+
+    def watch(self, watcher: TaskWatcher, idempotency: IdempotencyStore) -> None:
+        """Report the engine's state, read from its owners at every scrape."""
+        self.registry.register(_EngineCollector(watcher, idempotency))
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self._observe((route, method, status), self.requests, (route, method, str(status)),
@@ -58,14 +60,15 @@ class Metrics:
 
 
 class _EngineCollector:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    def __init__(self, watcher: TaskWatcher, idempotency: IdempotencyStore) -> None:
+        self.watcher = watcher
+        self.idempotency = idempotency
 
     def describe(self) -> list[Metric]:
         return []  # collected at scrape time only
 
     def collect(self) -> Iterator[Metric]:
-        watcher = self.gateway.watcher
+        watcher = self.watcher
         counters = watcher.counters
         info = GaugeMetricFamily("zimage_info", "The gateway's version", labels=["version"])
         info.add_metric([__version__], 1)
@@ -83,4 +86,4 @@ class _EngineCollector:
         ):
             yield CounterMetricFamily(name, text, value=counters[key])
         yield CounterMetricFamily("zimage_idempotent_replays", "Submits answered with an earlier task by key",
-                                  value=self.gateway.idempotency.replays)
+                                  value=self.idempotency.replays)

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from zimage_tornado import validation
-from zimage_tornado.domain import FAILED, GenerationRequest, Task
-from zimage_tornado.errors import ApiError, invalid
+from zimage_tornado.domain import GenerationRequest, Task
+from zimage_tornado.errors import invalid
 from zimage_tornado.validation import Limits
-
 
 # Chat front-ends (Open WebUI and its kin) send their housekeeping prompts (titles, tags,
 # follow-ups) to the chat model itself; in wait mode these must not become image jobs.
@@ -126,8 +125,9 @@ def message_text(content: Any) -> str:
         return content
     if isinstance(content, list):
         texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
-        if all(isinstance(text, str) for text in texts):
-            return "\n".join(texts)
+        strings = [text for text in texts if isinstance(text, str)]
+        if len(strings) == len(texts):
+            return "\n".join(strings)
     raise invalid("message content must be a string or an array of text parts", param="messages",
                   code="invalid_type")
 
@@ -206,28 +206,3 @@ def task_progress(task: Task) -> dict[str, Any]:
     if task.queue_position is not None:
         body["queue_position"] = task.queue_position
     return body
-
-
-def task_failed(task: Task) -> ApiError:
-    reason = task.error or "the upstream reported the task as failed"
-    return ApiError(502, "Task %s failed: %s" % (task.uuid, reason), type="upstream_error", code="task_failed",
-                    extra={"uuid": task.uuid, "status": FAILED, "reason": reason, "task_info": task.raw})
-
-
-def wait_timed_out(uuid: str, seconds: float, task: Task | None, upstream_error: Exception | None) -> ApiError:
-    """The budget ran out. If the upstream's last answer was a failure, name it (502/504)."""
-    extra: dict[str, Any] = {
-        "uuid": uuid,
-        "status": "timeout",
-        "last_status": task.status if task else None,
-        "progress": task.progress if task else None,
-    }
-    if upstream_error is not None:
-        extra["upstream_error"] = str(upstream_error)
-        status = 504 if getattr(upstream_error, "status", 502) == 504 else 502
-        return ApiError(status, "Task %s: still waiting after %gs and the upstream is failing: %s"
-                        % (uuid, seconds, upstream_error), type="upstream_error",
-                        code="upstream_unavailable", extra=extra)
-    return ApiError(504, "Task %s is still %s after %gs; ask again later"
-                    % (uuid, extra["last_status"] or "running", seconds), type="timeout_error",
-                    code="timeout", extra=extra)

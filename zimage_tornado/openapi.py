@@ -1,11 +1,12 @@
 """The OpenAPI 3.1 description of every endpoint, served at GET /openapi.json.
 
-Kept by hand next to the code it describes; tests/test_openapi.py checks it is a valid OpenAPI 3.1
-document and that real answers of every endpoint match it."""
+Its paths and summaries come from the route table (web/routes.py); the rest is kept by hand next
+to the code it describes. tests/test_openapi.py checks it is a valid OpenAPI 3.1 document, that it
+names every route and no other, and that real answers of every endpoint match it."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from zimage_tornado import SERVICE_NAME, __version__
 
@@ -201,11 +202,11 @@ HEADERS = {
 }
 
 
-def document() -> dict[str, Any]:
-    v1_errors = dict(COMMON_ERRORS)
-    submit_errors = {"400": error("Invalid input; param names it; nothing reached the upstream"),
-                     "413": error("The body is larger than max_body_bytes"),
-                     **v1_errors, **UPSTREAM_ERRORS}
+def document(endpoints: Iterable[tuple[str, str, str]]) -> dict[str, Any]:
+    """The document for `endpoints`, (method, path template, description) each."""
+    paths = operations()
+    for method, template, description in endpoints:
+        paths[template][method.lower()]["summary"] = description
     return {
         "openapi": "3.1.0",
         "info": {"title": SERVICE_NAME, "version": __version__,
@@ -217,75 +218,78 @@ def document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "Only checked when api_keys are set"}},
         },
-        "paths": {
-            "/v1/chat/completions": {"post": {
-                "summary": "Submit a generation task; content is the task uuid (or the pictures in wait mode)",
-                "security": [{"bearer": []}, {}],
-                "parameters": [IDEMPOTENCY_KEY],
-                "requestBody": {"required": True, "content": {"application/json": {
-                    "schema": ref("ChatCompletionRequest")}}},
-                "responses": {
-                    "200": {"description": "The chat completion, or with stream=true Server-Sent Events of "
-                                           "chat.completion.chunk objects ending with data: [DONE]",
-                            "content": {"application/json": {"schema": ref("ChatCompletion")},
-                                        "text/event-stream": {"schema": {"type": "string"}}}},
-                    **submit_errors, **ACCEPTED_ERRORS},
-            }},
-            "/v1/images/generations": {"post": {
-                "summary": "OpenAI images.generate: submit, wait, answer URLs or b64_json",
-                "security": [{"bearer": []}, {}],
-                "parameters": [IDEMPOTENCY_KEY],
-                "requestBody": {"required": True, "content": {"application/json": {"schema": ref("ImagesRequest")}}},
-                "responses": {"200": json_response("The pictures", ref("ImagesResponse")),
-                              **submit_errors, **ACCEPTED_ERRORS},
-            }},
-            "/v1/models": {"get": {
-                "summary": "The models served", "security": [{"bearer": []}, {}],
-                "responses": {"200": json_response("The list", ref("ModelList")), **v1_errors}}},
-            "/v1/models/{model}": {"get": {
-                "summary": "One model", "security": [{"bearer": []}, {}],
-                "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": {"200": json_response("The model", ref("Model")),
-                              "404": error("Unknown model"), **v1_errors}}},
-            "/v1/tasks/{uuid}": {"get": {
-                "summary": "The upstream task, as the upstream reports it", "security": [{"bearer": []}, {}],
-                "parameters": [TASK_UUID],
-                "responses": {"200": json_response("The upstream's answer", ref("UpstreamTask")),
-                              "400": error("Malformed uuid"), "404": error("Unknown task"),
-                              **v1_errors, **UPSTREAM_ERRORS}}},
-            "/v1/images/{uuid}": {"get": {
-                "summary": "Long-poll until the task's pictures are ready", "security": [{"bearer": []}, {}],
-                "parameters": [
-                    TASK_UUID,
-                    {"name": "timeout", "in": "query", "required": False, "schema": {"type": "number", "minimum": 0},
-                     "description": "Wait at most this many seconds (capped by the server's budget)"},
-                    {"name": "wait", "in": "query", "required": False, "schema": {"type": "boolean"},
-                     "description": "false: answer at once"},
-                ],
-                "responses": {
-                    "200": json_response("Completed", ref("ImagesReady")),
-                    "202": json_response("Still running (wait=false), or the server is shutting down",
-                                         ref("TaskRunning"), ("Retry-After",)),
-                    "400": error("Malformed uuid or query"),
-                    "404": error("Unknown task"),
-                    "502": error("The task failed, or the wait ended while the upstream was failing"),
-                    "503": error("Too many waiting clients", "Retry-After"),
-                    "504": error("Still running when the wait ended"),
-                    "401": COMMON_ERRORS["401"], "429": UPSTREAM_ERRORS["429"]}}},
-            "/health": {"get": {"summary": "Liveness", "responses": {"200": json_response("Alive", ref("Health"))}}},
-            "/health/ready": {"get": {"summary": "Readiness", "responses": {
-                "200": json_response("Ready", ref("Readiness")),
-                "503": json_response("Shutting down", ref("Readiness"))}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
-                "200": {"description": "Prometheus text format",
-                        "content": {"text/plain": {"schema": {"type": "string"}}}},
-                "401": COMMON_ERRORS["401"]}}},
-            "/openapi.json": {"get": {"summary": "This document", "responses": {
-                "200": json_response("OpenAPI 3.1", {"type": "object"})}}},
-            "/playground": {"get": {"summary": "A page to try the gateway in a browser", "responses": {
-                "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
-            "/": {"get": {"summary": "Service description (browsers are redirected to /playground)", "responses": {
-                "200": json_response("The service", ref("Info")),
-                "302": {"description": "To /playground, for a browser"}}}},
-        },
+        "paths": paths,
+    }
+
+
+def operations() -> dict[str, Any]:
+    """Every path's operations, without their summaries."""
+    v1_errors = dict(COMMON_ERRORS)
+    submit_errors = {"400": error("Invalid input; param names it; nothing reached the upstream"),
+                     "413": error("The body is larger than max_body_bytes"),
+                     **v1_errors, **UPSTREAM_ERRORS}
+    return {
+        "/v1/chat/completions": {"post": {
+            "security": [{"bearer": []}, {}],
+            "parameters": [IDEMPOTENCY_KEY],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": ref("ChatCompletionRequest")}}},
+            "responses": {
+                "200": {"description": "The chat completion, or with stream=true Server-Sent Events of "
+                                       "chat.completion.chunk objects ending with data: [DONE]",
+                        "content": {"application/json": {"schema": ref("ChatCompletion")},
+                                    "text/event-stream": {"schema": {"type": "string"}}}},
+                **submit_errors, **ACCEPTED_ERRORS},
+        }},
+        "/v1/images/generations": {"post": {
+            "security": [{"bearer": []}, {}],
+            "parameters": [IDEMPOTENCY_KEY],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": ref("ImagesRequest")}}},
+            "responses": {"200": json_response("The pictures", ref("ImagesResponse")),
+                          **submit_errors, **ACCEPTED_ERRORS},
+        }},
+        "/v1/models": {"get": {"security": [{"bearer": []}, {}],
+            "responses": {"200": json_response("The list", ref("ModelList")), **v1_errors}}},
+        "/v1/models/{model}": {"get": {"security": [{"bearer": []}, {}],
+            "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": json_response("The model", ref("Model")),
+                          "404": error("Unknown model"), **v1_errors}}},
+        "/v1/tasks/{uuid}": {"get": {"security": [{"bearer": []}, {}],
+            "parameters": [TASK_UUID],
+            "responses": {"200": json_response("The upstream's answer", ref("UpstreamTask")),
+                          "400": error("Malformed uuid"), "404": error("Unknown task"),
+                          **v1_errors, **UPSTREAM_ERRORS}}},
+        "/v1/images/{uuid}": {"get": {"security": [{"bearer": []}, {}],
+            "parameters": [
+                TASK_UUID,
+                {"name": "timeout", "in": "query", "required": False, "schema": {"type": "number", "minimum": 0},
+                 "description": "Wait at most this many seconds (capped by the server's budget)"},
+                {"name": "wait", "in": "query", "required": False, "schema": {"type": "boolean"},
+                 "description": "false: answer at once"},
+            ],
+            "responses": {
+                "200": json_response("Completed", ref("ImagesReady")),
+                "202": json_response("Still running (wait=false), or the server is shutting down",
+                                     ref("TaskRunning"), ("Retry-After",)),
+                "400": error("Malformed uuid or query"),
+                "404": error("Unknown task"),
+                "502": error("The task failed, or the wait ended while the upstream was failing"),
+                "503": error("Too many waiting clients", "Retry-After"),
+                "504": error("Still running when the wait ended"),
+                "401": COMMON_ERRORS["401"], "429": UPSTREAM_ERRORS["429"]}}},
+        "/health": {"get": {"responses": {"200": json_response("Alive", ref("Health"))}}},
+        "/health/ready": {"get": {"responses": {
+            "200": json_response("Ready", ref("Readiness")),
+            "503": json_response("Shutting down", ref("Readiness"))}}},
+        "/metrics": {"get": {"responses": {
+            "200": {"description": "Prometheus text format",
+                    "content": {"text/plain": {"schema": {"type": "string"}}}},
+            "401": COMMON_ERRORS["401"]}}},
+        "/openapi.json": {"get": {"responses": {
+            "200": json_response("OpenAPI 3.1", {"type": "object"})}}},
+        "/playground": {"get": {"responses": {
+            "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+        "/": {"get": {"responses": {
+            "200": json_response("The service", ref("Info")),
+            "302": {"description": "To /playground, for a browser"}}}},
     }

@@ -1,7 +1,8 @@
 """ZImageClient: the only module that knows Z-Image's wire format.
 
-Every failure, whatever its cause, leaves as one UpstreamError subclass carrying the status the
-gateway should answer with and a message that is safe to show a client (never exception text).
+Every failure, whatever its cause, leaves as one UpstreamError subclass carrying what happened
+(its kind, the upstream's HTTP status if it answered) and a message that is safe to show a
+client (never exception text). Which status a client then sees is web/statuses.py's decision.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import time
 from typing import Any, Awaitable, Callable, TypeVar
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPResponse
-from tornado.simple_httpclient import HTTPTimeoutError, SimpleAsyncHTTPClient
 from tornado.iostream import StreamClosedError
+from tornado.simple_httpclient import HTTPTimeoutError, SimpleAsyncHTTPClient
 
 from zimage_tornado import SERVICE_NAME, __version__, logs
 from zimage_tornado.domain import COMPLETED, FAILED, FINAL_STATES, PENDING, PROCESSING, GenerationRequest, Task
@@ -52,14 +53,13 @@ def make_http_client(kind: str, *, max_clients: int, connect_timeout: float, req
 
 
 class UpstreamError(Exception):
-    status = 502
     code = "upstream_error"
     transient = True  # worth asking again at the next poll
 
-    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, *, upstream_status: int | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
-        if status is not None:
-            self.status = status
+        self.upstream_status = upstream_status  # the HTTP status the upstream answered with, if any
         self.retry_after = retry_after
 
 
@@ -68,7 +68,6 @@ class UpstreamUnavailable(UpstreamError):
 
 
 class UpstreamTimeout(UpstreamError):
-    status = 504
     code = "upstream_timeout"
 
 
@@ -79,7 +78,9 @@ class UpstreamRejected(UpstreamError):
 
     @property
     def transient(self) -> bool:  # type: ignore[override]
-        return self.status == 429 or self.status >= 500
+        # A 4xx other than 429 is a definite no; a 5xx, a 429 or a success:false may pass.
+        status = self.upstream_status or 0
+        return not (400 <= status < 500) or status == 429
 
 
 class UpstreamBadResponse(UpstreamError):
@@ -87,7 +88,6 @@ class UpstreamBadResponse(UpstreamError):
 
 
 class TaskNotFound(UpstreamError):
-    status = 404
     code = "task_not_found"
     transient = False
 
@@ -149,7 +149,8 @@ class ZImageClient:
         document = await self._call("POST", "/api/z-image/generate", encode_generate(request))
         data = document.get("data")
         data = data if isinstance(data, dict) else {}
-        task = data.get("task") if isinstance(data.get("task"), dict) else {}
+        task = data.get("task")
+        task = task if isinstance(task, dict) else {}
         uuid = data.get("uuid") or task.get("uuid")
         # The uuid goes back into our own paths later: accept only what a client could send us.
         if not isinstance(uuid, str) or not TASK_ID_RE.fullmatch(uuid):
@@ -187,7 +188,7 @@ class ZImageClient:
         response = await self._fetch("The image host", url, headers={"User-Agent": self.headers["User-Agent"]},
                                      streaming_callback=collect)
         if response.code != 200:
-            raise UpstreamRejected("The image host answered HTTP %d" % response.code, status=502)
+            raise UpstreamBadResponse("The image host answered HTTP %d" % response.code)
         if size > max_bytes:
             raise UpstreamBadResponse("An image is larger than %d bytes" % max_bytes)
         return b"".join(chunks)
@@ -241,20 +242,14 @@ class ZImageClient:
                 raise TaskNotFound("Task %s was not found upstream" % task_uuid)
             if response.code >= 400:
                 raise UpstreamRejected("The upstream answered HTTP %d" % response.code,
-                                       status=client_status(response.code), retry_after=retry_after)
+                                       upstream_status=response.code, retry_after=retry_after)
             raise UpstreamBadResponse("The upstream answered with something that is not a JSON object")
         if response.code < 400 and document.get("success") is not False:
             return document
         message = upstream_message(document) or "The upstream answered HTTP %d" % response.code
         if task_uuid and (response.code == 404 or (response.code < 400 and "not found" in message.lower())):
             raise TaskNotFound("Task %s was not found upstream: %s" % (task_uuid, message))
-        status = client_status(response.code) if response.code >= 400 else 502
-        raise UpstreamRejected(message, status=status, retry_after=retry_after)
-
-
-def client_status(upstream_status: int) -> int:
-    """A 4xx (429 included) is the client's to know; anything else is a bad gateway."""
-    return upstream_status if 400 <= upstream_status < 500 else 502
+        raise UpstreamRejected(message, upstream_status=response.code, retry_after=retry_after)
 
 
 def upstream_message(document: dict[str, Any]) -> str | None:

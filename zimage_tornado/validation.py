@@ -19,13 +19,15 @@ TASK_ID_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
 
 @dataclass(frozen=True)
 class Limits:
-    max_batch_size: int = 4
-    min_size: int = 64
-    max_size: int = 2048
-    size_multiple: int = 16
-    max_steps: int = 50
-    max_cfg_scale: float = 20.0
-    max_prompt_length: int = 8000
+    """What a generation request may ask for; built from (and defaulted by) Settings.limits."""
+
+    max_batch_size: int
+    min_size: int
+    max_size: int
+    size_multiple: int
+    max_steps: int
+    max_cfg_scale: float
+    max_prompt_length: int
 
 
 def task_id(value: str) -> str:

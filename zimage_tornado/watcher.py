@@ -15,18 +15,21 @@ import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any, Coroutine, TypeVar
 
 from zimage_tornado.cache import ResultCache
 from zimage_tornado.domain import Task
 from zimage_tornado.upstream import TaskNotFound, UpstreamError, ZImageClient
 
 log = logging.getLogger("zimage_tornado.watcher")
+T = TypeVar("T")
 
 # Outcome states besides the task's own "completed" and "failed".
 NOT_FOUND = "not_found"
 TIMEOUT = "timeout"
 UPSTREAM_ERROR = "upstream_error"  # a definite, non-transient refusal while polling
 INTERRUPTED = "interrupted"  # the engine is shutting down
+RUNNING = "running"  # still running, for a caller that asked not to wait
 
 
 class TooManyWaiters(Exception):
@@ -39,7 +42,7 @@ class Outcome:
     uuid: str
     task: Task | None = None  # the last state seen
     error: UpstreamError | None = None  # the last upstream failure, if the last read failed
-    waited: float = 0.0  # the budget this waiter had
+    waited: float = 0.0  # the budget this waiter had (each waiter its own)
 
 
 class _Poll:
@@ -47,7 +50,7 @@ class _Poll:
 
     def __init__(self, uuid: str) -> None:
         self.uuid = uuid
-        self.waiters: set[asyncio.Future[Outcome]] = set()
+        self.waiters: dict[asyncio.Future[Outcome], float] = {}  # each waiter's budget
         self.task: Task | None = None
         self.task_at = 0.0
         self.error: UpstreamError | None = None
@@ -57,11 +60,11 @@ class _Poll:
 
 
 class TaskWatcher:
-    def __init__(self, client: ZImageClient, *, interval: float, max_attempts: int, max_waiters: int,
+    def __init__(self, client: ZImageClient, *, interval: float, budget: float, max_waiters: int,
                  cache: ResultCache[Task]) -> None:
         self.client = client
         self.interval = interval
-        self.budget = interval * max_attempts  # the default wait: max_attempts intervals
+        self.budget = budget  # a wait's default length (Settings.wait_budget)
         self.max_waiters = max_waiters
         self.cache = cache
         self.waiting = 0
@@ -73,6 +76,11 @@ class TaskWatcher:
     @property
     def active_polls(self) -> int:
         return len(self._polls)
+
+    @property
+    def idle(self) -> bool:
+        """Nobody waits, no loop runs, no read is in flight."""
+        return not (self.waiting or self._polls or self._reads)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -138,7 +146,7 @@ class TaskWatcher:
         else:
             self.counters["coalesced_waiters"] += 1
         timer = loop.call_later(budget, self._expire, poll, future, budget)
-        poll.waiters.add(future)
+        poll.waiters[future] = budget
         self.waiting += 1
         future.add_done_callback(functools.partial(self._left, poll, timer))
         return future
@@ -163,7 +171,7 @@ class TaskWatcher:
             poll.tick = None
 
     @staticmethod
-    def _shared_task(coroutine):  # type: ignore[no-untyped-def]
+    def _shared_task(coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         # Serves many requests: start from an empty context, not the first request's (its
         # X-Request-ID would otherwise tag every log line and upstream call of the task).
         return asyncio.get_running_loop().create_task(coroutine, context=contextvars.Context())
@@ -174,16 +182,15 @@ class TaskWatcher:
 
     def _left(self, poll: _Poll, timer: asyncio.TimerHandle, future: asyncio.Future[Outcome]) -> None:
         timer.cancel()
-        poll.waiters.discard(future)
+        poll.waiters.pop(future, None)
         self.waiting -= 1
         if not poll.waiters and poll.wakeup is not None and not poll.wakeup.done():
             poll.wakeup.set_result(None)  # the loop stops now instead of at its next tick
 
     def _settle(self, poll: _Poll, state: str, error: UpstreamError | None = None) -> None:
-        outcome = Outcome(state, poll.uuid, poll.task, error, self.budget)  # one, shared by the fan-out
-        for future in list(poll.waiters):
+        for future, budget in list(poll.waiters.items()):
             if not future.done():
-                future.set_result(outcome)
+                future.set_result(Outcome(state, poll.uuid, poll.task, error, budget))
 
     async def _run(self, poll: _Poll) -> None:
         loop = asyncio.get_running_loop()
@@ -234,8 +241,8 @@ class TaskWatcher:
         """Ends every loop; their waiters get an INTERRUPTED outcome with the last state seen,
         and so does every later wait()."""
         self.closed = True
-        pending = [poll.runner for poll in self._polls.values() if poll.runner is not None]
-        pending += list(self._reads.values())
+        pending: list[asyncio.Future[Any]] = [poll.runner for poll in self._polls.values() if poll.runner]
+        pending += self._reads.values()
         for future in pending:
             future.cancel()
         await asyncio.gather(*pending, return_exceptions=True)

@@ -1,0 +1,220 @@
+"""BaseHandler: what every endpoint shares. It reads a bounded request body within its deadline,
+checks who is asking (web/access.py), answers JSON, bounds every write by write_timeout, and
+turns every error into an OpenAI envelope (web/statuses.py decides which), logged once."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+from types import TracebackType
+from typing import Any, Awaitable, Callable
+
+from tornado.iostream import StreamClosedError
+from tornado.web import RequestHandler, stream_request_body
+
+from zimage_tornado import logs, validation
+from zimage_tornado.domain import COMPLETED, Task
+from zimage_tornado.errors import ApiError, invalid
+from zimage_tornado.gateway import Gateway
+from zimage_tornado.watcher import Outcome
+from zimage_tornado.web import access, statuses
+
+log = logging.getLogger("zimage_tornado.handlers")
+
+
+@stream_request_body  # so that an oversize body is refused (413) before it is read
+class BaseHandler(RequestHandler):
+    open_during_shutdown = False
+    task_uuid: str | None = None  # named in error logs once known
+    submitted = False  # the upstream accepted a task for this request: a retry would pay twice
+    _waiting: asyncio.Future[Outcome] | None = None
+
+    def initialize(self, gateway: Gateway, route: str = "unmatched") -> None:
+        self.gateway = gateway
+        self.route = route  # the route template: the metrics label, never a raw path
+        self._body: list[bytes] = []
+        self._body_size = 0
+
+    @functools.cached_property
+    def request_id(self) -> str:
+        return access.request_id(self.request.headers.get("X-Request-ID", ""))
+
+    def set_default_headers(self) -> None:
+        # Also called when an error clears the response: these survive into error answers. It runs
+        # before initialize(), so what it needs comes from the application's settings.
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.set_header("X-Request-ID", self.request_id)
+        for name, value in access.cors_headers(self.request.headers.get("Origin"),
+                                               self.settings["cors_origins"]).items():
+            self.set_header(name, value)
+
+    def prepare(self) -> None:
+        self.gateway.active.add(self)
+        logs.request_id.set(self.request_id)
+        settings = self.gateway.settings
+        self.client_ip = access.client_address(self.request.remote_ip, self.request.headers,
+                                               settings.proxy_networks)
+        if self.request.method == "OPTIONS":
+            return  # a CORS preflight: browsers send it without credentials
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > settings.max_body_bytes:
+            self.body_too_large()
+        chunked = "chunked" in self.request.headers.get("Transfer-Encoding", "").lower()
+        if chunked or (length.isdigit() and int(length) > 0):
+            if self.request.method != "POST":  # no GET of ours takes a body: do not wait for one
+                raise ApiError(400, "%s requests take no body" % self.request.method, code="unexpected_body",
+                               headers={"Connection": "close"})
+            self.gateway.bodies.expect(self, self.body_too_slow)
+        if self.gateway.shutting_down and not self.open_during_shutdown:
+            raise statuses.ShuttingDown()
+        if self.request.path.startswith("/v1/") or (self.route == "/metrics" and settings.metrics_require_key):
+            self.check_api_key()
+
+    def check_api_key(self) -> None:
+        keys = self.gateway.api_keys
+        # No keys configured: any bearer, as the spec's "zimage-free" examples expect.
+        if keys and not access.bearer_allowed(self.request.headers.get("Authorization", ""), keys):
+            raise ApiError(401, "Invalid or missing API key: send Authorization: Bearer <key>",
+                           code="invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="zimage-tornado"'})
+
+    def data_received(self, chunk: bytes) -> None:
+        self._body_size += len(chunk)
+        if self._body_size <= self.gateway.settings.max_body_bytes:
+            self._body.append(chunk)
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit() and self._body_size >= int(length):
+            self.gateway.bodies.received(self)
+
+    def body_too_slow(self) -> None:
+        log.info("%s %s: the body did not arrive within body_timeout; closing the connection",
+                 self.request.method, self.request.path)
+        self.request.connection.stream.close()  # type: ignore[union-attr]
+
+    def body_too_large(self) -> None:
+        raise ApiError(413, "The request body is larger than %d bytes" % self.gateway.settings.max_body_bytes,
+                       code="body_too_large", headers={"Connection": "close"})
+
+    def options(self, *args: str) -> None:
+        if "Access-Control-Allow-Origin" in self._headers:
+            self.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+            self.set_header("Access-Control-Allow-Headers", access.CORS_ALLOW_HEADERS)
+            self.set_header("Access-Control-Max-Age", "600")
+        self.set_status(204)
+        self.finish()
+
+    def on_finish(self) -> None:
+        self.gateway.active.discard(self)
+        self.gateway.bodies.received(self)
+
+    def on_connection_close(self) -> None:
+        # super() fails the body future of a streamed request body: without it, a client that
+        # hangs up mid-body leaves this handler's coroutine pending for ever (a leak).
+        super().on_connection_close()
+        self.gateway.active.discard(self)
+        self.gateway.bodies.received(self)
+        if self._waiting is not None:
+            self._waiting.cancel()  # leave the task's polling loop at once
+
+    def finish(self, chunk: Any = None) -> asyncio.Future[None]:
+        return self.within_write_timeout(super().finish(chunk))
+
+    def within_write_timeout(self, written: asyncio.Future[None]) -> asyncio.Future[None]:
+        """A client that stops reading would pin this connection, and the answer buffered for it,
+        for ever: past write_timeout the connection is closed."""
+        if not written.done():
+            stream = self.request.connection.stream  # type: ignore[union-attr]
+            timer = asyncio.get_running_loop().call_later(
+                self.gateway.settings.write_timeout, lambda: written.done() or stream.close())
+            written.add_done_callback(lambda _: timer.cancel())
+        return written
+
+    # -- input ---------------------------------------------------------------------------------
+
+    def json_body(self) -> Any:
+        self.gateway.bodies.received(self)  # the method runs once the whole body is in
+        if self._body_size > self.gateway.settings.max_body_bytes:
+            self.body_too_large()
+        body = b"".join(self._body)
+        if not body:
+            raise invalid("The request body is empty; send a JSON object", code="invalid_json")
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise invalid("The request body is not valid JSON", code="invalid_json") from None
+
+    # -- output --------------------------------------------------------------------------------
+
+    def send(self, body: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
+        self.set_status(status)
+        for name, value in (headers or {}).items():
+            self.set_header(name, value)
+        self.finish(json.dumps(body, ensure_ascii=False))
+
+    def api_error(self, cause: BaseException | None, status_code: int = 500) -> ApiError:
+        return statuses.api_error(cause, statuses.Context(
+            self.request.method or "GET", self.request.path, self.gateway.settings.poll_interval,
+            self.task_uuid, self.submitted, status_code, self._reason))
+
+    @property
+    def retry_after(self) -> str:
+        return str(statuses.retry_seconds(self.gateway.settings.poll_interval))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        error = self.api_error(exc, status_code)
+        if error.status in (400, 413) and self._body_size > self.gateway.settings.max_body_bytes:
+            error.headers["Connection"] = "close"  # the rest of the body is not worth reading
+        self.send(error.body(), error.status, error.headers)
+
+    def log_exception(self, typ: type[BaseException] | None, value: BaseException | None,
+                      tb: TracebackType | None) -> None:
+        if isinstance(value, StreamClosedError):
+            log.info("%s %s (task %s): the client went away", self.request.method, self.request.path,
+                     self.task_uuid or "-")
+            return
+        if not isinstance(value, statuses.EXPECTED):
+            log.error("%s %s (task %s): unexpected error", self.request.method, self.request.path,
+                      self.task_uuid or "-", exc_info=value)
+            return
+        self.log_error(self.api_error(value))
+
+    def log_error(self, error: ApiError) -> None:
+        log.warning("%s %s (task %s) -> %d %s: %s", self.request.method, self.request.path,
+                    self.task_uuid or "-", error.status, error.code or error.type, error.message)
+
+    # -- tasks ---------------------------------------------------------------------------------
+
+    async def submit(self, request: Any) -> Task:
+        key = validation.idempotency_key(self.request.headers.get("Idempotency-Key"))
+        task = await self.gateway.submit(request, key)
+        self.task_uuid, self.submitted = task.uuid, True
+        return task
+
+    async def wait_for_task(self, budget: float | None = None,
+                            on_tick: Callable[[Task | None], Awaitable[None]] | None = None) -> Outcome | None:
+        """This request's task outcome from the shared engine; None when the client hung up.
+        `on_tick` is called after every status read while the task runs (for streams)."""
+        assert self.task_uuid is not None
+        watcher, uuid = self.gateway.watcher, self.task_uuid
+        self._waiting = waiting = watcher.wait(uuid, budget)
+        try:
+            while on_tick is not None and not waiting.done():
+                tick = watcher.next_tick(uuid)
+                await asyncio.wait([waiting, tick], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+                if not waiting.done():
+                    await on_tick(tick.result())
+            return await waiting
+        except (asyncio.CancelledError, StreamClosedError):
+            waiting.cancel()
+            return None  # the client left: nobody to answer
+        finally:
+            self._waiting = None
+
+    @staticmethod
+    def pictures(outcome: Outcome) -> Task:
+        """The completed task; any other outcome is raised as the error it means."""
+        if outcome.state == COMPLETED and outcome.task is not None:
+            return outcome.task
+        raise statuses.OutcomeError(outcome)

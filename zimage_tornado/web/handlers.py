@@ -1,0 +1,206 @@
+"""The endpoints: each parses, calls one thing, renders. Shared behaviour is in web/base.py;
+which status an error gets is web/statuses.py's; the routes are web/routes.py's."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from zimage_tornado import SERVICE_NAME, __version__, openai_api, openapi, validation
+from zimage_tornado.errors import ApiError
+from zimage_tornado.metrics import CONTENT_TYPE
+from zimage_tornado.watcher import INTERRUPTED, RUNNING, Outcome
+from zimage_tornado.web.base import BaseHandler
+from zimage_tornado.web.events import ChatStream
+from zimage_tornado.web.statuses import OutcomeError
+
+PLAYGROUND_PAGE = (Path(__file__).parent.parent / "static" / "playground.html").read_bytes()
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self) -> None:
+        super().prepare()
+        raise ApiError(404, "Unknown route: %s %s" % (self.request.method, self.request.path), code="unknown_route")
+
+
+class InfoHandler(BaseHandler):
+    def get(self) -> None:
+        if self.request.headers.get("Accept", "").startswith("text/html"):  # a person: show the playground
+            return self.redirect("/playground")
+        self.send({
+            "service": SERVICE_NAME,
+            "version": __version__,
+            "description": "OpenAI-compatible gateway for the Z-Image text-to-image service",
+            "upstream": self.gateway.settings.upstream_url,
+            "demo": self.gateway.settings.demo,
+            "playground": "/playground",
+            "endpoints": [{"method": m, "path": p, "description": d} for m, p, d in self.settings["endpoints"]],
+        })
+
+
+class PlaygroundHandler(BaseHandler):
+    """One self-contained page (no build step, no CDN): it works offline."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/html; charset=UTF-8")
+        # Images come from the upstream's image host, anywhere; everything else from here.
+        self.set_header("Content-Security-Policy", "default-src 'self'; img-src 'self' http: https: data:; "
+                        "style-src 'unsafe-inline'; script-src 'unsafe-inline'; frame-ancestors 'none'")
+        self.finish(PLAYGROUND_PAGE)
+
+
+class HealthHandler(BaseHandler):
+    open_during_shutdown = True
+
+    def get(self) -> None:
+        # Liveness only: it must stay cheap and never touch the upstream.
+        self.send({"status": "ok", "service": SERVICE_NAME, "version": __version__,
+                   "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "pid": os.getpid()})
+
+
+class ReadinessHandler(BaseHandler):
+    """Ready unless shutting down; says whether the upstream answered lately, from what the
+    gateway's own traffic saw (it never polls the upstream for this)."""
+
+    open_during_shutdown = True
+
+    def get(self) -> None:
+        gateway, now = self.gateway, time.monotonic()
+        upstream = gateway.upstream
+        window = max(60.0, 3 * gateway.settings.poll_interval)
+        answered_ago = None if upstream.last_answer_at is None else round(now - upstream.last_answer_at, 3)
+        failure = None
+        if upstream.last_failure is not None:
+            failure = {"seconds_ago": round(now - upstream.last_failure[0], 3), "error": upstream.last_failure[1]}
+        self.send({
+            "status": "shutting_down" if gateway.shutting_down else "ready",
+            "upstream": {
+                "url": gateway.settings.upstream_url,
+                "answered_recently": answered_ago is not None and answered_ago <= window,
+                "last_answer_seconds_ago": answered_ago,
+                "last_failure": failure,
+            },
+            "waiters": gateway.watcher.waiting,
+            "polling_loops": gateway.watcher.active_polls,
+            "requests_in_flight": len(gateway.active) - 1,  # not counting this one
+        }, 503 if gateway.shutting_down else 200)
+
+
+class OpenApiHandler(BaseHandler):
+    open_during_shutdown = True
+
+    def get(self) -> None:
+        self.send(openapi.document(self.settings["endpoints"]))
+
+
+class MetricsHandler(BaseHandler):
+    open_during_shutdown = True
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE)
+        self.finish(self.gateway.metrics.render())
+
+
+class ChatCompletionsHandler(BaseHandler):
+    async def post(self) -> None:
+        request = openai_api.parse_chat_request(self.json_body(), self.gateway.settings.limits, self.gateway.models)
+        wait = self.gateway.settings.chat_wait if request.wait is None else request.wait
+        if wait and request.background:  # a chat app's housekeeping prompt: no image job for it
+            return await self.reply(request, None, openai_api.BACKGROUND_REPLY)
+        task = await self.submit(request.generation)
+        if not wait:
+            return await self.reply(request, task.uuid, task.uuid)
+        if request.stream:
+            return await self.stream_pictures(request)
+        outcome = await self.wait_for_task()
+        if outcome is not None:
+            urls = self.pictures(outcome).image_urls
+            self.send(openai_api.chat_completion(request.model, task.uuid, openai_api.markdown_images(urls)))
+
+    async def reply(self, request: openai_api.ChatRequest, task_uuid: str | None, content: str) -> None:
+        if not request.stream:
+            return self.send(openai_api.chat_completion(request.model, task_uuid, content))
+        stream = ChatStream(self, request.model, openai_api.completion_id(task_uuid), task_uuid)
+        await stream.begin()
+        await stream.say(content)
+        await stream.end()
+
+    async def stream_pictures(self, request: openai_api.ChatRequest) -> None:
+        """Wait mode, streamed: progress lines while the task runs, then the pictures (or the
+        error, as an event: the 200 status is already sent)."""
+        stream = ChatStream(self, request.model, openai_api.completion_id(self.task_uuid), self.task_uuid)
+        await stream.begin()
+        outcome = await self.wait_for_task(on_tick=stream.progress)
+        if outcome is None:
+            return
+        if outcome.state == INTERRUPTED:  # shutting down: end the stream with where the task stands
+            status = outcome.task.status if outcome.task else "submitted"
+            await stream.say(openai_api.restart_note(outcome.uuid, status))
+            return await stream.end()
+        try:
+            done = self.pictures(outcome)
+        except OutcomeError as e:  # mapped like any error, but told as an event
+            error = self.api_error(e)
+            self.log_error(error)
+            await stream.error(error)
+            return await stream.end(stop=False)
+        separator = "\n" if stream.reported_progress else ""
+        await stream.say(separator + openai_api.markdown_images(done.image_urls))
+        await stream.end()
+
+
+class ImagesGenerationsHandler(BaseHandler):
+    """What `client.images.generate(...)` sends: submit, wait for the pictures, answer them."""
+
+    async def post(self) -> None:
+        request = openai_api.parse_images_request(self.json_body(), self.gateway.settings.limits, self.gateway.models)
+        await self.submit(request.generation)
+        outcome = await self.wait_for_task()
+        if outcome is None:
+            return
+        done = self.pictures(outcome)
+        b64 = await self.gateway.images.b64(done) if request.response_format == "b64_json" else None
+        self.send(openai_api.images_response(done.image_urls, b64))
+
+
+class ModelsHandler(BaseHandler):
+    def get(self) -> None:
+        self.send(openai_api.model_list(self.gateway.models.names))
+
+
+class ModelHandler(BaseHandler):
+    def get(self, model_id: str) -> None:
+        if not self.gateway.models.knows(model_id):
+            raise ApiError(404, "The model %r does not exist" % model_id[:200], param="model", code="model_not_found")
+        self.send(openai_api.model_object(model_id))
+
+
+class TaskHandler(BaseHandler):
+    async def get(self, uuid: str) -> None:
+        self.task_uuid = validation.task_id(uuid)
+        task = await self.gateway.watcher.peek(self.task_uuid)
+        self.send(task.document)  # passed through as the upstream sent it
+
+
+class ImagesHandler(BaseHandler):
+    """The long-poll: answers when the task finishes or this request's budget runs out."""
+
+    async def get(self, uuid: str) -> None:
+        self.task_uuid = validation.task_id(uuid)
+        budget = validation.wait_budget(self.get_query_argument("timeout", None),
+                                        self.get_query_argument("wait", None), self.gateway.settings.wait_budget)
+        outcome = await (self.peek_outcome() if budget <= 0 else self.wait_for_task(budget))
+        if outcome is None:
+            return
+        if outcome.state in (RUNNING, INTERRUPTED):  # asked not to wait, or shutting down
+            body: dict[str, Any] = (openai_api.task_progress(outcome.task) if outcome.task
+                                    else {"uuid": outcome.uuid, "status": "unknown"})
+            return self.send(body, 202, {"Retry-After": self.retry_after})
+        self.send(openai_api.images_ready(self.pictures(outcome)))
+
+    async def peek_outcome(self) -> Outcome:
+        assert self.task_uuid is not None
+        task = await self.gateway.watcher.peek(self.task_uuid)
+        return Outcome(task.status if task.is_final else RUNNING, task.uuid, task)

@@ -1,0 +1,47 @@
+"""The route table: the one list of endpoints. It feeds the application's routes, the metrics
+label of every request, the info page at GET / and the paths of /openapi.json."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from zimage_tornado.web import handlers
+from zimage_tornado.web.base import BaseHandler
+
+
+@dataclass(frozen=True)
+class Route:
+    template: str  # as documented and as the metrics label: /v1/images/{uuid}
+    handler: type[BaseHandler]
+    methods: tuple[str, ...]
+    description: str
+
+    @property
+    def pattern(self) -> str:
+        """The template as Tornado's regex: each {name} matches one path segment."""
+        return re.sub(r"\{[a-z_]+\}", "([^/]+)", self.template) + "$"
+
+
+ROUTES = (
+    Route("/v1/chat/completions", handlers.ChatCompletionsHandler, ("POST",),
+          "Submit a generation task (OpenAI chat format); content is the task uuid, or the pictures in wait mode; "
+          "stream=true answers Server-Sent Events"),
+    Route("/v1/images/generations", handlers.ImagesGenerationsHandler, ("POST",),
+          "OpenAI images.generate: submit, wait, answer URLs or b64_json"),
+    Route("/v1/models", handlers.ModelsHandler, ("GET",), "The models this gateway serves"),
+    Route("/v1/models/{model}", handlers.ModelHandler, ("GET",), "One model"),
+    Route("/v1/tasks/{uuid}", handlers.TaskHandler, ("GET",), "The upstream task, as the upstream reports it"),
+    Route("/v1/images/{uuid}", handlers.ImagesHandler, ("GET",),
+          "Long-poll until the task's images are ready (?timeout=, ?wait=false)"),
+    Route("/health", handlers.HealthHandler, ("GET",), "Liveness: cheap, never calls the upstream"),
+    Route("/health/ready", handlers.ReadinessHandler, ("GET",),
+          "Readiness: 503 while shutting down; whether the upstream answered recently"),
+    Route("/metrics", handlers.MetricsHandler, ("GET",), "Prometheus metrics"),
+    Route("/openapi.json", handlers.OpenApiHandler, ("GET",), "The OpenAPI 3.1 description of these endpoints"),
+    Route("/playground", handlers.PlaygroundHandler, ("GET",), "A page to try it in a browser: prompt to pictures"),
+    Route("/", handlers.InfoHandler, ("GET",), "This service description (browsers are sent to the playground)"),
+)
+
+# (method, path template, description) for every endpoint: the info page, the docs, the tests.
+ENDPOINTS = tuple((method, route.template, route.description) for route in ROUTES for method in route.methods)
