@@ -48,3 +48,14 @@ def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 20) -> No
         except OSError:
             assert time.monotonic() < deadline, "nothing listens on port %d" % port
             time.sleep(0.05)
+
+
+async def exchange(url: str, request: bytes, timeout: float = 5.0) -> bytes:
+    """Sends raw bytes to a gateway and reads its answer until it closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(url))
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()

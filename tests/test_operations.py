@@ -161,7 +161,7 @@ async def test_slow_loris_clients_are_cut_off_while_others_are_served(make_proxy
 
 @pytest.mark.gen_test
 async def test_request_id_is_kept_returned_logged_and_sent_upstream(proxy, fake, caplog):
-    caplog.handler.addFilter(logs.RequestIdFilter())
+    caplog.handler.addFilter(logs.LineFilter())
     with caplog.at_level(logging.INFO):
         response = await proxy.request("/v1/chat/completions", "POST", {"model": "zimage-turbo", "prompt": "x"},
                                        headers={"X-Request-ID": "trace-42"})

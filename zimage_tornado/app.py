@@ -23,7 +23,8 @@ def log_request(handler: Any) -> None:
     if gateway is not None:
         gateway.metrics.observe_request(handler.route, handler.request.method, handler.get_status(), seconds)
     if access_log.isEnabledFor(logging.INFO):  # skip the formatting work when nobody reads it
-        access_log.info("%d %s %s (%s) %.1fms", handler.get_status(), handler.request.method, handler.request.uri,
+        # The path, not the URI: a query string may hold a pasted key.
+        access_log.info("%d %s %s (%s) %.1fms", handler.get_status(), handler.request.method, handler.request.path,
                         getattr(handler, "client_ip", handler.request.remote_ip), 1000.0 * seconds)
 
 

@@ -21,7 +21,7 @@ from zimage_tornado.app import make_app
 from zimage_tornado.config import Settings, load_settings
 from zimage_tornado.fake_upstream import FakeZImage
 from zimage_tornado.gateway import Gateway
-from zimage_tornado.logs import setup_logging
+from zimage_tornado.logs import redact_url, setup_logging
 from zimage_tornado.sdnotify import Notifier
 
 log = logging.getLogger("zimage_tornado")
@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(settings.log_level, settings.log_format)
     try:
         # Bound before any fork, so that every worker accepts on the same socket.
-        sockets = bind_sockets(settings.port, settings.address, backlog=settings.backlog)
+        sockets = bind_sockets(settings.port, settings.address, backlog=settings.listen_backlog)
     except OSError as e:  # typically the port is taken
         log.error("cannot listen on %s:%d: %s", settings.address, settings.port, e)
         sys.exit(1)
@@ -82,7 +82,7 @@ async def serve(settings: Settings, sockets: list, notifier: Notifier) -> int:
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
     log.info("zimage-tornado %s listening on http://%s:%d, upstream %s; playground at /playground",
-             __version__, settings.address, port, settings.upstream_url)
+             __version__, settings.address, port, redact_url(settings.upstream_url))
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -30,7 +30,8 @@ def setting(default, help: str):  # noqa: A002 - mirrors tornado's define(help=.
 class Settings:
     address: str = setting("127.0.0.1", "Address to listen on (0.0.0.0 for every interface)")
     port: int = setting(8000, "Port to listen on")
-    backlog: int = setting(1024, "Pending connections the kernel may queue before accept (capped by somaxconn)")
+    backlog: int = setting(0, "Pending connections the kernel may queue before accept; 0: the kernel's limit "
+                              "(net.core.somaxconn, read at start)")
     upstream_url: str = setting("https://zimage.run", "Base URL of the Z-Image service")
     upstream_timeout: float = setting(30.0, "Seconds for a whole upstream call, queueing included")
     upstream_connect_timeout: float = setting(10.0, "Seconds to connect to the upstream")
@@ -53,6 +54,11 @@ class Settings:
     model_aliases: str = setting("", "Model name aliases, e.g. 'dall-e-3=turbo,gpt-image-1=turbo'")
     idempotency_ttl: float = setting(86400.0, "Seconds an Idempotency-Key keeps returning the same task")
     max_image_bytes: int = setting(20 * 1024 * 1024, "Largest image fetched for b64_json answers, in bytes")
+    image_hosts: str = setting("", "Comma-separated origins (https://cdn.example.com) b64_json images may come from "
+                                   "besides the upstream's own, even at non-public addresses")
+    image_fetches: int = setting(8, "Image downloads in flight at once, over all requests (their own pool)")
+    image_cache_bytes: int = setting(64 * 1024 * 1024, "Bytes of base64 answers kept, so that repeated b64_json "
+                                                         "answers for a task share one download")
     processes: int = setting(1, "Worker processes sharing the listening socket (0: one per CPU core)")
     shutdown_timeout: float = setting(10.0, "Seconds a SIGTERM/SIGINT shutdown may take before the process exits")
     idle_timeout: float = setting(60.0, "Seconds a client connection may idle, or take to send its headers")
@@ -70,18 +76,23 @@ class Settings:
     log_format: str = setting("text", "Log line format: text or json")
 
     def __post_init__(self) -> None:
-        _ = self.aliases, self.proxy_networks  # parsed now: a bad value raises ValueError at start
+        _ = self.aliases, self.proxy_networks, self.image_origins  # parsed now: a bad value raises ValueError at start
         if self.processes < 0 or self.log_format not in ("text", "json"):
             raise ValueError("processes must be 0 or more, log_format text or json")
-        positive = ("port", "backlog", "upstream_timeout", "upstream_connect_timeout", "upstream_max_clients",
+        if not 1 <= self.port <= 65535:
+            raise ValueError("port must be between 1 and 65535")
+        if self.backlog < 0:
+            raise ValueError("backlog must be 0 (the kernel's limit) or more")
+        positive = ("upstream_timeout", "upstream_connect_timeout", "upstream_max_clients",
                     "poll_interval", "max_attempts", "max_waiters", "cache_ttl", "max_batch_size", "min_size",
                     "size_multiple", "max_steps", "max_prompt_length", "idempotency_ttl", "max_image_bytes",
+                    "image_fetches",
                     "shutdown_timeout", "idle_timeout", "body_timeout", "write_timeout", "max_body_bytes",
                     "demo_seconds")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError("%s must be positive" % name)
-        if self.cache_size < 0 or self.max_cfg_scale < 0:
+        if self.cache_size < 0 or self.max_cfg_scale < 0 or self.image_cache_bytes < 0:
             raise ValueError("cache_size and max_cfg_scale must not be negative")
         if self.min_size > self.max_size:
             raise ValueError("min_size must not exceed max_size")
@@ -132,10 +143,61 @@ class Settings:
                 keys += [line.split("#", 1)[0].strip() for line in f]
         return frozenset(k for k in keys if k)
 
+    @functools.cached_property
+    def image_origins(self) -> tuple[str, ...]:
+        origins = tuple(item.strip() for item in self.image_hosts.split(",") if item.strip())
+        for origin in origins:
+            if not origin.lower().startswith(("http://", "https://")):
+                raise ValueError("image_hosts: expected origins like https://cdn.example.com, got %r" % origin)
+        return origins
+
+    @property
+    def listen_backlog(self) -> int:
+        return self.backlog or kernel_somaxconn()
+
     @property
     def wait_budget(self) -> float:
         """A full wait: max_attempts status checks, one every poll_interval."""
         return self.poll_interval * self.max_attempts
+
+
+def kernel_somaxconn(default: int = 1024) -> int:
+    """The kernel's cap on a listening socket's queue: a larger backlog is cut to it, a smaller
+    one makes a burst of connections wait on SYN retries (a second or more each)."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return default
+
+
+BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def convert(name: str, value: str) -> object:
+    """A command-line or environment value as its setting's type, or a ValueError naming it."""
+    kind = type(SETTING_DEFAULTS[name])
+    try:
+        if kind is bool:
+            return BOOLEANS[value.strip().lower()]
+        return int(value) if kind is int else float(value) if kind is float else value
+    except (KeyError, ValueError):
+        expected = {bool: "true or false", int: "a whole number", float: "a number"}.get(kind, "a value")
+        raise ValueError("%s: expected %s, got %r" % (name, expected, value[:100])) from None
+
+
+def checked(args: Sequence[str]) -> list[str]:
+    """`--name=value` arguments with each value checked, and booleans spelled as tornado reads
+    them (it takes any word but false/0/f as true, so "no" would be true)."""
+    result = []
+    for arg in args:
+        name, sep, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        name = name.replace("-", "_")
+        if sep and name in SETTING_DEFAULTS:
+            converted = convert(name, value)
+            arg = "--%s=%s" % (name, str(converted).lower() if isinstance(converted, bool) else value)
+        result.append(arg)
+    return result
 
 
 def build_parser() -> OptionParser:
@@ -155,7 +217,8 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None)
     names = {name.replace("-", "_") for name in parser}
     from_env = ["--%s=%s" % (key[len(ENV_PREFIX):].lower(), value) for key, value in sorted(environ.items())
                 if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):].lower() in names]
-    args = [argv[0], *from_env, *argv[1:]]
+    # Checked here: tornado's own conversion errors do not say which setting they are about.
+    args = [argv[0], *checked([*from_env, *argv[1:]])]
     try:
         extra = parser.parse_command_line(args, final=False)
         if extra:
@@ -166,3 +229,6 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None)
     except (OptionsError, OSError, SyntaxError) as e:
         raise ValueError(str(e)) from e
     return Settings(**{f.name: getattr(parser, f.name) for f in dataclasses.fields(Settings)})
+
+
+SETTING_DEFAULTS: dict[str, object] = {f.name: f.default for f in dataclasses.fields(Settings)}

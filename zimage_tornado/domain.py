@@ -23,7 +23,7 @@ class GenerationRequest:
     width: int = 1024
     height: int = 1024
     steps: int = 8
-    cfg_scale: float = 7
+    cfg_scale: float = 7.0
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ FAULTS = {
     "unknown_status": "a task read answering taskStatus 'mystery'",
     "hang": "answer normally, but only after hang_seconds",
     "reset": "close the connection without answering",
+    "endless": "an image that never stops coming (chunks until the client hangs up, or 30 s)",
+    "huge_length": "an image announcing a Content-Length of 10 GB",
 }
 
 
@@ -61,6 +63,10 @@ class FakeZImage:
         self.task_reads: Counter[str] = Counter()  # by task uuid
         self.read_times: defaultdict[str, list[float]] = defaultdict(list)
         self.generate_bodies: list[Any] = []
+        self.result_urls: dict[str, list[str]] = {}  # prompt -> the result URLs its tasks list
+        self.error_message = "The model could not draw this prompt"  # a failed task's errorMessage
+        self.image_bytes_sent = 0
+        self.redirects = 0
         self.request_headers: list[dict[str, str]] = []  # of every call, in order
         self._faults: dict[str, deque[str]] = defaultdict(deque)
         self._always: dict[str, str] = {}
@@ -133,9 +139,10 @@ class FakeZImage:
         if task["outcome"] == "never":
             fraction = min(fraction, 0.9)
         if fraction >= 1 and task["outcome"] == "fail":
-            view.update(taskStatus="failed", progress=100, errorMessage="The model could not draw this prompt")
+            view.update(taskStatus="failed", progress=100, errorMessage=self.error_message)
         elif fraction >= 1:
-            urls = ["%s/images/%s_%d.png" % (base_url, task["uuid"], i) for i in range(task["batch_size"])]
+            urls = self.result_urls.get(task["prompt"]) or [
+                "%s/images/%s_%d.png" % (base_url, task["uuid"], i) for i in range(task["batch_size"])]
             view.update(taskStatus="completed", progress=100)
             if self.result_style == "single":
                 view["resultUrl"] = urls[0]
@@ -154,6 +161,7 @@ class FakeZImage:
             (r"/api/z-image/generate", _GenerateHandler, {"fake": self}),
             (r"/api/z-image/task/([^/]+)", _TaskHandler, {"fake": self}),
             (r"/images/([A-Za-z0-9-]+)_(\d+)\.png", _ImageHandler, {"fake": self}),
+            (r"/redirect", _RedirectHandler, {"fake": self}),
             (r"/_fake/stats", _StatsHandler, {"fake": self}),
         ])
 
@@ -258,11 +266,37 @@ class _ImageHandler(_FakeHandler):
     async def get(self, task_uuid: str, index: str) -> None:
         if await self.misbehave():
             return
+        if self.fault in ("endless", "huge_length"):
+            return await self.endless()
         task = self.fake.tasks.get(task_uuid)
         if task is None or int(index) >= task["batch_size"]:
             return self.reply({"success": False, "error": "Image not found"}, 404)
         self.set_header("Content-Type", "image/png")
-        self.finish(render_png(task["prompt"], int(index), task["width"], task["height"]))
+        png = render_png(task["prompt"], int(index), task["width"], task["height"])
+        self.fake.image_bytes_sent += len(png)
+        self.finish(png)
+
+    async def endless(self) -> None:
+        self.set_header("Content-Type", "image/png")
+        if self.fault == "huge_length":
+            self.set_header("Content-Length", str(10 ** 10))
+        chunk = b"\x89PNG" + b"\0" * 65532
+        deadline = time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline:
+                self.write(chunk)
+                await self.flush()
+                self.fake.image_bytes_sent += len(chunk)
+        except Exception:  # noqa: BLE001 - the client hung up: that is the point
+            return
+
+
+class _RedirectHandler(_FakeHandler):
+    endpoint = "redirect"
+
+    def get(self) -> None:
+        self.fake.redirects += 1
+        self.redirect(self.get_query_argument("to"))
 
 
 class _StatsHandler(_FakeHandler):

@@ -11,7 +11,7 @@ from zimage_tornado.config import Settings
 from zimage_tornado.deadlines import BodyDeadlines
 from zimage_tornado.domain import GenerationRequest, Task
 from zimage_tornado.idempotency import IdempotencyStore
-from zimage_tornado.images import ImageFetcher
+from zimage_tornado.images import ImageFetcher, make_image_client
 from zimage_tornado.metrics import Metrics
 from zimage_tornado.openai_api import ModelTable
 from zimage_tornado.upstream import ZImageClient, make_http_client
@@ -30,7 +30,12 @@ class Gateway:
         )
         self.idempotency = IdempotencyStore(settings.idempotency_ttl, settings.cache_size)
         self.metrics = Metrics()
-        self.upstream = ZImageClient(settings.upstream_url, self.http, observer=self.metrics.observe_upstream)
+        self.image_http = make_image_client(
+            upstream_url=settings.upstream_url, image_hosts=settings.image_origins, max_clients=settings.image_fetches,
+            max_bytes=settings.max_image_bytes, connect_timeout=settings.upstream_connect_timeout,
+            request_timeout=settings.upstream_timeout, ca_certs=settings.upstream_ca_certs or None)
+        self.upstream = ZImageClient(settings.upstream_url, self.http, observer=self.metrics.observe_upstream,
+                                     image_http=self.image_http)
         self.watcher = TaskWatcher(
             self.upstream,
             interval=settings.poll_interval,
@@ -39,18 +44,21 @@ class Gateway:
             cache=ResultCache(settings.cache_size, settings.cache_ttl),
         )
         self.metrics.watch(self.watcher, self.idempotency)
-        self.images = ImageFetcher(self.upstream, settings.max_image_bytes)
+        self.images = ImageFetcher(self.upstream, max_bytes=settings.max_image_bytes,
+                                   cache_bytes=settings.image_cache_bytes, at_once=settings.image_fetches)
         self.models = ModelTable(settings.aliases)
         self.api_keys = settings.load_api_keys()
         self.shutting_down = False
         self.bodies = BodyDeadlines(settings.body_timeout)
         self.active: set[Any] = set()  # handlers of requests being served, for a graceful stop
 
-    async def submit(self, request: GenerationRequest, idempotency_key: str | None = None) -> Task:
+    async def submit(self, request: GenerationRequest, caller: str, idempotency_key: str | None = None) -> Task:
+        """A new upstream task, or the one `caller` already made with `idempotency_key`."""
         if idempotency_key is None:
             return await self.upstream.submit(request)
-        return await self.idempotency.submit(idempotency_key, request, self.upstream.submit)
+        return await self.idempotency.submit(caller, idempotency_key, request, self.upstream.submit)
 
     async def close(self) -> None:
         await self.watcher.close()
         self.http.close()
+        self.image_http.close()

@@ -7,7 +7,9 @@ paying for a second generation. Concurrent requests with one key share a single 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import json
 from typing import Awaitable, Callable
 
 from zimage_tornado.cache import ResultCache
@@ -16,7 +18,9 @@ from zimage_tornado.errors import invalid
 
 
 def fingerprint(request: GenerationRequest) -> str:
-    return hashlib.sha256(repr(request).encode()).hexdigest()
+    """The validated request as canonical JSON: what was asked, not how it was spelled."""
+    canonical = json.dumps(dataclasses.asdict(request), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class IdempotencyStore:
@@ -25,26 +29,29 @@ class IdempotencyStore:
         self._pending: dict[str, tuple[str, asyncio.Future[Task]]] = {}
         self.replays = 0
 
-    async def submit(self, key: str, request: GenerationRequest,
+    async def submit(self, scope: str, key: str, request: GenerationRequest,
                      submit: Callable[[GenerationRequest], Awaitable[Task]]) -> Task:
+        """`key` as sent by the caller whose `scope` (web/access.py) is given: one caller's keys
+        never meet another's, so they can neither collide nor be probed."""
         digest = fingerprint(request)
-        done = self._done.get(key)
+        scoped = "%s %s" % (scope, key)
+        done = self._done.get(scoped)
         if done is not None:
             self._check(key, done[0], digest)
             self.replays += 1
             return done[1]
-        pending = self._pending.get(key)
+        pending = self._pending.get(scoped)
         if pending is not None:
             self._check(key, pending[0], digest)
             self.replays += 1
             return await asyncio.shield(pending[1])
         future = asyncio.ensure_future(submit(request))
-        self._pending[key] = (digest, future)
+        self._pending[scoped] = (digest, future)
         try:
             task = await asyncio.shield(future)
         finally:
-            self._pending.pop(key, None)
-        self._done.put(key, (digest, task))  # only accepted submissions: a failed one may be retried
+            self._pending.pop(scoped, None)
+        self._done.put(scoped, (digest, task))  # only accepted submissions: a failed one may be retried
         return task
 
     @staticmethod

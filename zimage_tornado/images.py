@@ -1,20 +1,159 @@
-"""Result images fetched by the gateway itself, for `response_format: b64_json` answers."""
+"""Result images fetched by the gateway itself, for `response_format: b64_json` answers.
+
+Whoever controls a task's result URLs (a hostile or broken upstream) would otherwise steer the
+gateway's downloads, so:
+- a download connects only to public addresses (checked on the address actually connected to,
+  after DNS, on every redirect hop), except the upstream's own origin and `image_hosts`;
+- it reads at most `max_image_bytes` (Content-Length first, then while reading), fetches no
+  more URLs than the task's batch size, and its siblings stop counting once one fails;
+- images have their own connection pool, so slow images cannot starve submits and status reads;
+- concurrent and repeated b64 answers for one task share one download, kept in a small
+  byte-bounded cache.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
+import socket
+from collections import OrderedDict
+from typing import Any
+from urllib.parse import urlsplit
+
+from tornado.netutil import DefaultLoopResolver, Resolver
+from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from zimage_tornado.domain import Task
-from zimage_tornado.upstream import ZImageClient
+from zimage_tornado.upstream import UpstreamBadResponse, UpstreamError, ZImageClient
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class NotPublic(OSError):
+    """An image host that resolves only to addresses the gateway must not fetch from."""
+
+
+def is_public(ip: Address) -> bool:
+    """Not loopback, private, link-local, unique-local, multicast, unspecified or reserved."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
+    return ip.is_global and not ip.is_multicast
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an http(s) URL, the port made explicit."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
+
+
+class PublicOnlyResolver(Resolver):
+    """Resolves like the default resolver, then keeps only public addresses, unless the host and
+    port belong to an allowed origin. The HTTP client connects to what this returns, so a name
+    that resolves to 10.0.0.1 (or re-resolves to it later: DNS rebinding) is never connected to."""
+
+    def initialize(self, allowed: frozenset[tuple[str, int]] = frozenset()) -> None:
+        self.allowed = allowed
+        self.inner = DefaultLoopResolver()
+
+    async def resolve(self, host: str, port: int,
+                      family: socket.AddressFamily = socket.AF_UNSPEC) -> list[tuple[int, Any]]:
+        addresses = await self.inner.resolve(host, port, family)
+        if (host.lower().strip("[]"), port) in self.allowed:
+            return addresses
+        public = [(fam, address) for fam, address in addresses if is_public(ipaddress.ip_address(address[0]))]
+        if not public:
+            raise NotPublic("%s resolves to a loopback, private or otherwise non-public address" % host[:100])
+        return public
+
+
+def make_image_client(*, upstream_url: str, image_hosts: tuple[str, ...], max_clients: int, max_bytes: int,
+                      connect_timeout: float, request_timeout: float, ca_certs: str | None) -> SimpleAsyncHTTPClient:
+    """The image downloads' own client and pool (never the upstream's)."""
+    allowed = frozenset(origin(url)[1:] for url in (upstream_url, *image_hosts))
+    defaults: dict[str, Any] = {"connect_timeout": connect_timeout, "request_timeout": request_timeout,
+                                "follow_redirects": True, "max_redirects": 3}
+    if ca_certs:
+        defaults["ca_certs"] = ca_certs
+    return SimpleAsyncHTTPClient(force_instance=True, max_clients=max_clients, defaults=defaults,
+                                 resolver=PublicOnlyResolver(allowed=allowed), max_body_size=max_bytes)
+
+
+class ByteBoundedCache:
+    """Encoded images by task uuid, least recently used first out, at most `max_bytes` in all."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._entries: OrderedDict[str, list[str]] = OrderedDict()
+
+    def get(self, key: str) -> list[str] | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, value: list[str]) -> None:
+        size = sum(len(item) for item in value)
+        if size > self.max_bytes or key in self._entries:
+            return
+        self._entries[key] = value
+        self.size += size
+        while self.size > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.size -= sum(len(item) for item in evicted)
 
 
 class ImageFetcher:
-    def __init__(self, upstream: ZImageClient, max_bytes: int) -> None:
+    def __init__(self, upstream: ZImageClient, *, max_bytes: int, cache_bytes: int, at_once: int) -> None:
         self.upstream = upstream
         self.max_bytes = max_bytes
+        self.cache = ByteBoundedCache(cache_bytes)
+        self._pending: dict[str, asyncio.Future[list[str]]] = {}
+        self._slots = asyncio.Semaphore(at_once)  # downloads in flight, over all tasks
+        self.downloads = 0
 
-    async def b64(self, task: Task) -> list[str]:
-        """The task's images, fetched concurrently and base64-encoded, in order."""
-        images = await asyncio.gather(*(self.upstream.fetch_image(url, self.max_bytes) for url in task.image_urls))
+    async def b64(self, task: Task, batch_size: int) -> list[str]:
+        """The task's first `batch_size` images, base64-encoded, in order."""
+        cached = self.cache.get(task.uuid)
+        if cached is not None:
+            return cached
+        pending = self._pending.get(task.uuid)
+        if pending is None:
+            pending = asyncio.ensure_future(self._download(task.image_urls[:batch_size]))
+            self._pending[task.uuid] = pending
+            pending.add_done_callback(lambda done: self._downloaded(task.uuid, done))
+        # shield: one client leaving must not cancel the download the others wait for
+        return await asyncio.shield(pending)
+
+    def _downloaded(self, uuid: str, done: asyncio.Future[list[str]]) -> None:
+        self._pending.pop(uuid, None)
+        if not done.cancelled() and done.exception() is None:
+            self.cache.put(uuid, done.result())
+
+    async def _download(self, urls: tuple[str, ...]) -> list[str]:
+        if not urls:
+            raise UpstreamBadResponse("The task has no image URLs to fetch")
+        aborted = asyncio.Event()
+        fetches = [asyncio.ensure_future(self._one(url, aborted)) for url in urls]
+        try:
+            images = await asyncio.gather(*fetches)
+        except BaseException:
+            aborted.set()  # the others stop keeping what they read, and are cancelled
+            for fetch in fetches:
+                fetch.cancel()
+            await asyncio.gather(*fetches, return_exceptions=True)
+            raise
         return [base64.b64encode(image).decode("ascii") for image in images]
+
+    async def _one(self, url: str, aborted: asyncio.Event) -> bytes:
+        async with self._slots:
+            self.downloads += 1
+            try:
+                return await self.upstream.fetch_image(url, self.max_bytes, aborted.is_set)
+            except UpstreamError as e:
+                if isinstance(e.__cause__, NotPublic):
+                    raise UpstreamBadResponse("Refused to fetch an image: %s (allowed: the upstream's "
+                                              "origin and image_hosts)" % e.__cause__) from e
+                raise

@@ -7,15 +7,32 @@ import json
 import logging
 import sys
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 # Set by the handler for the request being served; tasks it starts inherit it. Engine tasks
 # shared by many requests start from an empty context, so they carry none.
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
-class RequestIdFilter(logging.Filter):
+def escape(text: str) -> str:
+    """Control, format and line-separator characters (\\n, U+2028, U+0085, bidi overrides, lone
+    surrogates) as escapes: a value from a client or the upstream cannot start a fake log line."""
+    if text.isprintable():  # the usual case, checked in C
+        return text
+    return "".join(c if c.isprintable() else _escaped(ord(c)) for c in text)
+
+
+def _escaped(code: int) -> str:
+    return "\\x%02x" % code if code < 0x100 else "\\u%04x" % code if code < 0x10000 else "\\U%08x" % code
+
+
+class LineFilter(logging.Filter):
+    """Every record gets its request id, and its message is made one safe line."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
+        message = record.getMessage()
+        record.msg, record.args = escape(message), None
         return True
 
 
@@ -38,7 +55,7 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RequestIdFilter())
+    handler.addFilter(LineFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -47,3 +64,11 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def redact_url(url: str) -> str:
+    """The URL without its user:password@ part, for showing and logging."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))

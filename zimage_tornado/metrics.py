@@ -18,6 +18,7 @@ from zimage_tornado.watcher import TaskWatcher
 # Long-polls last up to minutes: the buckets reach past the default five-minute wait.
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+METHODS = frozenset({"GET", "POST", "OPTIONS", "HEAD", "PUT", "DELETE", "PATCH"})
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -40,6 +41,9 @@ class Metrics:
         self.registry.register(_EngineCollector(watcher, idempotency))
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        # Label values from fixed sets only: a client chooses its method, and each new value
+        # would be a new series kept for ever.
+        method = method if method in METHODS else "other"
         self._observe((route, method, status), self.requests, (route, method, str(status)),
                       self.latency, (route,), seconds)
 

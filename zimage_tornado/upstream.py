@@ -28,6 +28,7 @@ T = TypeVar("T")
 KNOWN_STATES = FINAL_STATES | {PENDING, PROCESSING}
 MAX_MESSAGE = 500
 CURLE_OPERATION_TIMEDOUT = 28
+CURLE_NOT_CONNECTED = (6, 7)  # could not resolve the host; could not connect
 
 
 def make_http_client(kind: str, *, max_clients: int, connect_timeout: float, request_timeout: float,
@@ -92,6 +93,21 @@ class TaskNotFound(UpstreamError):
     transient = False
 
 
+def _send_once(curl: Any) -> None:
+    """A submit is never sent twice. When a reused keep-alive connection dies after the request
+    went out, libcurl silently sends it again on a new one (two paid jobs), and no option turns
+    that off; but it must rewind the body first. Refusing the rewind makes it fail instead
+    (CURLE_SEND_FAIL_REWIND), while keep-alive stays for every submit that goes well."""
+    import pycurl
+
+    curl.setopt(pycurl.SEEKFUNCTION, lambda offset, origin: pycurl.SEEKFUNC_FAIL)
+
+
+def never_connected(error: BaseException) -> bool:
+    """True when the request cannot have reached the upstream (refused, or no such host)."""
+    return isinstance(error, ConnectionRefusedError) or getattr(error, "errno", None) in CURLE_NOT_CONNECTED
+
+
 def encode_generate(request: GenerationRequest) -> dict[str, Any]:
     """The submit body. Kept in one place: the service's camelCase variant is a change here only."""
     return {
@@ -110,9 +126,12 @@ Observer = Callable[[str, str, float], None]  # (kind, outcome, seconds)
 
 
 class ZImageClient:
-    def __init__(self, base_url: str, http: AsyncHTTPClient, observer: Observer | None = None) -> None:
+    def __init__(self, base_url: str, http: AsyncHTTPClient, observer: Observer | None = None,
+                 image_http: AsyncHTTPClient | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self._http = http
+        self._image_http = image_http or http  # images.make_image_client(): a pool of their own
+        self._curl = type(http).__name__ == "CurlAsyncHTTPClient"
         self._observer = observer
         self.headers = {
             "Accept": "application/json",
@@ -127,9 +146,10 @@ class ZImageClient:
     async def get_task(self, uuid: str) -> Task:
         return await self._observed("task", self._get_task(uuid))
 
-    async def fetch_image(self, url: str, max_bytes: int) -> bytes:
-        """One result image, for b64_json answers. Bytes past `max_bytes` are not kept."""
-        return await self._observed("image", self._fetch_image(url, max_bytes))
+    async def fetch_image(self, url: str, max_bytes: int, aborted: Callable[[], bool] = lambda: False) -> bytes:
+        """One result image, for b64_json answers: at most `max_bytes`; nothing more is kept
+        once `aborted()` is true (a sibling failed)."""
+        return await self._observed("image", self._fetch_image(url, max_bytes, aborted))
 
     async def _observed(self, kind: str, call: Awaitable[T]) -> T:
         started = time.monotonic()
@@ -173,20 +193,32 @@ class ZImageClient:
         log.debug("task %s is %s (%s%%)", uuid, parsed.status, parsed.progress)
         return parsed
 
-    async def _fetch_image(self, url: str, max_bytes: int) -> bytes:
-        if not url.startswith(("http://", "https://")):
+    async def _fetch_image(self, url: str, max_bytes: int, aborted: Callable[[], bool]) -> bytes:
+        if not url.lower().startswith(("http://", "https://")):
             raise UpstreamBadResponse("The upstream gave an image URL that is not http(s)")
         chunks: list[bytes] = []
         size = 0
+        declared: list[int] = []
 
         def collect(chunk: bytes) -> None:
             nonlocal size
             size += len(chunk)
-            if size <= max_bytes:
+            if size <= max_bytes and not aborted():
                 chunks.append(chunk)
 
-        response = await self._fetch("The image host", url, headers={"User-Agent": self.headers["User-Agent"]},
-                                     streaming_callback=collect)
+        def header(line: str) -> None:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length" and value.strip().isdigit():
+                declared.append(int(value.strip()))
+
+        try:
+            response = await self._fetch("The image host", url, http=self._image_http, streaming_callback=collect,
+                                         header_callback=header, headers={"User-Agent": self.headers["User-Agent"]})
+        except UpstreamError as e:
+            # The image client stops reading at max_bytes by closing the connection.
+            if size >= max_bytes or any(length > max_bytes for length in declared):
+                raise UpstreamBadResponse("An image is larger than %d bytes; not fetched" % max_bytes) from e
+            raise
         if response.code != 200:
             raise UpstreamBadResponse("The image host answered HTTP %d" % response.code)
         if size > max_bytes:
@@ -198,35 +230,34 @@ class ZImageClient:
         headers = dict(self.headers)
         if body is not None:
             headers["Content-Type"] = "application/json"
+        once: dict[str, Any] = {"prepare_curl_callback": _send_once} if method == "POST" and self._curl else {}
         response = await self._fetch("The upstream", url, method=method, headers=headers,
-                                     body=None if body is None else json.dumps(body))
+                                     body=None if body is None else json.dumps(body), **once)
         return self._decode(response, task_uuid)
 
-    async def _fetch(self, who: str, url: str, **kwargs: Any) -> HTTPResponse:
+    async def _fetch(self, who: str, url: str, http: AsyncHTTPClient | None = None, **kwargs: Any) -> HTTPResponse:
         """fetch() with every transport failure mapped to an UpstreamError. Timeouts come from the
         client's defaults (the upstream_* settings); raise_error=False so that HTTP error statuses
         arrive as responses whose bodies can be read."""
         request_id = logs.request_id.get()
         if request_id != "-":
             kwargs["headers"] = {**kwargs.get("headers", {}), "X-Request-ID": request_id}
+        method = kwargs.get("method", "GET")
         try:
-            response = await self._http.fetch(url, raise_error=False, **kwargs)
-        except HTTPClientError as e:
-            if isinstance(e, HTTPTimeoutError) or getattr(e, "errno", None) == CURLE_OPERATION_TIMEDOUT:
-                error: UpstreamError = UpstreamTimeout("%s did not answer in time" % who)
-            else:
-                error = UpstreamUnavailable("%s could not be reached" % who)
-            self._transport_failed(kwargs.get("method", "GET"), url, e, error)
-            raise error from e
-        except (OSError, StreamClosedError) as e:
-            error = UpstreamUnavailable("%s could not be reached" % who)
-            self._transport_failed(kwargs.get("method", "GET"), url, e, error)
+            response = await (http or self._http).fetch(url, raise_error=False, **kwargs)
+        except (HTTPClientError, OSError, StreamClosedError) as e:
+            timeout = isinstance(e, HTTPTimeoutError) or getattr(e, "errno", None) == CURLE_OPERATION_TIMEDOUT
+            message = "%s did not answer in time" % who if timeout else "%s could not be reached" % who
+            if method == "POST" and not never_connected(e):
+                message += "; the task may have been created upstream"  # the request may have arrived
+            error = UpstreamTimeout(message) if timeout else UpstreamUnavailable(message)
+            self._transport_failed(method, url, e, error)
             raise error from e
         self.last_answer_at = time.monotonic()
         return response
 
     def _transport_failed(self, method: str, url: str, cause: Exception, error: UpstreamError) -> None:
-        log.warning("%s %s failed: %s", method, url, cause)
+        log.warning("%s %s failed: %s", method, logs.redact_url(url), cause)
         self.last_failure = (time.monotonic(), str(error))
 
     def _decode(self, response: HTTPResponse, task_uuid: str | None) -> dict[str, Any]:
@@ -235,7 +266,7 @@ class ZImageClient:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         try:
             document = json.loads(response.body or b"")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             document = None
         if not isinstance(document, dict):
             if response.code == 404 and task_uuid:
@@ -311,4 +342,5 @@ def result_urls(task: dict[str, Any]) -> tuple[str, ...]:
             urls = [urls]
     if not isinstance(urls, list):
         return ()
-    return tuple(url for url in urls if isinstance(url, str) and url)
+    # Only http(s) reaches a client: a javascript: or file: URL is dropped here, once.
+    return tuple(url for url in urls if isinstance(url, str) and url.lower().startswith(("http://", "https://")))

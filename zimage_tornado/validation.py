@@ -47,6 +47,10 @@ def json_object(value: Any, param: str | None = None) -> dict[str, Any]:
 def string(value: Any, param: str, *, max_length: int, allow_empty: bool = True) -> str:
     if not isinstance(value, str):
         raise invalid("%s must be a string" % param, param=param, code="invalid_type")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\udcff"): valid JSON, but not text
+        raise invalid("%s must be valid Unicode text" % param, param=param) from None
     if not allow_empty and not value.strip():
         raise invalid("%s must be a non-empty string" % param, param=param, code="missing_value")
     if len(value) > max_length:
@@ -98,7 +102,7 @@ def number(value: Any, param: str, low: float, high: float) -> float:
         raise invalid("%s must be a number" % param, param=param, code="invalid_type")
     if not math.isfinite(value) or not low <= value <= high:
         raise invalid("%s must be between %g and %g" % (param, low, high), param=param)
-    return value
+    return float(value)  # 7 and 7.0 are one request
 
 
 def image_side(value: Any, param: str, limits: Limits) -> int:

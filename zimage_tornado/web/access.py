@@ -4,6 +4,7 @@ what to answer."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import itertools
@@ -52,20 +53,35 @@ def bearer_allowed(authorization: str, keys: Iterable[str]) -> bool:
     return scheme.lower() == "bearer" and any(matched)
 
 
+def caller_scope(authorization: str, client_ip: str, keys_configured: bool) -> str:
+    """A caller's scope: a hash of its API key when keys are configured (the key itself is never
+    kept), else its client address."""
+    if keys_configured:
+        token = authorization.partition(" ")[2].strip()
+        return "key:" + hashlib.sha256(token.encode()).hexdigest()[:32]
+    return "ip:" + client_ip
+
+
 def client_address(remote_ip: str | None, headers: Mapping[str, str], trusted: Sequence[Network]) -> str:
-    """The client's IP: X-Forwarded-For / X-Real-IP are believed only from trusted proxies."""
-    def is_trusted(address: str) -> bool:
+    """The client's IP: X-Forwarded-For / X-Real-IP are believed only from trusted proxies, and
+    only where they are IP addresses (anything else would reach logs and limits as given)."""
+    def parsed(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         try:
-            ip = ipaddress.ip_address(address)
+            return ipaddress.ip_address(address.strip())
         except ValueError:
-            return False
+            return None
+
+    def is_trusted(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(ip in network for network in trusted)
 
-    remote = remote_ip or "-"
-    if not trusted or not is_trusted(remote):
-        return remote
-    forwarded = [a.strip() for a in headers.get("X-Forwarded-For", "").split(",") if a.strip()]
-    for address in reversed(forwarded):  # the nearest hop first; skip our own proxies
-        if not is_trusted(address):
-            return address
-    return headers.get("X-Real-IP", "").strip() or (forwarded[0] if forwarded else remote)
+    remote = parsed(remote_ip or "")
+    if remote is None or not trusted or not is_trusted(remote):
+        return remote_ip or "-"
+    forwarded = [parsed(a) for a in headers.get("X-Forwarded-For", "").split(",") if a.strip()]
+    for ip in reversed(forwarded):  # the nearest hop first; skip our own proxies
+        if ip is None:
+            return str(remote)  # a hop that is not an address: believe none beyond it
+        if not is_trusted(ip):
+            return str(ip)
+    real = parsed(headers.get("X-Real-IP", ""))
+    return str(real or (forwarded[0] if forwarded else remote))

@@ -24,6 +24,17 @@ from zimage_tornado.web import access, statuses
 log = logging.getLogger("zimage_tornado.handlers")
 
 
+def json_text(value: Any) -> str:
+    """JSON for a client. Text the upstream sent may hold a lone surrogate, which UTF-8 cannot
+    encode: such an answer is written with ASCII escapes instead (still valid JSON)."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value)
+    return text
+
+
 @stream_request_body  # so that an oversize body is refused (413) before it is read
 class BaseHandler(RequestHandler):
     open_during_shutdown = False
@@ -56,21 +67,28 @@ class BaseHandler(RequestHandler):
         settings = self.gateway.settings
         self.client_ip = access.client_address(self.request.remote_ip, self.request.headers,
                                                settings.proxy_networks)
-        if self.request.method == "OPTIONS":
-            return  # a CORS preflight: browsers send it without credentials
-        length = self.request.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > settings.max_body_bytes:
+        # Every request that announces a body (OPTIONS included) is bounded before anything else.
+        length = self.declared_length
+        if length is not None and length > settings.max_body_bytes:
             self.body_too_large()
         chunked = "chunked" in self.request.headers.get("Transfer-Encoding", "").lower()
-        if chunked or (length.isdigit() and int(length) > 0):
-            if self.request.method != "POST":  # no GET of ours takes a body: do not wait for one
+        if chunked or length:
+            if self.request.method != "POST":  # only POSTs of ours take a body: do not wait for one
                 raise ApiError(400, "%s requests take no body" % self.request.method, code="unexpected_body",
                                headers={"Connection": "close"})
             self.gateway.bodies.expect(self, self.body_too_slow)
+        if self.request.method == "OPTIONS":
+            return  # a CORS preflight: browsers send it without credentials
         if self.gateway.shutting_down and not self.open_during_shutdown:
             raise statuses.ShuttingDown()
         if self.request.path.startswith("/v1/") or (self.route == "/metrics" and settings.metrics_require_key):
             self.check_api_key()
+
+    @functools.cached_property
+    def caller(self) -> str:
+        """Who is asking, as a scope for what must not be shared between callers."""
+        return access.caller_scope(self.request.headers.get("Authorization", ""), self.client_ip,
+                                   bool(self.gateway.api_keys))
 
     def check_api_key(self) -> None:
         keys = self.gateway.api_keys
@@ -79,12 +97,17 @@ class BaseHandler(RequestHandler):
             raise ApiError(401, "Invalid or missing API key: send Authorization: Bearer <key>",
                            code="invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="zimage-tornado"'})
 
+    @functools.cached_property
+    def declared_length(self) -> int | None:
+        """Content-Length as a number; ASCII digits only ("²".isdigit() is true in Python)."""
+        length = self.request.headers.get("Content-Length", "")
+        return int(length) if length.isascii() and length.isdigit() else None
+
     def data_received(self, chunk: bytes) -> None:
         self._body_size += len(chunk)
         if self._body_size <= self.gateway.settings.max_body_bytes:
             self._body.append(chunk)
-        length = self.request.headers.get("Content-Length", "")
-        if length.isdigit() and self._body_size >= int(length):
+        if self.declared_length is not None and self._body_size >= self.declared_length:
             self.gateway.bodies.received(self)
 
     def body_too_slow(self) -> None:
@@ -143,6 +166,8 @@ class BaseHandler(RequestHandler):
             return json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise invalid("The request body is not valid JSON", code="invalid_json") from None
+        except RecursionError:
+            raise invalid("The request body is nested too deeply", code="invalid_json") from None
 
     # -- output --------------------------------------------------------------------------------
 
@@ -150,7 +175,7 @@ class BaseHandler(RequestHandler):
         self.set_status(status)
         for name, value in (headers or {}).items():
             self.set_header(name, value)
-        self.finish(json.dumps(body, ensure_ascii=False))
+        self.finish(json_text(body))
 
     def api_error(self, cause: BaseException | None, status_code: int = 500) -> ApiError:
         return statuses.api_error(cause, statuses.Context(
@@ -188,7 +213,7 @@ class BaseHandler(RequestHandler):
 
     async def submit(self, request: Any) -> Task:
         key = validation.idempotency_key(self.request.headers.get("Idempotency-Key"))
-        task = await self.gateway.submit(request, key)
+        task = await self.gateway.submit(request, self.caller, key)
         self.task_uuid, self.submitted = task.uuid, True
         return task
 

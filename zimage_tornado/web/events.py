@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from zimage_tornado import openai_api
 from zimage_tornado.domain import Task
 from zimage_tornado.errors import ApiError, envelope
+from zimage_tornado.web.base import json_text
 
 if TYPE_CHECKING:
-    from zimage_tornado.web.base import BaseHandler
+    from zimage_tornado.web.base import BaseHandler  # noqa: F401 - a name for the annotations
 
 
 class EventStream:
@@ -25,7 +25,7 @@ class EventStream:
         self.handler.set_header("X-Accel-Buffering", "no")  # nginx: pass events on as they come
 
     async def event(self, data: Any) -> None:
-        await self._emit("data: %s\n\n" % (data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)))
+        await self._emit("data: %s\n\n" % (data if isinstance(data, str) else json_text(data)))
 
     async def keepalive(self) -> None:
         await self._emit(": waiting\n\n")  # an SSE comment: keeps idle-timeout proxies from cutting us

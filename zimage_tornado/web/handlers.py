@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zimage_tornado import SERVICE_NAME, __version__, openai_api, openapi, validation
+from zimage_tornado import SERVICE_NAME, __version__, logs, openai_api, openapi, validation
 from zimage_tornado.errors import ApiError
 from zimage_tornado.metrics import CONTENT_TYPE
 from zimage_tornado.watcher import INTERRUPTED, RUNNING, Outcome
@@ -33,7 +33,7 @@ class InfoHandler(BaseHandler):
             "service": SERVICE_NAME,
             "version": __version__,
             "description": "OpenAI-compatible gateway for the Z-Image text-to-image service",
-            "upstream": self.gateway.settings.upstream_url,
+            "upstream": logs.redact_url(self.gateway.settings.upstream_url),
             "demo": self.gateway.settings.demo,
             "playground": "/playground",
             "endpoints": [{"method": m, "path": p, "description": d} for m, p, d in self.settings["endpoints"]],
@@ -77,7 +77,7 @@ class ReadinessHandler(BaseHandler):
         self.send({
             "status": "shutting_down" if gateway.shutting_down else "ready",
             "upstream": {
-                "url": gateway.settings.upstream_url,
+                "url": logs.redact_url(gateway.settings.upstream_url),
                 "answered_recently": answered_ago is not None and answered_ago <= window,
                 "last_answer_seconds_ago": answered_ago,
                 "last_failure": failure,
@@ -161,7 +161,9 @@ class ImagesGenerationsHandler(BaseHandler):
         if outcome is None:
             return
         done = self.pictures(outcome)
-        b64 = await self.gateway.images.b64(done) if request.response_format == "b64_json" else None
+        b64 = None
+        if request.response_format == "b64_json":
+            b64 = await self.gateway.images.b64(done, request.generation.batch_size)
         self.send(openai_api.images_response(done.image_urls, b64))
 
 
