@@ -12,12 +12,14 @@ import resource
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
+SCRATCH = tempfile.TemporaryDirectory(prefix="zimage-bench-")  # databases and key files; gone at exit
 
 
 def raise_fd_limit() -> int:
@@ -79,6 +81,8 @@ def fake_upstream(port: int, **options: Any) -> list[str]:
 
 
 def proxy(port: int, upstream_port: int, **settings: Any) -> list[str]:
+    """A gateway on its default (file-backed) store, in a temporary directory of this run."""
+    settings.setdefault("database", os.path.join(SCRATCH.name, "gateway-%d.sqlite3" % port))
     args = ["-m", "zimage_tornado", "--port=%d" % port, "--upstream-url=http://%s:%d" % (HOST, upstream_port),
             "--log-level=warning"]
     return args + ["--%s=%s" % (name, value) for name, value in settings.items()]
@@ -102,10 +106,12 @@ class Connection:
     async def open(cls, port: int) -> "Connection":
         return cls(*await asyncio.open_connection(HOST, port))
 
-    async def request(self, method: str, path: str, body: Any = None, close: bool = False) -> tuple[int, Any]:
+    async def request(self, method: str, path: str, body: Any = None, close: bool = False,
+                      headers: dict[str, str] | None = None) -> tuple[int, Any]:
         payload = b"" if body is None else json.dumps(body).encode()
-        head = "%s %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n" % (
-            method, path, HOST, len(payload), "Connection: close\r\n" if close else "")
+        extra = "".join("%s: %s\r\n" % item for item in (headers or {}).items())
+        head = "%s %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s%s\r\n" % (
+            method, path, HOST, len(payload), "Connection: close\r\n" if close else "", extra)
         self.writer.write(head.encode() + payload)
         status_line = await self.reader.readuntil(b"\r\n")
         length = 0

@@ -1,7 +1,7 @@
 """Submit throughput, and the latency the proxy adds over calling the upstream directly.
 
-    python bench/submit.py                          # concurrency 1, 10, 100
-    python bench/submit.py --concurrency 10 --requests 5000
+    python bench/submit.py                          # concurrency 1, 10, 100; without and with keys
+    python bench/submit.py --concurrency 10 --requests 5000 --keys yes
 
 Starts the fake upstream and the proxy as processes on 127.0.0.1. At each concurrency level,
 that many clients (one keep-alive connection each) send the same generation request, first
@@ -14,17 +14,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import subprocess
+import sys
 import os
 import time
 
-from common import Connection, cpu_split, fake_upstream, free_port, percentile, proxy, raise_fd_limit, started, table
+from common import (
+    SCRATCH,
+    Connection,
+    cpu_split,
+    fake_upstream,
+    free_port,
+    percentile,
+    proxy,
+    raise_fd_limit,
+    started,
+    table,
+)
 
 UPSTREAM_BODY = {"prompt": "a red bicycle", "negative_prompt": "", "model": "turbo", "batch_size": 1,
                  "width": 1024, "height": 1024, "steps": 8, "cfg_scale": 7}
 PROXY_BODY = {"model": "zimage-turbo", "messages": [{"role": "user", "content": "a red bicycle"}]}
 
 
-async def run(port: int, path: str, body: dict, concurrency: int, requests: int) -> tuple[list[float], float, int]:
+async def run(port: int, path: str, body: dict, concurrency: int, requests: int,
+              headers: dict[str, str] | None = None) -> tuple[list[float], float, int]:
     latencies: list[float] = []
     failures = 0
     remaining = [requests]
@@ -35,7 +50,7 @@ async def run(port: int, path: str, body: dict, concurrency: int, requests: int)
         while remaining[0] > 0:
             remaining[0] -= 1
             sent = time.perf_counter()
-            code, _ = await conn.request("POST", path, body)
+            code, _ = await conn.request("POST", path, body, headers=headers)
             latencies.append(time.perf_counter() - sent)
             failures += code != 200
         conn.close()
@@ -45,20 +60,37 @@ async def run(port: int, path: str, body: dict, concurrency: int, requests: int)
     return latencies, time.perf_counter() - started_at, failures
 
 
-async def bench(levels: list[int], requests: int) -> list[list]:
+# --keys: a named key whose limits are checked (and counted) on every submit, high enough never to refuse
+KEYS_FILE = """[keys.bench]
+key = "sk-bench"
+requests_per_minute = 100000000
+images_per_day = 100000000
+"""
+
+
+async def bench(levels: list[int], requests: int, keys: bool) -> list[list]:
     upstream_port, proxy_port = free_port(), free_port()
     proxy_cpus, other_cpus = cpu_split()
     if other_cpus:
         os.sched_setaffinity(0, other_cpus)
+    settings: dict[str, object] = {"upstream_max_clients": 200}
+    headers = None
+    if keys:
+        path = os.path.join(SCRATCH.name, "keys.toml")
+        with open(path, "w") as f:
+            f.write(KEYS_FILE)
+        settings["api_keys_file"], headers = path, {"Authorization": "Bearer sk-bench"}
     rows = []
     with started(fake_upstream(upstream_port), upstream_port, other_cpus), \
-            started(proxy(proxy_port, upstream_port, upstream_max_clients=200), proxy_port, proxy_cpus):
-        await run(proxy_port, "/v1/chat/completions", PROXY_BODY, 4, 200)  # warm up both processes
+            started(proxy(proxy_port, upstream_port, **settings), proxy_port, proxy_cpus):
+        await run(proxy_port, "/v1/chat/completions", PROXY_BODY, 4, 200, headers)  # warm up both processes
         for c in levels:
             direct, _, direct_failures = await run(upstream_port, "/api/z-image/generate", UPSTREAM_BODY, c, requests)
-            proxied, seconds, failures = await run(proxy_port, "/v1/chat/completions", PROXY_BODY, c, requests)
+            proxied, seconds, failures = await run(proxy_port, "/v1/chat/completions", PROXY_BODY, c, requests,
+                                                   headers)
             rows.append([
-                c, requests, failures + direct_failures, "%.0f" % (requests / seconds),
+                "keys + limits" if keys else "no keys", c, requests, failures + direct_failures,
+                "%.0f" % (requests / seconds),
                 "%.2f" % (1000 * percentile(direct, 50)), "%.2f" % (1000 * percentile(direct, 99)),
                 "%.2f" % (1000 * percentile(proxied, 50)), "%.2f" % (1000 * percentile(proxied, 99)),
                 "%.2f" % (1000 * (percentile(proxied, 50) - percentile(direct, 50))),
@@ -70,10 +102,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--requests", type=int, default=2000, help="requests per level and path")
+    parser.add_argument("--keys", choices=["both", "no", "yes"], default="both",
+                        help="without keys, with a key whose limits are checked on every submit, or both")
+    parser.add_argument("--rows", action="store_true", help=argparse.SUPPRESS)  # JSON rows, for "both"
     args = parser.parse_args()
     raise_fd_limit()
-    rows = asyncio.run(bench(args.concurrency, args.requests))
-    print(table(["concurrency", "requests", "errors", "proxy req/s", "direct p50 ms", "direct p99 ms",
+    if args.keys == "both":  # each setup in a fresh process: a second run in this one comes out slower
+        rows = []
+        for keys in ("no", "yes"):
+            child = subprocess.run([sys.executable, __file__, "--keys", keys, "--rows",
+                                    "--requests", str(args.requests),
+                                    "--concurrency", *map(str, args.concurrency)], capture_output=True, text=True,
+                                   check=True)
+            rows += json.loads(child.stdout)
+    else:
+        rows = asyncio.run(bench(args.concurrency, args.requests, args.keys == "yes"))
+    if args.rows:
+        return print(json.dumps(rows))
+    print(table(["setup", "concurrency", "requests", "errors", "proxy req/s", "direct p50 ms", "direct p99 ms",
                  "proxy p50 ms", "proxy p99 ms", "added p50 ms"], rows))
 
 

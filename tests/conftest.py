@@ -26,7 +26,8 @@ from zimage_tornado.gateway import Gateway
 ROOT = Path(__file__).resolve().parent.parent
 
 # Short intervals through settings, so that long-polls take milliseconds.
-FAST = dict(poll_interval=0.05, max_attempts=20, upstream_timeout=2.0, upstream_connect_timeout=1.0)
+FAST = dict(poll_interval=0.05, max_attempts=20, upstream_timeout=2.0, upstream_connect_timeout=1.0,
+            database=":memory:")
 
 
 def serve(app, **server_options: Any) -> tuple[HTTPServer, int]:
@@ -78,9 +79,9 @@ def make_proxy(io_loop, fake_url) -> Callable[..., Proxy]:
     """Starts a proxy on a free port; keyword arguments override the (fast) settings."""
     started: list[tuple[HTTPServer, Proxy]] = []
 
-    def start(**overrides: Any) -> Proxy:
+    def start(clock: Callable[[], float] | None = None, **overrides: Any) -> Proxy:
         settings = Settings(**{"upstream_url": fake_url, **FAST, **overrides})
-        app = make_app(settings)
+        app = make_app(settings, Gateway(settings, clock) if clock else None)
         server, port = serve(app, idle_connection_timeout=settings.idle_timeout)
         proxy = Proxy("http://127.0.0.1:%d" % port, app.gateway, AsyncHTTPClient(force_instance=True, max_clients=500))
         started.append((server, proxy))
@@ -106,8 +107,9 @@ class GatewayProcess:
         sock.close()
         self.url = "http://127.0.0.1:%d" % self.port
         self.log_path = tmp_path / ("gateway-%d.log" % self.port)
+        self.database = tmp_path / "gateway.sqlite3"  # shared by the gateways of one test
         environment = {**os.environ, "ZIMAGE_UPSTREAM_URL": fake_url, "ZIMAGE_POLL_INTERVAL": "0.1",
-                       **(env or {})}
+                       "ZIMAGE_DATABASE": str(self.database), **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "zimage_tornado", "--port=%d" % self.port, *args],
                                      cwd=ROOT, env=environment, stderr=self.log_path.open("w"))
         self.http = AsyncHTTPClient(force_instance=True, max_clients=200)

@@ -47,7 +47,7 @@ async def test_the_document_is_valid_openapi_3_1(proxy):
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_real_answers_match_the_document(make_proxy, fake):
+async def test_real_answers_match_the_document(make_proxy, fake, tmp_path):
     proxy = make_proxy(poll_interval=0.02, max_attempts=5, max_body_bytes=5000)
     contract = Contract(json.loads((await proxy.request("/openapi.json")).body))
 
@@ -102,6 +102,16 @@ async def test_real_answers_match_the_document(make_proxy, fake):
     secured = make_proxy(api_keys="k")
     response = await secured.request("/v1/models")
     contract.check("/v1/models", "GET", response)
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[keys.ops]\nkey = "sk-ops"\nadmin = true\n[keys.user]\nkey = "sk-user"\n')
+    admin = make_proxy(api_keys_file=str(keys))
+    ops = {"Authorization": "Bearer sk-ops"}
+    await admin.request("/v1/chat/completions", "POST", chat, headers=ops)
+    for headers in (ops, {"Authorization": "Bearer sk-user"}, {}):
+        contract.check("/admin/usage", "GET", await admin.request("/admin/usage", headers=headers))
+    contract.check("/admin/usage", "GET", await admin.request("/admin/usage?since=yesterday", headers=ops))
+    contract.check("/admin/tasks", "GET", await admin.request("/admin/tasks?limit=5", headers=ops))
+    contract.check("/admin", "GET", await admin.request("/admin"))
     assert {template for template, _, _ in SEEN} == set(contract.document["paths"])  # every path exercised
     assert len(SEEN) >= 30
 

@@ -2,10 +2,12 @@
 
 The test saves what the browser shows in artifacts/playground.png (README: "Playground")."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from helpers import wait_listening
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "artifacts" / "playground.png"
+ADMIN_SCREENSHOT = ROOT / "artifacts" / "admin.png"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
@@ -28,7 +31,8 @@ def start_gateway(tmp_path, *args):
     sock.close()
     log = (tmp_path / ("gateway-%d.log" % port)).open("w")
     proc = subprocess.Popen([sys.executable, "-m", "zimage_tornado", "--port=%d" % port, *args],
-                            cwd=ROOT, stderr=log, env={**os.environ, "ZIMAGE_LOG_LEVEL": "warning"})
+                            cwd=ROOT, stderr=log, env={**os.environ, "ZIMAGE_LOG_LEVEL": "warning",
+                                                       "ZIMAGE_DATABASE": str(tmp_path / "gateway.sqlite3")})
     wait_listening(port, proc)
     return proc, "http://127.0.0.1:%d" % port
 
@@ -146,3 +150,41 @@ def test_api_key_is_asked_for_and_kept_in_the_browser(browser, gateways):
     assert loaded_images(browser)[0]["w"] == 256
     browser.get(url + "/playground")
     assert browser.find_element(By.ID, "apikey").get_attribute("value") == "s3cret"
+
+
+def test_admin_page_charts_usage_and_lists_recent_tasks(browser, gateways, tmp_path):
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[keys.ops]\nkey = "sk-ops"\nadmin = true\n[keys.alice]\nkey = "sk-alice"\n'
+                    '[keys.bob]\nkey = "sk-bob"\n')
+    url = gateways("--demo", "--demo-seconds=0.5", "--api_keys_file=%s" % keys)
+    for key, prompt, n in (("sk-alice", "a red fox", 2), ("sk-bob", "a blue whale", 1), ("sk-alice", "a moth", 1)):
+        request = urllib.request.Request(url + "/v1/images/generations", method="POST", headers={
+            "Authorization": "Bearer " + key, "Content-Type": "application/json"},
+            data=json.dumps({"prompt": prompt, "n": n, "size": "256x256"}).encode())
+        with urllib.request.urlopen(request, timeout=20) as answer:
+            assert answer.status == 200
+    browser.get(url + "/admin")
+    browser.execute_script("localStorage.clear()")
+    browser.get(url + "/admin")
+    fill(browser, apikey="sk-alice")  # not an admin: told so plainly
+    browser.find_element(By.ID, "load").click()
+    WebDriverWait(browser, 10).until(lambda d: "admin key" in error_text(d))
+    fill(browser, apikey="sk-ops")
+    browser.find_element(By.ID, "load").click()
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded"))
+    assert error_text(browser) == ""
+    bars = browser.find_elements(By.CSS_SELECTOR, "#chart rect")
+    assert len(bars) == 2  # today's images, one bar segment per key
+    assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#legend span")] == ["alice", "bob"]
+    totals = [[c.text for c in row.find_elements(By.TAG_NAME, "td")]
+              for row in browser.find_elements(By.CSS_SELECTOR, "#totals tbody tr")]
+    assert totals == [["alice", "2", "3", "0", "0"], ["bob", "1", "1", "0", "0"]]
+    rows = browser.find_elements(By.CSS_SELECTOR, "#tasks tbody tr")
+    assert [r.find_elements(By.TAG_NAME, "td")[6].text for r in rows] == ["a moth", "a blue whale", "a red fox"]
+    WebDriverWait(browser, 10).until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#tasks img')].every(i => i.complete && i.naturalWidth === 256)"))
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#tasks img")) == 4  # a thumbnail per picture
+    ADMIN_SCREENSHOT.parent.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ADMIN_SCREENSHOT))
+    browser.get(url + "/admin")  # the key is kept, and the page loads with it
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded"))

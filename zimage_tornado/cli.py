@@ -16,21 +16,26 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
-from zimage_tornado import __version__
+from zimage_tornado import __version__, usage_cli
 from zimage_tornado.app import make_app
 from zimage_tornado.config import Settings, load_settings
 from zimage_tornado.fake_upstream import FakeZImage
 from zimage_tornado.gateway import Gateway
 from zimage_tornado.logs import redact_url, setup_logging
 from zimage_tornado.sdnotify import Notifier
+from zimage_tornado.store import StoreUnavailable
+from zimage_tornado.tenants import load_keys
 
 log = logging.getLogger("zimage_tornado")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(argv) if argv is not None else sys.argv
+    if argv[1:2] == ["usage"]:
+        sys.exit(usage_cli.main(argv[2:]))
     try:
-        settings = load_settings(list(argv) if argv is not None else sys.argv)
-        settings.load_api_keys()  # a missing key file stops us here, with a message
+        settings = load_settings(argv)
+        load_keys(settings.api_keys, settings.api_keys_file)  # a bad key file stops us here, with a message
     except (ValueError, OSError) as e:
         print("zimage-tornado: %s" % e, file=sys.stderr)
         sys.exit(2)
@@ -76,6 +81,12 @@ async def serve(settings: Settings, sockets: list, notifier: Notifier) -> int:
         settings = await start_demo_upstream(settings)
     app = make_app(settings)
     gateway: Gateway = app.gateway  # type: ignore[attr-defined]
+    try:
+        await gateway.store.ready()
+    except StoreUnavailable as e:
+        log.error("cannot open the store: %s", e)
+        await gateway.close()
+        return 1
     # idle_connection_timeout also bounds how long a client may take to send its headers (and
     # gateway.bodies its body): a slow-loris client cannot hold a connection forever.
     server = HTTPServer(app, idle_connection_timeout=settings.idle_timeout)

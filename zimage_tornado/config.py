@@ -65,8 +65,19 @@ class Settings:
     body_timeout: float = setting(30.0, "Seconds a client may take to send a request body")
     write_timeout: float = setting(60.0, "Seconds a client may take to read an answer (or a stream event)")
     max_body_bytes: int = setting(1024 * 1024, "Largest request body accepted, in bytes (more: 413)")
-    api_keys: str = setting("", "Comma-separated API keys; when set (or api_keys_file), /v1/* needs one")
-    api_keys_file: str = setting("", "File of API keys, one per line ('#' starts a comment)")
+    api_keys: str = setting("", "Comma-separated API keys (named key-1, key-2, ...); when set (or api_keys_file), "
+                                "/v1/* needs one")
+    api_keys_file: str = setting("", "File of API keys: one per line ('#' starts a comment), or TOML (*.toml) with "
+                                     "named keys, limits and admins")
+    task_visibility: str = setting("owner", "With keys: owner (a task is read by the key that submitted it, and "
+                                            "admins) or any")
+    ip_requests_per_minute: int = setting(0, "Without keys: submits per minute per client address (0: unlimited)")
+    ip_images_per_day: int = setting(0, "Without keys: images per UTC day per client address (0: unlimited)")
+    ip_max_waiters: int = setting(0, "Without keys: clients waiting on tasks at once per client address (0: unlimited)")
+    database: str = setting("zimage-tornado.sqlite3", "SQLite file of the usage record, quotas, ownership and "
+                                                      "idempotency keys (':memory:' keeps nothing)")
+    record_prompts: bool = setting(True, "Keep prompts in the usage record")
+    record_ttl: float = setting(90 * 86400.0, "Seconds a task's usage row is kept")
     metrics_require_key: bool = setting(False, "GET /metrics needs an API key too")
     trusted_proxies: str = setting("", "Comma-separated IPs/CIDRs whose X-Forwarded-For / X-Real-IP is believed")
     cors_origins: str = setting("", "Comma-separated browser origins allowed by CORS, or '*' (default: none)")
@@ -86,7 +97,7 @@ class Settings:
         positive = ("upstream_timeout", "upstream_connect_timeout", "upstream_max_clients",
                     "poll_interval", "max_attempts", "max_waiters", "cache_ttl", "max_batch_size", "min_size",
                     "size_multiple", "max_steps", "max_prompt_length", "idempotency_ttl", "max_image_bytes",
-                    "image_fetches",
+                    "image_fetches", "record_ttl",
                     "shutdown_timeout", "idle_timeout", "body_timeout", "write_timeout", "max_body_bytes",
                     "demo_seconds")
         for name in positive:
@@ -103,6 +114,10 @@ class Settings:
             raise ValueError("upstream_ca_certs: no such file: %s" % self.upstream_ca_certs)
         if self.upstream_client not in ("curl", "simple"):
             raise ValueError("upstream_client must be curl or simple")
+        if self.task_visibility not in ("owner", "any"):
+            raise ValueError("task_visibility must be owner or any")
+        if min(self.ip_requests_per_minute, self.ip_images_per_day, self.ip_max_waiters) < 0:
+            raise ValueError("ip_requests_per_minute, ip_images_per_day and ip_max_waiters must be 0 or more")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError("log_level must be debug, info, warning or error")
 
@@ -135,14 +150,6 @@ class Settings:
     def origins(self) -> frozenset[str]:
         return frozenset(item.strip() for item in self.cors_origins.split(",") if item.strip())
 
-    def load_api_keys(self) -> frozenset[str]:
-        """The keys from api_keys and api_keys_file (read now: call it at start-up)."""
-        keys = [k.strip() for k in self.api_keys.split(",")]
-        if self.api_keys_file:
-            with open(self.api_keys_file, encoding="utf-8") as f:
-                keys += [line.split("#", 1)[0].strip() for line in f]
-        return frozenset(k for k in keys if k)
-
     @functools.cached_property
     def image_origins(self) -> tuple[str, ...]:
         origins = tuple(item.strip() for item in self.image_hosts.split(",") if item.strip())
@@ -150,6 +157,11 @@ class Settings:
             if not origin.lower().startswith(("http://", "https://")):
                 raise ValueError("image_hosts: expected origins like https://cdn.example.com, got %r" % origin)
         return origins
+
+    @property
+    def workers(self) -> int:
+        """The worker processes that will serve (--demo runs one)."""
+        return 1 if self.demo else self.processes or os.cpu_count() or 1
 
     @property
     def listen_backlog(self) -> int:

@@ -1,11 +1,15 @@
-"""Gateway: the objects every request shares, built once from the settings.
+"""Gateway: the objects every request shares, built once from the settings, and the one path
+of a submit (limits, idempotency, upstream, usage record).
 
 It sits below the HTTP layer: handlers receive it, nothing here knows about handlers."""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
 
+from zimage_tornado.accounts import Accounts
 from zimage_tornado.cache import ResultCache
 from zimage_tornado.config import Settings
 from zimage_tornado.deadlines import BodyDeadlines
@@ -14,13 +18,32 @@ from zimage_tornado.idempotency import IdempotencyStore
 from zimage_tornado.images import ImageFetcher, make_image_client
 from zimage_tornado.metrics import Metrics
 from zimage_tornado.openai_api import ModelTable
-from zimage_tornado.upstream import ZImageClient, make_http_client
+from zimage_tornado.store import Admission, Store
+from zimage_tornado.store.sqlite import SqliteStore
+from zimage_tornado.tenants import Caller, Plan, load_keys
+from zimage_tornado.upstream import UpstreamRejected, ZImageClient, make_http_client
 from zimage_tornado.watcher import TaskWatcher
 
 
+@dataclass
+class Submitted:
+    task: Task
+    admission: Admission | None = None  # the caller's limits as counted by this submit, if any
+
+
+def make_store(settings: Settings, clock: Callable[[], float]) -> Store:
+    # One process owns the file and may decide admissions in memory; workers sharing it may not.
+    return SqliteStore(settings.database, record_ttl=settings.record_ttl, clock=clock,
+                       exclusive=settings.workers == 1)
+
+
 class Gateway:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
+        self.clock = clock  # wall-clock seconds: UTC days and the usage record (tests move it)
+        self.keys = load_keys(settings.api_keys, settings.api_keys_file)
+        self.anonymous_plan = Plan(settings.ip_requests_per_minute, settings.ip_images_per_day,
+                                   settings.ip_max_waiters)
         self.http = make_http_client(
             settings.upstream_client,
             max_clients=settings.upstream_max_clients,
@@ -28,8 +51,15 @@ class Gateway:
             request_timeout=settings.upstream_timeout,
             ca_certs=settings.upstream_ca_certs,
         )
-        self.idempotency = IdempotencyStore(settings.idempotency_ttl, settings.cache_size)
+        self.store = make_store(settings, clock)
+        self.store.open()
         self.metrics = Metrics()
+        self.accounts = Accounts(self.store, self.metrics, clock=clock, record_prompts=settings.record_prompts,
+                                 owners_cached=settings.cache_size, visibility=settings.task_visibility,
+                                 keys_configured=bool(self.keys))
+        # A claim whose submit never ended (its process died) expires once no submit can still be running.
+        self.idempotency = IdempotencyStore(self.store, ttl=settings.idempotency_ttl, clock=clock,
+                                            claim_ttl=settings.upstream_timeout + settings.upstream_connect_timeout)
         self.image_http = make_image_client(
             upstream_url=settings.upstream_url, image_hosts=settings.image_origins, max_clients=settings.image_fetches,
             max_bytes=settings.max_image_bytes, connect_timeout=settings.upstream_connect_timeout,
@@ -42,23 +72,42 @@ class Gateway:
             budget=settings.wait_budget,
             max_waiters=settings.max_waiters,
             cache=ResultCache(settings.cache_size, settings.cache_ttl),
+            on_final=self.accounts.finished,
         )
         self.metrics.watch(self.watcher, self.idempotency)
         self.images = ImageFetcher(self.upstream, max_bytes=settings.max_image_bytes,
                                    cache_bytes=settings.image_cache_bytes, at_once=settings.image_fetches)
         self.models = ModelTable(settings.aliases)
-        self.api_keys = settings.load_api_keys()
         self.shutting_down = False
         self.bodies = BodyDeadlines(settings.body_timeout)
         self.active: set[Any] = set()  # handlers of requests being served, for a graceful stop
 
-    async def submit(self, request: GenerationRequest, caller: str, idempotency_key: str | None = None) -> Task:
-        """A new upstream task, or the one `caller` already made with `idempotency_key`."""
+    async def submit(self, request: GenerationRequest, caller: Caller, model: str,
+                     idempotency_key: str | None = None) -> Submitted:
+        """A new upstream task within the caller's limits, or the one the caller already made
+        with `idempotency_key` (a replay counts against no limit)."""
+        submitted: Submitted | None = None
+
+        async def fresh(request: GenerationRequest) -> Task:
+            nonlocal submitted
+            admission = await self.accounts.admit(caller, request.batch_size)
+            try:
+                task = await self.upstream.submit(request)
+            except UpstreamRejected:  # a definite no: the images were not spent
+                await self.accounts.refund(caller, admission, request.batch_size)
+                raise
+            await self.accounts.submitted(caller, request, task, model)
+            submitted = Submitted(task, admission)
+            return task
+
         if idempotency_key is None:
-            return await self.upstream.submit(request)
-        return await self.idempotency.submit(caller, idempotency_key, request, self.upstream.submit)
+            task = await fresh(request)
+        else:
+            task = await self.idempotency.submit(caller.scope, idempotency_key, request, fresh)
+        return submitted or Submitted(task)
 
     async def close(self) -> None:
         await self.watcher.close()
         self.http.close()
         self.image_http.close()
+        await self.store.close()

@@ -34,6 +34,12 @@ class Metrics:
         self.upstream_latency = Histogram("zimage_upstream_call_duration_seconds",
                                           "Duration of calls to the Z-Image service, by kind", ["kind"],
                                           buckets=UPSTREAM_BUCKETS, registry=self.registry)
+        # key: a name from the keys file or "anonymous", never client text; reason: a fixed set
+        self.submits = Counter("zimage_submits", "Tasks submitted upstream, by key", ["key"], registry=self.registry)
+        self.images = Counter("zimage_images", "Images asked for by submitted tasks, by key", ["key"],
+                              registry=self.registry)
+        self.refused = Counter("zimage_refused", "Submits and waits refused by a caller's limits, by key and reason",
+                               ["key", "reason"], registry=self.registry)
         self._children: dict[tuple[str, str, object], tuple[Any, Any]] = {}  # bounded: routes x methods x statuses
 
     def watch(self, watcher: TaskWatcher, idempotency: IdempotencyStore) -> None:
@@ -46,6 +52,13 @@ class Metrics:
         method = method if method in METHODS else "other"
         self._observe((route, method, status), self.requests, (route, method, str(status)),
                       self.latency, (route,), seconds)
+
+    def observe_submit(self, key: str, images: int) -> None:
+        self.submits.labels(key).inc()
+        self.images.labels(key).inc(images)
+
+    def observe_refusal(self, key: str, reason: str) -> None:
+        self.refused.labels(key, reason).inc()
 
     def observe_upstream(self, kind: str, outcome: str, seconds: float) -> None:
         self._observe(("upstream", kind, outcome), self.upstream_calls, (kind, outcome),

@@ -185,6 +185,28 @@ SCHEMAS: dict[str, Any] = {
             "requests_in_flight": {"type": "integer"},
         },
     },
+    "UsageList": {
+        "type": "object", "required": ["object", "since", "until", "data"],
+        "properties": {"object": {"const": "list"}, "since": {"type": "string"}, "until": {"type": "string"},
+                       "data": {"type": "array", "items": {
+                           "type": "object", "required": ["key", "day", "tasks", "images", "failed", "refused"],
+                           "properties": {"key": {"type": "string"}, "day": {"type": "string"},
+                                          "tasks": {"type": "integer"}, "images": {"type": "integer"},
+                                          "failed": {"type": "integer"}, "refused": {"type": "integer"},
+                                          "refused_by_reason": {"type": "object"}}}}},
+    },
+    "TaskList": {
+        "type": "object", "required": ["object", "data"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
+            "type": "object", "required": ["uuid", "key", "submitted_at", "status"],
+            "properties": {"uuid": {"type": "string"}, "key": {"type": "string"}, "client": {"type": "string"},
+                           "model": {"type": "string"}, "width": {"type": "integer"}, "height": {"type": "integer"},
+                           "batch_size": {"type": "integer"}, "steps": {"type": "integer"},
+                           "prompt": NULLABLE_STRING, "negative_prompt": NULLABLE_STRING,
+                           "submitted_at": {"type": "number"}, "finished_at": NUMBER_OR_NULL,
+                           "status": {"type": "string"}, "image_count": {"type": ["integer", "null"]},
+                           "error": NULLABLE_STRING, "image_urls": {"type": "array", "items": {"type": "string"}}}}}},
+    },
     "Info": {
         "type": "object",
         "required": ["service", "version", "upstream", "endpoints"],
@@ -193,6 +215,18 @@ SCHEMAS: dict[str, Any] = {
                        "endpoints": {"type": "array", "items": {"type": "object"}}},
     },
 }
+
+ADMIN_ERRORS = {"400": error("A malformed day, key or limit"),
+                "401": error("No key, or not a known one", "WWW-Authenticate"),
+                "403": error("The key is not an admin key")}
+KEY_PARAM = {"name": "key", "in": "query", "required": False, "description": "One key's rows only (its name)",
+             "schema": {"type": "string"}}
+
+
+def DAY_PARAM(name: str, description: str) -> dict[str, Any]:  # noqa: N802 - reads like the constants
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}}
+
 
 HEADERS = {
     "Retry-After": {"description": "Seconds to wait before asking again", "schema": {"type": "string"}},
@@ -289,7 +323,21 @@ def operations() -> dict[str, Any]:
             "200": json_response("OpenAPI 3.1", {"type": "object"})}}},
         "/playground": {"get": {"responses": {
             "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
-        "/": {"get": {"responses": {
+        "/admin/usage": {"get": {
+        "security": [{"bearer": []}],
+        "parameters": [DAY_PARAM("since", "First UTC day (default: 29 days before until)"),
+                       DAY_PARAM("until", "Last UTC day (default: today)"), KEY_PARAM],
+        "responses": {"200": json_response("Usage per key and day", ref("UsageList")),
+                      **ADMIN_ERRORS}}},
+    "/admin/tasks": {"get": {
+        "security": [{"bearer": []}],
+        "parameters": [KEY_PARAM, {"name": "limit", "in": "query", "required": False,
+                                   "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
+        "responses": {"200": json_response("The most recent tasks, newest first", ref("TaskList")),
+                      **ADMIN_ERRORS}}},
+    "/admin": {"get": {"responses": {
+        "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+    "/": {"get": {"responses": {
             "200": json_response("The service", ref("Info")),
             "302": {"description": "To /playground, for a browser"}}}},
     }

@@ -5,8 +5,10 @@ Nothing here talks to the upstream: a request that fails a check never leaves th
 
 from __future__ import annotations
 
+import calendar
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -146,3 +148,44 @@ def wait_budget(timeout: str | None, wait: str | None, server_budget: float) -> 
     if not math.isfinite(seconds) or seconds < 0:
         raise invalid("timeout must be a non-negative number of seconds", param="timeout")
     return min(seconds, server_budget)
+
+
+DAY_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+KEY_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def day(value: str, param: str) -> str:
+    """A UTC day as YYYY-MM-DD."""
+    try:
+        if not DAY_RE.fullmatch(value):
+            raise ValueError
+        time.strptime(value, "%Y-%m-%d")
+    except ValueError:
+        raise invalid("%s must be a day, YYYY-MM-DD" % param, param=param) from None
+    return value
+
+
+def day_range(since: str | None, until: str | None, today: str, days: int = 30) -> tuple[str, str]:
+    """`since`..`until` (both included); by default the last `days` days up to `today`."""
+    end = day(until, "until") if until is not None else today
+    if since is None:
+        start_seconds = calendar.timegm(time.strptime(end, "%Y-%m-%d")) - (days - 1) * 86400
+        return time.strftime("%Y-%m-%d", time.gmtime(start_seconds)), end
+    start = day(since, "since")
+    if start > end:
+        raise invalid("since must not be after until", param="since")
+    return start, end
+
+
+def key_name(value: str | None) -> str | None:
+    if value is not None and not KEY_NAME_RE.fullmatch(value):
+        raise invalid("key must be a key name: 1 to 64 of A-Z a-z 0-9 . _ -", param="key")
+    return value
+
+
+def count(value: str | None, param: str, *, default: int, high: int) -> int:
+    if value is None:
+        return default
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= high:
+        raise invalid("%s must be a whole number from 1 to %d" % (param, high), param=param)
+    return int(value)

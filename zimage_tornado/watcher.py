@@ -15,7 +15,7 @@ import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Coroutine, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
 from zimage_tornado.cache import ResultCache
 from zimage_tornado.domain import Task
@@ -61,12 +61,13 @@ class _Poll:
 
 class TaskWatcher:
     def __init__(self, client: ZImageClient, *, interval: float, budget: float, max_waiters: int,
-                 cache: ResultCache[Task]) -> None:
+                 cache: ResultCache[Task], on_final: Callable[[Task], Awaitable[None]] | None = None) -> None:
         self.client = client
         self.interval = interval
         self.budget = budget  # a wait's default length (Settings.wait_budget)
         self.max_waiters = max_waiters
         self.cache = cache
+        self.on_final = on_final  # told once a read sees a task finished (the usage record)
         self.waiting = 0
         self.counters: Counter[str] = Counter()
         self._polls: dict[str, _Poll] = {}
@@ -111,6 +112,8 @@ class TaskWatcher:
         task = await self.client.get_task(uuid)
         if task.is_final:
             self.cache.put(uuid, task)
+            if self.on_final is not None:
+                await self.on_final(task)
         return task
 
     async def peek(self, uuid: str) -> Task:

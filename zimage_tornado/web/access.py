@@ -4,14 +4,15 @@ what to answer."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
 import itertools
 import os
 import re
 import uuid as uuidlib
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
+
+from zimage_tornado.store import Admission
+from zimage_tornado.tenants import ANONYMOUS, Caller, KeyRing, Plan
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -44,22 +45,39 @@ def cors_headers(origin: str | None, allowed: frozenset[str]) -> dict[str, str]:
             "Access-Control-Expose-Headers": CORS_EXPOSE_HEADERS, "Vary": "Origin"}
 
 
-def bearer_allowed(authorization: str, keys: Iterable[str]) -> bool:
-    """True when `Authorization: Bearer <token>` names one of `keys`."""
-    scheme, _, token = authorization.partition(" ")
-    given = token.strip().encode()
-    # Compare with every key, in constant time, so that timing tells nothing about them.
-    matched = [hmac.compare_digest(given, key.encode()) for key in keys]
-    return scheme.lower() == "bearer" and any(matched)
+def caller(keys: KeyRing, authorization: str, client: str, anonymous: Plan) -> Caller | None:
+    """The caller of a request: the key's tenant when keys are configured (None for a missing or
+    unknown key), else an anonymous caller counted by its address."""
+    if not keys:
+        return Caller(ANONYMOUS, "ip:" + client, False, anonymous, client)
+    tenant = keys.identify(authorization)
+    if tenant is None:
+        return None
+    return Caller(tenant.name, "key:" + tenant.name, tenant.admin, tenant.plan, client)
 
 
-def caller_scope(authorization: str, client_ip: str, keys_configured: bool) -> str:
-    """A caller's scope: a hash of its API key when keys are configured (the key itself is never
-    kept), else its client address."""
-    if keys_configured:
-        token = authorization.partition(" ")[2].strip()
-        return "key:" + hashlib.sha256(token.encode()).hexdigest()[:32]
-    return "ip:" + client_ip
+def rate_limit_headers(admission: Admission | None) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers for the limits that apply to a submit."""
+    headers: dict[str, str] = {}
+    if admission is None:
+        return headers
+    for kind, window in (("requests", admission.requests), ("images", admission.images)):
+        if window is not None:
+            headers["x-ratelimit-limit-%s" % kind] = str(window.limit)
+            headers["x-ratelimit-remaining-%s" % kind] = str(window.remaining)
+            headers["x-ratelimit-reset-%s" % kind] = duration(window.reset)
+    return headers
+
+
+def duration(seconds: float) -> str:
+    """As OpenAI writes it: 20ms, 1.5s, 6m0s, 13h2m5s."""
+    if seconds < 1:
+        return "%dms" % max(0, round(seconds * 1000))
+    if seconds < 60:
+        return "%gs" % round(seconds, 1)
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    return ("%dh" % hours if hours else "") + "%dm%ds" % divmod(rest, 60)
 
 
 def client_address(remote_ip: str | None, headers: Mapping[str, str], trusted: Sequence[Network]) -> str:

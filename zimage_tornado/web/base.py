@@ -15,9 +15,11 @@ from tornado.iostream import StreamClosedError
 from tornado.web import RequestHandler, stream_request_body
 
 from zimage_tornado import logs, validation
-from zimage_tornado.domain import COMPLETED, Task
+from zimage_tornado.accounts import Refused, TooManyCallerWaiters
+from zimage_tornado.domain import COMPLETED, GenerationRequest, Task
 from zimage_tornado.errors import ApiError, invalid
 from zimage_tornado.gateway import Gateway
+from zimage_tornado.tenants import Caller
 from zimage_tornado.watcher import Outcome
 from zimage_tornado.web import access, statuses
 
@@ -39,6 +41,7 @@ def json_text(value: Any) -> str:
 class BaseHandler(RequestHandler):
     open_during_shutdown = False
     task_uuid: str | None = None  # named in error logs once known
+    caller: Caller  # set by prepare() for /v1/* and /admin/*
     submitted = False  # the upstream accepted a task for this request: a retry would pay twice
     _waiting: asyncio.Future[Outcome] | None = None
 
@@ -47,6 +50,7 @@ class BaseHandler(RequestHandler):
         self.route = route  # the route template: the metrics label, never a raw path
         self._body: list[bytes] = []
         self._body_size = 0
+        self.answer_headers: dict[str, str] = {}  # sent with every answer, errors included (x-ratelimit-*)
 
     @functools.cached_property
     def request_id(self) -> str:
@@ -81,21 +85,29 @@ class BaseHandler(RequestHandler):
             return  # a CORS preflight: browsers send it without credentials
         if self.gateway.shutting_down and not self.open_during_shutdown:
             raise statuses.ShuttingDown()
-        if self.request.path.startswith("/v1/") or (self.route == "/metrics" and settings.metrics_require_key):
-            self.check_api_key()
+        if self.request.path.startswith(("/v1/", "/admin/")) or (
+                self.route == "/metrics" and settings.metrics_require_key):
+            self.identify()
 
-    @functools.cached_property
-    def caller(self) -> str:
-        """Who is asking, as a scope for what must not be shared between callers."""
-        return access.caller_scope(self.request.headers.get("Authorization", ""), self.client_ip,
-                                   bool(self.gateway.api_keys))
-
-    def check_api_key(self) -> None:
-        keys = self.gateway.api_keys
-        # No keys configured: any bearer, as the spec's "zimage-free" examples expect.
-        if keys and not access.bearer_allowed(self.request.headers.get("Authorization", ""), keys):
+    def identify(self) -> Caller:
+        """The caller, from its API key; no keys configured: anonymous, by address (any bearer,
+        as the spec's "zimage-free" examples expect). A missing or unknown key is a 401."""
+        caller = access.caller(self.gateway.keys, self.request.headers.get("Authorization", ""), self.client_ip,
+                               self.gateway.anonymous_plan)
+        if caller is None:
             raise ApiError(401, "Invalid or missing API key: send Authorization: Bearer <key>",
                            code="invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="zimage-tornado"'})
+        self.caller = caller
+        return caller
+
+    def require_admin(self) -> None:
+        if not self.caller.admin:
+            raise ApiError(403, "This needs an admin key", code="admin_only")
+
+    async def require_readable(self, uuid: str) -> None:
+        """Another key's task is answered exactly like a task that does not exist."""
+        if not await self.gateway.accounts.may_read(self.caller, uuid):
+            raise ApiError(404, "Task %s was not found" % uuid, type="invalid_request_error", code="task_not_found")
 
     @functools.cached_property
     def declared_length(self) -> int | None:
@@ -173,7 +185,7 @@ class BaseHandler(RequestHandler):
 
     def send(self, body: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
         self.set_status(status)
-        for name, value in (headers or {}).items():
+        for name, value in {**self.answer_headers, **(headers or {})}.items():
             self.set_header(name, value)
         self.finish(json_text(body))
 
@@ -211,19 +223,33 @@ class BaseHandler(RequestHandler):
 
     # -- tasks ---------------------------------------------------------------------------------
 
-    async def submit(self, request: Any) -> Task:
+    async def submit(self, request: GenerationRequest, model: str) -> Task:
         key = validation.idempotency_key(self.request.headers.get("Idempotency-Key"))
-        task = await self.gateway.submit(request, self.caller, key)
-        self.task_uuid, self.submitted = task.uuid, True
-        return task
+        try:
+            submitted = await self.gateway.submit(request, self.caller, model, key)
+        except Refused as refused:
+            self.answer_headers.update(access.rate_limit_headers(refused.admission))
+            raise
+        self.answer_headers.update(access.rate_limit_headers(submitted.admission))
+        self.task_uuid, self.submitted = submitted.task.uuid, True
+        return submitted.task
 
     async def wait_for_task(self, budget: float | None = None,
                             on_tick: Callable[[Task | None], Awaitable[None]] | None = None) -> Outcome | None:
         """This request's task outcome from the shared engine; None when the client hung up.
         `on_tick` is called after every status read while the task runs (for streams)."""
         assert self.task_uuid is not None
-        watcher, uuid = self.gateway.watcher, self.task_uuid
-        self._waiting = waiting = watcher.wait(uuid, budget)
+        watcher, uuid, accounts = self.gateway.watcher, self.task_uuid, self.gateway.accounts
+        try:
+            accounts.enter_wait(self.caller)
+        except TooManyCallerWaiters:
+            await accounts.refused(self.caller, "too_many_waiters")
+            raise
+        try:
+            self._waiting = waiting = watcher.wait(uuid, budget)
+        except BaseException:
+            accounts.leave_wait(self.caller)
+            raise
         try:
             while on_tick is not None and not waiting.done():
                 tick = watcher.next_tick(uuid)
@@ -236,6 +262,7 @@ class BaseHandler(RequestHandler):
             return None  # the client left: nobody to answer
         finally:
             self._waiting = None
+            accounts.leave_wait(self.caller)
 
     @staticmethod
     def pictures(outcome: Outcome) -> Task:

@@ -11,12 +11,18 @@ from typing import Any
 from zimage_tornado import SERVICE_NAME, __version__, logs, openai_api, openapi, validation
 from zimage_tornado.errors import ApiError
 from zimage_tornado.metrics import CONTENT_TYPE
+from zimage_tornado.store import utc_day
 from zimage_tornado.watcher import INTERRUPTED, RUNNING, Outcome
 from zimage_tornado.web.base import BaseHandler
 from zimage_tornado.web.events import ChatStream
 from zimage_tornado.web.statuses import OutcomeError
 
-PLAYGROUND_PAGE = (Path(__file__).parent.parent / "static" / "playground.html").read_bytes()
+STATIC = Path(__file__).parent.parent / "static"
+PLAYGROUND_PAGE = (STATIC / "playground.html").read_bytes()
+ADMIN_PAGE = (STATIC / "admin.html").read_bytes()
+# Images come from the upstream's image host, anywhere; everything else from here.
+PAGE_POLICY = ("default-src 'self'; img-src 'self' http: https: data:; style-src 'unsafe-inline'; "
+               "script-src 'unsafe-inline'; frame-ancestors 'none'")
 
 
 class NotFoundHandler(BaseHandler):
@@ -40,15 +46,45 @@ class InfoHandler(BaseHandler):
         })
 
 
-class PlaygroundHandler(BaseHandler):
+class PageHandler(BaseHandler):
     """One self-contained page (no build step, no CDN): it works offline."""
+
+    page = b""
 
     def get(self) -> None:
         self.set_header("Content-Type", "text/html; charset=UTF-8")
-        # Images come from the upstream's image host, anywhere; everything else from here.
-        self.set_header("Content-Security-Policy", "default-src 'self'; img-src 'self' http: https: data:; "
-                        "style-src 'unsafe-inline'; script-src 'unsafe-inline'; frame-ancestors 'none'")
-        self.finish(PLAYGROUND_PAGE)
+        self.set_header("Content-Security-Policy", PAGE_POLICY)
+        self.finish(self.page)
+
+
+class PlaygroundHandler(PageHandler):
+    page = PLAYGROUND_PAGE
+
+
+class AdminPageHandler(PageHandler):
+    """Usage per key and recent tasks; the page asks for an admin key and calls /admin/*."""
+
+    page = ADMIN_PAGE
+
+
+class AdminUsageHandler(BaseHandler):
+    async def get(self) -> None:
+        self.require_admin()
+        today = utc_day(self.gateway.clock())
+        since, until = validation.day_range(self.get_query_argument("since", None),
+                                            self.get_query_argument("until", None), today)
+        key = validation.key_name(self.get_query_argument("key", None))
+        rows = await self.gateway.store.usage(since, until, key)
+        self.send({"object": "list", "since": since, "until": until, "data": [row.as_dict() for row in rows]})
+
+
+class AdminTasksHandler(BaseHandler):
+    async def get(self) -> None:
+        self.require_admin()
+        key = validation.key_name(self.get_query_argument("key", None))
+        limit = validation.count(self.get_query_argument("limit", None), "limit", default=50, high=1000)
+        tasks = await self.gateway.store.recent_tasks(key, limit)
+        self.send({"object": "list", "data": [task.as_dict() for task in tasks]})
 
 
 class HealthHandler(BaseHandler):
@@ -66,8 +102,9 @@ class ReadinessHandler(BaseHandler):
 
     open_during_shutdown = True
 
-    def get(self) -> None:
+    async def get(self) -> None:
         gateway, now = self.gateway, time.monotonic()
+        store_problem = await gateway.store.healthy()
         upstream = gateway.upstream
         window = max(60.0, 3 * gateway.settings.poll_interval)
         answered_ago = None if upstream.last_answer_at is None else round(now - upstream.last_answer_at, 3)
@@ -75,17 +112,18 @@ class ReadinessHandler(BaseHandler):
         if upstream.last_failure is not None:
             failure = {"seconds_ago": round(now - upstream.last_failure[0], 3), "error": upstream.last_failure[1]}
         self.send({
-            "status": "shutting_down" if gateway.shutting_down else "ready",
+            "status": "shutting_down" if gateway.shutting_down else "store_unavailable" if store_problem else "ready",
             "upstream": {
                 "url": logs.redact_url(gateway.settings.upstream_url),
                 "answered_recently": answered_ago is not None and answered_ago <= window,
                 "last_answer_seconds_ago": answered_ago,
                 "last_failure": failure,
             },
+            "store": {"kind": gateway.store.name, "ok": store_problem is None, "error": store_problem},
             "waiters": gateway.watcher.waiting,
             "polling_loops": gateway.watcher.active_polls,
             "requests_in_flight": len(gateway.active) - 1,  # not counting this one
-        }, 503 if gateway.shutting_down else 200)
+        }, 503 if gateway.shutting_down or store_problem else 200)
 
 
 class OpenApiHandler(BaseHandler):
@@ -109,7 +147,7 @@ class ChatCompletionsHandler(BaseHandler):
         wait = self.gateway.settings.chat_wait if request.wait is None else request.wait
         if wait and request.background:  # a chat app's housekeeping prompt: no image job for it
             return await self.reply(request, None, openai_api.BACKGROUND_REPLY)
-        task = await self.submit(request.generation)
+        task = await self.submit(request.generation, request.model)
         if not wait:
             return await self.reply(request, task.uuid, task.uuid)
         if request.stream:
@@ -156,7 +194,7 @@ class ImagesGenerationsHandler(BaseHandler):
 
     async def post(self) -> None:
         request = openai_api.parse_images_request(self.json_body(), self.gateway.settings.limits, self.gateway.models)
-        await self.submit(request.generation)
+        await self.submit(request.generation, request.model)
         outcome = await self.wait_for_task()
         if outcome is None:
             return
@@ -182,6 +220,7 @@ class ModelHandler(BaseHandler):
 class TaskHandler(BaseHandler):
     async def get(self, uuid: str) -> None:
         self.task_uuid = validation.task_id(uuid)
+        await self.require_readable(self.task_uuid)
         task = await self.gateway.watcher.peek(self.task_uuid)
         self.send(task.document)  # passed through as the upstream sent it
 
@@ -191,6 +230,7 @@ class ImagesHandler(BaseHandler):
 
     async def get(self, uuid: str) -> None:
         self.task_uuid = validation.task_id(uuid)
+        await self.require_readable(self.task_uuid)
         budget = validation.wait_budget(self.get_query_argument("timeout", None),
                                         self.get_query_argument("wait", None), self.gateway.settings.wait_budget)
         outcome = await (self.peek_outcome() if budget <= 0 else self.wait_for_task(budget))

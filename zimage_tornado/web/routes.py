@@ -40,6 +40,11 @@ ROUTES = (
     Route("/metrics", handlers.MetricsHandler, ("GET",), "Prometheus metrics"),
     Route("/openapi.json", handlers.OpenApiHandler, ("GET",), "The OpenAPI 3.1 description of these endpoints"),
     Route("/playground", handlers.PlaygroundHandler, ("GET",), "A page to try it in a browser: prompt to pictures"),
+    Route("/admin/usage", handlers.AdminUsageHandler, ("GET",),
+          "Admin keys: tasks, images, failed and refused per key and UTC day (?since=, ?until=, ?key=)"),
+    Route("/admin/tasks", handlers.AdminTasksHandler, ("GET",),
+          "Admin keys: the most recent tasks with their usage fields (?key=, ?limit=)"),
+    Route("/admin", handlers.AdminPageHandler, ("GET",), "A page for admins: usage per key over 30 days, recent tasks"),
     Route("/", handlers.InfoHandler, ("GET",), "This service description (browsers are sent to the playground)"),
 )
 

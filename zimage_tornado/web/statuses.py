@@ -10,8 +10,10 @@ from typing import Any
 
 from tornado.web import HTTPError
 
+from zimage_tornado.accounts import Refused, TooManyCallerWaiters
 from zimage_tornado.domain import COMPLETED, FAILED, Task
 from zimage_tornado.errors import ApiError
+from zimage_tornado.store import Admission, StoreUnavailable
 from zimage_tornado.upstream import TaskNotFound, UpstreamError, UpstreamRejected, UpstreamTimeout
 from zimage_tornado.watcher import INTERRUPTED, TIMEOUT, Outcome, TooManyWaiters
 
@@ -29,7 +31,8 @@ class OutcomeError(Exception):
 
 
 # Raised by handlers and mapped here; anything else reaching write_error is a bug (logged, 500).
-EXPECTED = (ApiError, UpstreamError, TooManyWaiters, ShuttingDown, OutcomeError, HTTPError)
+EXPECTED = (ApiError, UpstreamError, TooManyWaiters, ShuttingDown, OutcomeError, HTTPError, Refused,
+            TooManyCallerWaiters, StoreUnavailable)
 
 
 def retry_seconds(poll_interval: float) -> int:
@@ -76,6 +79,14 @@ def _map(cause: BaseException | None, context: Context) -> ApiError:
     if isinstance(cause, TooManyWaiters):
         return ApiError(503, "Too many clients are waiting on tasks; retry shortly", type="server_error",
                         code="too_many_waiters", headers=retry_after)
+    if isinstance(cause, Refused):
+        return refused(cause.admission)
+    if isinstance(cause, TooManyCallerWaiters):
+        return ApiError(429, "Too many of this key's clients are waiting on tasks; retry when one is answered",
+                        type="rate_limit_error", code="too_many_waiters", headers=retry_after)
+    if isinstance(cause, StoreUnavailable):
+        return ApiError(503, "%s; nothing was submitted, retry shortly" % cause, type="server_error",
+                        code="state_unavailable", headers=retry_after)
     if isinstance(cause, ShuttingDown):
         return ApiError(503, "The gateway is shutting down; retry shortly", type="server_error",
                         code="shutting_down", headers={**retry_after, "Connection": "close"})
@@ -87,6 +98,20 @@ def _map(cause: BaseException | None, context: Context) -> ApiError:
         return ApiError(status, message, type="invalid_request_error" if status < 500 else "server_error")
     # Never show a client the text of an unexpected exception.
     return ApiError(500, "Internal server error", type="server_error", code="internal_error")
+
+
+def refused(admission: Admission) -> ApiError:
+    """A submit over the caller's limits: nothing reached the upstream."""
+    wait = math.ceil(admission.retry_after or 1)
+    headers = {"Retry-After": str(wait)}
+    if admission.reason == "insufficient_quota" and admission.images is not None:
+        headers["x-should-retry"] = "false"  # retrying cannot help before the reset
+        return ApiError(429, "The daily quota of %d images is spent (%d left); it resets at 00:00 UTC, in %ds"
+                        % (admission.images.limit, admission.images.remaining, wait), type="insufficient_quota",
+                        code="insufficient_quota", headers=headers)
+    limit = admission.requests.limit if admission.requests else 0
+    return ApiError(429, "Rate limit reached: %d requests per minute; retry in %ds" % (limit, wait),
+                    type="rate_limit_error", code="rate_limit_exceeded", headers=headers)
 
 
 def upstream_status(error: UpstreamError) -> int:

@@ -1,0 +1,105 @@
+"""What each caller may do and has done: admission of submits (rate window, daily images),
+refunds, waiters per caller, task ownership, and the usage record. The store is the truth;
+what is kept here is a bounded cache in front of it (owners) or per-process state (waiters)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Callable
+
+from zimage_tornado.cache import ResultCache
+from zimage_tornado.domain import GenerationRequest, Task
+from zimage_tornado.metrics import Metrics
+from zimage_tornado.store import Admission, Store, TaskRecord
+from zimage_tornado.tenants import ANONYMOUS, Caller
+
+log = logging.getLogger("zimage_tornado.accounts")
+
+
+class Refused(Exception):
+    """A submit refused by the caller's limits before anything reached the upstream."""
+
+    def __init__(self, admission: Admission) -> None:
+        super().__init__(admission.reason)
+        self.admission = admission
+
+
+class TooManyCallerWaiters(Exception):
+    """This caller already has its plan's max_waiters clients waiting."""
+
+
+class Accounts:
+    def __init__(self, store: Store, metrics: Metrics, *, clock: Callable[[], float], record_prompts: bool,
+                 owners_cached: int, visibility: str, keys_configured: bool) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.record_prompts = record_prompts
+        self.owners: ResultCache[str] = ResultCache(owners_cached, float("inf"))
+        self.private = keys_configured and visibility == "owner"  # tasks readable by their owner only
+        self.waiting: Counter[str] = Counter()  # by caller scope; an entry lives while it is non-zero
+
+    # -- submits ------------------------------------------------------------------------------
+
+    async def admit(self, caller: Caller, images: int) -> Admission | None:
+        """Counts one submit of `images` against the caller's plan; None when it has no limits.
+        Raises Refused (the refusal counted) when over them."""
+        if not caller.plan.meters_submits:
+            return None
+        admission = await self.store.admit(caller.scope, caller.plan, images, self.clock())
+        if not admission.allowed:
+            await self.refused(caller, admission.reason or "refused")
+            raise Refused(admission)
+        return admission
+
+    async def refused(self, caller: Caller, reason: str) -> None:
+        self.metrics.observe_refusal(caller.name, reason)
+        await self.store.count_refusal(caller.name, reason, self.clock())
+
+    async def refund(self, caller: Caller, admission: Admission | None, images: int) -> None:
+        """The upstream refused the job: its images are not spent."""
+        if admission is not None and admission.images is not None:
+            await self.store.refund(caller.scope, admission.day, images)
+
+    async def submitted(self, caller: Caller, request: GenerationRequest, task: Task, model: str) -> None:
+        self.owners.put(task.uuid, caller.name)
+        self.metrics.observe_submit(caller.name, request.batch_size)
+        keep = self.record_prompts
+        await self.store.record_task(TaskRecord(
+            uuid=task.uuid, key=caller.name, client=caller.client, model=model, width=request.width,
+            height=request.height, batch_size=request.batch_size, steps=request.steps,
+            prompt=request.prompt if keep else None, negative_prompt=request.negative_prompt if keep else None,
+            submitted_at=self.clock()))
+
+    async def finished(self, task: Task) -> None:
+        """The engine saw a task's final state (once per task while it is cached)."""
+        await self.store.finish_task(task.uuid, task.status, self.clock(), len(task.image_urls), task.error,
+                                     list(task.image_urls))
+
+    # -- reading tasks ------------------------------------------------------------------------
+
+    async def may_read(self, caller: Caller, uuid: str) -> bool:
+        """With keys and task_visibility=owner, a task is its submitter's (and admins'); anyone
+        else is told it does not exist."""
+        if not self.private or caller.admin:
+            return True
+        owner = self.owners.get(uuid)
+        if owner is None:
+            owner = await self.store.owner(uuid)
+            if owner is not None:
+                self.owners.put(uuid, owner)
+        return owner is not None and owner == caller.name and owner != ANONYMOUS
+
+    # -- waiting ------------------------------------------------------------------------------
+
+    def enter_wait(self, caller: Caller) -> None:
+        limit = caller.plan.max_waiters
+        if limit and self.waiting[caller.scope] >= limit:
+            raise TooManyCallerWaiters()
+        self.waiting[caller.scope] += 1
+
+    def leave_wait(self, caller: Caller) -> None:
+        self.waiting[caller.scope] -= 1
+        if self.waiting[caller.scope] <= 0:
+            del self.waiting[caller.scope]

@@ -1,0 +1,191 @@
+"""The store: everything that must outlive a request or be shared between requests, behind one
+interface. Handlers never know which implementation runs.
+
+- embedded (store/sqlite.py): one SQLite file, the default; nothing to install.
+- shared (store/redis.py, with `redis_url`): Redis, for several processes or machines.
+
+It owns admission (rate windows and daily image quotas, checked and counted in one step),
+idempotency keys (claimed before a submit, so that only one caller anywhere submits), task
+ownership, the usage record (one row per task, refusals per key, reason and day), and serves
+the admin queries. In-memory structures elsewhere are caches in front of it, never a second truth.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from zimage_tornado.tenants import Plan
+
+DAY = 86400.0
+MINUTE = 60.0
+
+
+def utc_day(now: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(now))
+
+
+def seconds_to_midnight(now: float) -> float:
+    return DAY - now % DAY
+
+
+@dataclass(frozen=True)
+class Window:
+    """One limit as the x-ratelimit-* headers tell it."""
+
+    limit: int
+    remaining: int
+    reset: float  # seconds until the window has room again (requests) or resets (images)
+
+
+@dataclass(frozen=True)
+class Admission:
+    allowed: bool
+    reason: str | None = None  # "rate_limit_exceeded" or "insufficient_quota" when refused
+    requests: Window | None = None
+    images: Window | None = None
+    retry_after: float | None = None
+    day: str = ""  # the UTC day the images were counted against (for a refund)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """An Idempotency-Key claim: `mine` means this caller submits; otherwise the key is (or is
+    being) used, for `digest`, and `uuid` is its task once there is one."""
+
+    mine: bool
+    digest: str
+    uuid: str | None = None
+
+
+@dataclass
+class TaskRecord:
+    uuid: str
+    key: str
+    client: str
+    model: str
+    width: int
+    height: int
+    batch_size: int
+    steps: int
+    prompt: str | None
+    negative_prompt: str | None
+    submitted_at: float
+    finished_at: float | None = None
+    status: str = "submitted"
+    image_count: int | None = None
+    error: str | None = None
+    image_urls: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    key: str
+    day: str
+    tasks: int = 0
+    images: int = 0
+    failed: int = 0
+    refused: int = 0
+    refused_by_reason: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def decide(plan: Plan, images: int, now: float, day: str, recent: int, oldest: float | None,
+           used: int) -> Admission:
+    """One submit of `images` against `plan`, given the scope's requests within the last minute
+    (`recent`, the `oldest` of them) and the images it used today. Every store decides with this."""
+    requests = quota = None
+    rate_full = bool(plan.requests_per_minute) and recent >= plan.requests_per_minute
+    if plan.requests_per_minute:
+        # full: room again when the oldest request leaves the window; else all clear a minute on
+        requests = (Window(plan.requests_per_minute, 0, (oldest or now) + MINUTE - now) if rate_full
+                    else Window(plan.requests_per_minute, plan.requests_per_minute - recent - 1, MINUTE))
+    quota_spent = bool(plan.images_per_day) and used + images > plan.images_per_day
+    if plan.images_per_day:
+        left = plan.images_per_day - used - (0 if quota_spent else images)
+        quota = Window(plan.images_per_day, max(0, left), seconds_to_midnight(now))
+    if quota_spent and quota is not None:  # the lasting reason first: retrying within the minute cannot help
+        return Admission(False, "insufficient_quota", requests, quota, quota.reset, day)
+    if rate_full and requests is not None:
+        return Admission(False, "rate_limit_exceeded", requests, quota, requests.reset, day)
+    return Admission(True, None, requests, quota, None, day)
+
+
+class StoreUnavailable(Exception):
+    """The shared store did not answer (in time): nothing may be submitted unmetered."""
+
+
+class Store(abc.ABC):
+    """What the gateway keeps; see the module's docstring. `now` is passed in (an injectable
+    clock), so that day boundaries are testable."""
+
+    name = "store"
+
+    @abc.abstractmethod
+    def open(self) -> None:
+        """Starts opening (and creating or migrating) what it needs; operations wait for it."""
+
+    @abc.abstractmethod
+    async def ready(self) -> None:
+        """Returns once open; raises StoreUnavailable, with the reason, if it cannot be."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Writes what is pending, then closes."""
+
+    @abc.abstractmethod
+    async def admit(self, scope: str, plan: Plan, images: int, now: float) -> Admission:
+        """Checks and counts one submit of `images` against the scope's rate window and daily
+        quota, in one step: a refused submit counts against neither."""
+
+    @abc.abstractmethod
+    async def refund(self, scope: str, day: str, images: int) -> None:
+        """Gives back images reserved by admit() for a job the upstream refused."""
+
+    @abc.abstractmethod
+    async def claim(self, scope: str, key: str, digest: str, ttl: float, now: float) -> Claim:
+        """Claims an Idempotency-Key for a submit, or tells who has it."""
+
+    @abc.abstractmethod
+    async def fulfil(self, scope: str, key: str, uuid: str, ttl: float, now: float) -> None:
+        """The claimed key's submit made task `uuid`."""
+
+    @abc.abstractmethod
+    async def release(self, scope: str, key: str) -> None:
+        """The claimed key's submit failed: the key may be used again."""
+
+    @abc.abstractmethod
+    async def record_task(self, record: TaskRecord) -> None:
+        """A submitted task: its usage row, which also records who owns it."""
+
+    @abc.abstractmethod
+    async def finish_task(self, uuid: str, status: str, finished_at: float, image_count: int,
+                          error: str | None, image_urls: list[str]) -> None:
+        """A task's final state, once the gateway sees it."""
+
+    @abc.abstractmethod
+    async def owner(self, uuid: str) -> str | None:
+        """The key name that submitted `uuid` through this gateway, or None."""
+
+    @abc.abstractmethod
+    async def count_refusal(self, key: str, reason: str, now: float) -> None:
+        """A submit refused before it reached the upstream (rate, quota, waiters)."""
+
+    @abc.abstractmethod
+    async def usage(self, since: str, until: str, key: str | None = None) -> list[UsageRow]:
+        """Per key and UTC day (YYYY-MM-DD, both ends included)."""
+
+    @abc.abstractmethod
+    async def recent_tasks(self, key: str | None, limit: int) -> list[TaskRecord]:
+        """The most recent tasks, newest first."""
+
+    async def healthy(self) -> str | None:
+        """None when usable, else why not (for /health/ready)."""
+        return None

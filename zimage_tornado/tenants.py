@@ -1,0 +1,156 @@
+"""Who may use the gateway and how much: named API keys with their limits, and the caller of a
+request as the rest of the gateway sees it (a name, a scope for its counters, a plan).
+
+`api_keys_file` is either plain (one key a line, named key-1, key-2, ...) or TOML (a path
+ending in .toml), read with Python's own tomllib:
+
+    [defaults]               # every key, unless it says otherwise; 0 or absent = unlimited
+    requests_per_minute = 30
+    images_per_day = 200
+    max_waiters = 50
+    [keys.alice]
+    key = "sk-alice-..."     # or key_sha256 = "<hex>", so that the file need not hold the secret
+    images_per_day = 500
+    [keys.ops]
+    key_sha256 = "..."
+    admin = true
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+ANONYMOUS = "anonymous"
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # key names become metric labels and log words
+PLAN_FIELDS = ("requests_per_minute", "images_per_day", "max_waiters")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A caller's limits; 0 means unlimited."""
+
+    requests_per_minute: int = 0
+    images_per_day: int = 0
+    max_waiters: int = 0
+
+    @property
+    def meters_submits(self) -> bool:
+        return bool(self.requests_per_minute or self.images_per_day)
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    key_sha256: str = field(repr=False)
+    admin: bool = False
+    plan: Plan = Plan()
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str  # the key's name, or "anonymous": metrics labels and usage rows
+    scope: str  # what limits, quotas and idempotency keys are counted against
+    admin: bool = False
+    plan: Plan = Plan()
+    client: str = "-"  # the client address
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyRing:
+    """The configured keys. A bearer token is found by its SHA-256, compared in constant time."""
+
+    def __init__(self, tenants: Iterable[Tenant] = ()) -> None:
+        self.tenants = tuple(tenants)
+        self._by_digest = {tenant.key_sha256: tenant for tenant in self.tenants}
+        names = [tenant.name for tenant in self.tenants]
+        if len(set(names)) != len(names):
+            raise ValueError("api keys: a key name is used twice")
+        if len(self._by_digest) != len(self.tenants):
+            raise ValueError("api keys: the same key is listed twice")
+
+    def __bool__(self) -> bool:
+        return bool(self.tenants)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(tenant.name for tenant in self.tenants)
+
+    def identify(self, authorization: str) -> Tenant | None:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        given = digest(token.strip())
+        for known, tenant in self._by_digest.items():  # every one compared: timing tells nothing
+            if hmac.compare_digest(given, known):
+                return tenant
+        return None
+
+
+def load_keys(api_keys: str, api_keys_file: str) -> KeyRing:
+    """The keys of the `api_keys` setting and of `api_keys_file` (plain or TOML). Raises
+    ValueError (or OSError) with a message naming what is wrong."""
+    plain = [k.strip() for k in api_keys.split(",") if k.strip()]
+    tenants: list[Tenant] = []
+    if api_keys_file.endswith(".toml"):
+        with open(api_keys_file, "rb") as f:
+            try:
+                document = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError("api_keys_file %s: %s" % (api_keys_file, e)) from None
+        tenants += toml_tenants(document, api_keys_file)
+    elif api_keys_file:
+        with open(api_keys_file, encoding="utf-8") as f:
+            plain += [line.split("#", 1)[0].strip() for line in f if line.split("#", 1)[0].strip()]
+    tenants += [Tenant("key-%d" % i, digest(key)) for i, key in enumerate(plain, 1)]
+    return KeyRing(tenants)
+
+
+def toml_tenants(document: dict[str, Any], where: str) -> list[Tenant]:
+    defaults = plan_fields(document.get("defaults", {}), "%s [defaults]" % where)
+    keys = document.get("keys", {})
+    if not isinstance(keys, dict):
+        raise ValueError("%s: [keys] must be a table of named keys" % where)
+    tenants = []
+    for name, entry in keys.items():
+        context = "%s [keys.%s]" % (where, name)
+        if not NAME_RE.fullmatch(name) or not isinstance(entry, dict):
+            raise ValueError("%s: a key name is 1 to 64 of A-Z a-z 0-9 . _ -, and its entry a table" % context)
+        unknown = set(entry) - {"key", "key_sha256", "admin", *PLAN_FIELDS}
+        if unknown:
+            raise ValueError("%s: unknown field %s" % (context, sorted(unknown)[0]))
+        if ("key" in entry) == ("key_sha256" in entry):
+            raise ValueError("%s: give exactly one of key and key_sha256" % context)
+        if "key" in entry:
+            if not isinstance(entry["key"], str) or not entry["key"].strip():
+                raise ValueError("%s: key must be a non-empty string" % context)
+            key_sha256 = digest(entry["key"].strip())
+        else:
+            key_sha256 = str(entry["key_sha256"]).lower()
+            if not re.fullmatch(r"[0-9a-f]{64}", key_sha256):
+                raise ValueError("%s: key_sha256 must be 64 hex digits" % context)
+        if not isinstance(entry.get("admin", False), bool):
+            raise ValueError("%s: admin must be true or false" % context)
+        plan = Plan(**{**defaults, **plan_fields(entry, context)})
+        tenants.append(Tenant(name, key_sha256, entry.get("admin", False), plan))
+    return tenants
+
+
+def plan_fields(table: Any, context: str) -> dict[str, int]:
+    if not isinstance(table, dict):
+        raise ValueError("%s must be a table" % context)
+    fields = {}
+    for name in PLAN_FIELDS:
+        if name in table:
+            value = table[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError("%s: %s must be a whole number, 0 or more" % (context, name))
+            fields[name] = value
+    return fields

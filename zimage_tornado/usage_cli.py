@@ -1,0 +1,54 @@
+"""`zimage-tornado usage`: the per-key usage table, read from the SQLite database directly (no
+server needed; the database may be in use by one)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import sys
+import time
+from typing import Sequence
+
+from zimage_tornado import validation
+from zimage_tornado.errors import ApiError
+from zimage_tornado.store import utc_day
+from zimage_tornado.store.sqlite import usage
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="zimage-tornado usage",
+                                     description="Tasks, images, failed and refused per key and UTC day.")
+    parser.add_argument("--database", default="zimage-tornado.sqlite3", help="the gateway's database file")
+    parser.add_argument("--since", help="first day, YYYY-MM-DD (default: 30 days ago)")
+    parser.add_argument("--until", help="last day, YYYY-MM-DD (default: today, UTC)")
+    parser.add_argument("--key", help="one key's rows only")
+    parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        since, until = validation.day_range(args.since, args.until, utc_day(time.time()))
+        key = validation.key_name(args.key)
+    except ApiError as e:
+        parser.error(e.message)
+    try:
+        conn = sqlite3.connect("file:%s?mode=ro" % args.database, uri=True)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        rows = usage(conn, since, until, key)
+    except sqlite3.Error as e:
+        print("zimage-tornado usage: %s: %s" % (args.database, e), file=sys.stderr)
+        return 1
+    if args.json:
+        for row in rows:
+            print(json.dumps(row.as_dict(), sort_keys=True))
+        return 0
+    print(table(["key", "day", "tasks", "images", "failed", "refused"],
+                [[r.key, r.day, r.tasks, r.images, r.failed, r.refused] for r in rows]))
+    return 0
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    cells = [headers] + [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(cell.ljust(width) if i < 2 else cell.rjust(width) for i, (cell, width)
+                       in enumerate(zip(row, widths))) for row in cells]
+    return "\n".join([lines[0], "  ".join("-" * width for width in widths), *lines[1:]])
