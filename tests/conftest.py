@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
-from helpers import eventually
+from helpers import eventually, wait_listening
 from zimage_tornado.app import make_app
 from zimage_tornado.config import Settings
 from zimage_tornado.fake_upstream import FakeZImage
@@ -154,3 +155,44 @@ def gateways(tmp_path, fake_url):
     yield start
     for gateway in started:
         gateway.kill()
+
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, its files in a temporary directory."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        assert os.path.exists(REDIS_SERVER), \
+            "redis-server is missing: install Debian's redis-server (.ci/system-packages does)"
+        sock, self.port = bind_unused_port()
+        sock.close()
+        self.dir = tmp_path / ("redis-%d" % self.port)
+        self.dir.mkdir()
+        self.url = "redis://127.0.0.1:%d/0" % self.port
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
+             "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"],
+            stdout=(self.dir / "redis.log").open("a"), stderr=subprocess.STDOUT)
+        wait_listening(self.port, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def client(self):  # a plain synchronous client, for looking inside
+        import redis
+        return redis.Redis.from_url(self.url, decode_responses=True)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()

@@ -11,7 +11,7 @@ from typing import Callable
 from zimage_tornado.cache import ResultCache
 from zimage_tornado.domain import GenerationRequest, Task
 from zimage_tornado.metrics import Metrics
-from zimage_tornado.store import Admission, Store, TaskRecord
+from zimage_tornado.store import Admission, Store, StoreUnavailable, TaskRecord
 from zimage_tornado.tenants import ANONYMOUS, Caller
 
 log = logging.getLogger("zimage_tornado.accounts")
@@ -45,7 +45,7 @@ class Accounts:
     async def admit(self, caller: Caller, images: int) -> Admission | None:
         """Counts one submit of `images` against the caller's plan; None when it has no limits.
         Raises Refused (the refusal counted) when over them."""
-        if not caller.plan.meters_submits:
+        if not caller.plan.meters_submits and not self.store.checks_every_submit:
             return None
         admission = await self.store.admit(caller.scope, caller.plan, images, self.clock())
         if not admission.allowed:
@@ -66,11 +66,14 @@ class Accounts:
         self.owners.put(task.uuid, caller.name)
         self.metrics.observe_submit(caller.name, request.batch_size)
         keep = self.record_prompts
-        await self.store.record_task(TaskRecord(
+        try:
+            await self.store.record_task(TaskRecord(
             uuid=task.uuid, key=caller.name, client=caller.client, model=model, width=request.width,
             height=request.height, batch_size=request.batch_size, steps=request.steps,
             prompt=request.prompt if keep else None, negative_prompt=request.negative_prompt if keep else None,
             submitted_at=self.clock()))
+        except StoreUnavailable as e:  # the job exists upstream: answer it; only its row is lost
+            log.error("task %s: its usage row could not be written: %s", task.uuid, e)
 
     async def finished(self, task: Task) -> None:
         """The engine saw a task's final state (once per task while it is cached)."""

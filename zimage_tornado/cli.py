@@ -6,25 +6,28 @@ import asyncio
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections import deque
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
 from zimage_tornado import __version__, usage_cli
-from zimage_tornado.app import make_app
 from zimage_tornado.config import Settings, load_settings
 from zimage_tornado.fake_upstream import FakeZImage
-from zimage_tornado.gateway import Gateway
 from zimage_tornado.logs import redact_url, setup_logging
 from zimage_tornado.sdnotify import Notifier
 from zimage_tornado.store import StoreUnavailable
 from zimage_tornado.tenants import load_keys
+
+if TYPE_CHECKING:
+    from zimage_tornado.gateway import Gateway
 
 log = logging.getLogger("zimage_tornado")
 
@@ -40,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("zimage-tornado: %s" % e, file=sys.stderr)
         sys.exit(2)
     setup_logging(settings.log_level, settings.log_format)
+    metrics_dir = group_metrics_dir() if settings.workers > 1 else None
     try:
         # Bound before any fork, so that every worker accepts on the same socket.
         sockets = bind_sockets(settings.port, settings.address, backlog=settings.listen_backlog)
@@ -57,7 +61,23 @@ def main(argv: Sequence[str] | None = None) -> None:
             signal.signal(signum, signal.SIG_IGN)  # stopped cleanly: a late signal changes nothing
     else:
         code = supervise(settings, sockets, processes, notifier)
+    if metrics_dir is not None:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     sys.exit(code)
+
+
+def group_metrics_dir() -> str:
+    """prometheus_client's multiprocess mode, its documented way: PROMETHEUS_MULTIPROC_DIR names
+    an empty directory before the first metric exists (cli.py imports the app, and with it
+    prometheus_client, only after this); every worker writes its values there, and a scrape
+    adds them up. A directory of our own, or the one given, emptied of earlier runs' files."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="zimage-tornado-metrics-")
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(directory, name))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    return directory
 
 
 def status_line(gateway: Gateway) -> str:
@@ -79,6 +99,8 @@ async def start_demo_upstream(settings: Settings) -> Settings:
 async def serve(settings: Settings, sockets: list, notifier: Notifier) -> int:
     if settings.demo:
         settings = await start_demo_upstream(settings)
+    from zimage_tornado.app import make_app  # here: after group_metrics_dir(), see there
+
     app = make_app(settings)
     gateway: Gateway = app.gateway  # type: ignore[attr-defined]
     try:
@@ -100,6 +122,8 @@ async def serve(settings: Settings, sockets: list, notifier: Notifier) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     notifier.notify(READY=1, STATUS=status_line(gateway))
+    if gateway.metrics.multiprocess:  # the others' scrapes see this worker's engine a second late at most
+        PeriodicCallback(gateway.metrics.sync, 1000).start()
     heartbeat = None
     if notifier.enabled:
         interval = notifier.watchdog_interval or 5.0
@@ -184,6 +208,10 @@ def supervise(settings: Settings, sockets: list, processes: int, notifier: Notif
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid:
             number = children.pop(pid)
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                from prometheus_client import multiprocess
+
+                multiprocess.mark_process_dead(pid)  # its live gauges go; its counters stay counted
             code = os.waitstatus_to_exitcode(status)
             if stopping:
                 exit_code = exit_code or int(code != 0)

@@ -78,6 +78,11 @@ class Settings:
                                                       "idempotency keys (':memory:' keeps nothing)")
     record_prompts: bool = setting(True, "Keep prompts in the usage record")
     record_ttl: float = setting(90 * 86400.0, "Seconds a task's usage row is kept")
+    redis_url: str = setting("", "Redis for a fleet (redis://[:password@]host:6379/0, rediss://...): shared limits, "
+                                 "idempotency, ownership, usage, and one upstream read per task per interval")
+    redis_timeout: float = setting(1.0, "Seconds any one Redis call may take, waiting for a connection included")
+    redis_connections: int = setting(32, "Redis connections per instance for the store, and as many for polling "
+                                         "(plus one for pub/sub); more calls wait for one")
     metrics_require_key: bool = setting(False, "GET /metrics needs an API key too")
     trusted_proxies: str = setting("", "Comma-separated IPs/CIDRs whose X-Forwarded-For / X-Real-IP is believed")
     cors_origins: str = setting("", "Comma-separated browser origins allowed by CORS, or '*' (default: none)")
@@ -97,7 +102,7 @@ class Settings:
         positive = ("upstream_timeout", "upstream_connect_timeout", "upstream_max_clients",
                     "poll_interval", "max_attempts", "max_waiters", "cache_ttl", "max_batch_size", "min_size",
                     "size_multiple", "max_steps", "max_prompt_length", "idempotency_ttl", "max_image_bytes",
-                    "image_fetches", "record_ttl",
+                    "image_fetches", "record_ttl", "redis_timeout", "redis_connections",
                     "shutdown_timeout", "idle_timeout", "body_timeout", "write_timeout", "max_body_bytes",
                     "demo_seconds")
         for name in positive:
@@ -114,6 +119,8 @@ class Settings:
             raise ValueError("upstream_ca_certs: no such file: %s" % self.upstream_ca_certs)
         if self.upstream_client not in ("curl", "simple"):
             raise ValueError("upstream_client must be curl or simple")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must be a redis://, rediss:// or unix:// URL")
         if self.task_visibility not in ("owner", "any"):
             raise ValueError("task_visibility must be owner or any")
         if min(self.ip_requests_per_minute, self.ip_images_per_day, self.ip_max_waiters) < 0:

@@ -19,10 +19,11 @@ from zimage_tornado.images import ImageFetcher, make_image_client
 from zimage_tornado.metrics import Metrics
 from zimage_tornado.openai_api import ModelTable
 from zimage_tornado.store import Admission, Store
+from zimage_tornado.store.redis import RedisCoordination, RedisStore
 from zimage_tornado.store.sqlite import SqliteStore
 from zimage_tornado.tenants import Caller, Plan, load_keys
 from zimage_tornado.upstream import UpstreamRejected, ZImageClient, make_http_client
-from zimage_tornado.watcher import TaskWatcher
+from zimage_tornado.watcher import Coordination, TaskWatcher
 
 
 @dataclass
@@ -32,9 +33,21 @@ class Submitted:
 
 
 def make_store(settings: Settings, clock: Callable[[], float]) -> Store:
+    if settings.redis_url:
+        return RedisStore(settings.redis_url, timeout=settings.redis_timeout, record_ttl=settings.record_ttl,
+                          connections=settings.redis_connections)
     # One process owns the file and may decide admissions in memory; workers sharing it may not.
     return SqliteStore(settings.database, record_ttl=settings.record_ttl, clock=clock,
                        exclusive=settings.workers == 1)
+
+
+def make_coordination(settings: Settings) -> Coordination:
+    """How this instance shares the polling of tasks with the rest of its fleet, if it has one."""
+    if settings.redis_url:
+        return RedisCoordination(settings.redis_url, timeout=settings.redis_timeout,
+                                 interval=settings.poll_interval, cache_ttl=settings.cache_ttl,
+                                 connections=settings.redis_connections)
+    return Coordination()
 
 
 class Gateway:
@@ -73,6 +86,7 @@ class Gateway:
             max_waiters=settings.max_waiters,
             cache=ResultCache(settings.cache_size, settings.cache_ttl),
             on_final=self.accounts.finished,
+            coordination=make_coordination(settings),
         )
         self.metrics.watch(self.watcher, self.idempotency)
         self.images = ImageFetcher(self.upstream, max_bytes=settings.max_image_bytes,
@@ -111,3 +125,4 @@ class Gateway:
         self.http.close()
         self.image_http.close()
         await self.store.close()
+        await self.watcher.coordination.close()

@@ -1,15 +1,19 @@
 """Prometheus metrics for GET /metrics, on a registry of the app's own (not the global one).
 
-Request and upstream-call metrics are recorded as they happen; the engine's state (waiters,
-polling loops, cache hits, ...) is read when Prometheus scrapes, from the objects that own it.
+Request, upstream-call and usage metrics are recorded as they happen. The engine's counts and
+state (waiters, polling loops, cache hits, ...) are owned by the engine; sync() carries them
+into real counters and gauges: at every scrape in one process, and every second in each worker
+with `--processes=N`, where prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR,
+set up by cli.py before any metric exists) adds the workers up, so a scrape shows the whole
+process group whichever worker answers it, and counters never go backwards.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import os
+from typing import Any, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from zimage_tornado import __version__
 from zimage_tornado.idempotency import IdempotencyStore
@@ -19,6 +23,24 @@ from zimage_tornado.watcher import TaskWatcher
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 METHODS = frozenset({"GET", "POST", "OPTIONS", "HEAD", "PUT", "DELETE", "PATCH"})
+# (metric name, the engine's count it reports, help)
+ENGINE_COUNTERS = (
+    ("zimage_coalesced_waiters", "coalesced_waiters", "Waiters that joined a task's running polling loop"),
+    ("zimage_coalesced_reads", "coalesced_reads", "Status reads that shared another caller's upstream read"),
+    ("zimage_cache_hits", "cache_hits", "Answers served from the finished-task cache"),
+    ("zimage_poll_errors", "upstream_errors", "Failed status reads while polling (retried)"),
+    ("zimage_waiters_refused", "waiters_refused", "Waiters refused with 503 past max_waiters"),
+    ("zimage_polling_loops_started", "polls_started", "Polling loops started"),
+    ("zimage_idempotent_replays", "replays", "Submits answered with an earlier task by Idempotency-Key"),
+    ("zimage_states_heard", "states_heard", "Task states published by another instance of the fleet and used here"),
+    ("zimage_reads_left_to_others", "reads_left_to_others",
+     "Polling ticks that left the upstream read to the instance holding the task's lease"),
+)
+ENGINE_GAUGES = (
+    ("zimage_waiters", "waiting", "Clients waiting on tasks now"),
+    ("zimage_polling_loops", "polling", "Tasks being polled now"),
+    ("zimage_cached_tasks", "cached", "Finished tasks remembered"),
+)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -42,9 +64,35 @@ class Metrics:
                                ["key", "reason"], registry=self.registry)
         self._children: dict[tuple[str, str, object], tuple[Any, Any]] = {}  # bounded: routes x methods x statuses
 
+        self.engine_counters = {
+            key: Counter(name, text, registry=self.registry) for name, key, text in ENGINE_COUNTERS}
+        self.engine_gauges = {  # livesum: with several workers, the sum over the live ones
+            key: Gauge(name, text, registry=self.registry, multiprocess_mode="livesum")
+            for name, key, text in ENGINE_GAUGES}
+        info = Gauge("zimage_info", "The gateway's version", ["version"], registry=self.registry,
+                     multiprocess_mode="max")
+        info.labels(__version__).set(1)
+        self._sources: list[Callable[[], dict[str, float]]] = []
+        self._synced: dict[str, float] = {}
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
     def watch(self, watcher: TaskWatcher, idempotency: IdempotencyStore) -> None:
-        """Report the engine's state, read from its owners at every scrape."""
-        self.registry.register(_EngineCollector(watcher, idempotency))
+        """Report the engine's counts and state, read from their owners by sync()."""
+        self._sources.append(lambda: {**watcher.counters, "replays": idempotency.replays, "waiting": watcher.waiting,
+                                      "polling": watcher.active_polls, "cached": len(watcher.cache)})
+
+    def sync(self) -> None:
+        """Carries the engine's counts (as increments since the last sync) and state into the metrics."""
+        values: dict[str, float] = {}
+        for source in self._sources:
+            values.update(source())
+        for key, counter in self.engine_counters.items():
+            delta = values.get(key, 0) - self._synced.get(key, 0)
+            if delta > 0:
+                counter.inc(delta)
+                self._synced[key] = values.get(key, 0)
+        for key, gauge in self.engine_gauges.items():
+            gauge.set(values.get(key, 0))
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         # Label values from fixed sets only: a client chooses its method, and each new value
@@ -73,34 +121,11 @@ class Metrics:
         children[1].observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        self.sync()
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        group = CollectorRegistry()
+        multiprocess.MultiProcessCollector(group)  # every worker's files, dead ones' counters included
+        return generate_latest(group)
 
 
-class _EngineCollector:
-    def __init__(self, watcher: TaskWatcher, idempotency: IdempotencyStore) -> None:
-        self.watcher = watcher
-        self.idempotency = idempotency
-
-    def describe(self) -> list[Metric]:
-        return []  # collected at scrape time only
-
-    def collect(self) -> Iterator[Metric]:
-        watcher = self.watcher
-        counters = watcher.counters
-        info = GaugeMetricFamily("zimage_info", "The gateway's version", labels=["version"])
-        info.add_metric([__version__], 1)
-        yield info
-        yield GaugeMetricFamily("zimage_waiters", "Clients waiting on tasks now", value=watcher.waiting)
-        yield GaugeMetricFamily("zimage_polling_loops", "Tasks being polled now", value=watcher.active_polls)
-        yield GaugeMetricFamily("zimage_cached_tasks", "Finished tasks remembered", value=len(watcher.cache))
-        for name, key, text in (
-            ("zimage_coalesced_waiters", "coalesced_waiters", "Waiters that joined a task's running polling loop"),
-            ("zimage_coalesced_reads", "coalesced_reads", "Status reads that shared another caller's upstream read"),
-            ("zimage_cache_hits", "cache_hits", "Answers served from the finished-task cache"),
-            ("zimage_poll_errors", "upstream_errors", "Failed status reads while polling (retried)"),
-            ("zimage_waiters_refused", "waiters_refused", "Waiters refused with 503 past max_waiters"),
-            ("zimage_polling_loops_started", "polls_started", "Polling loops started"),
-        ):
-            yield CounterMetricFamily(name, text, value=counters[key])
-        yield CounterMetricFamily("zimage_idempotent_replays", "Submits answered with an earlier task by key",
-                                  value=self.idempotency.replays)

@@ -175,7 +175,9 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["status", "upstream", "waiters", "polling_loops"],
         "properties": {
-            "status": {"enum": ["ready", "shutting_down"]},
+            "status": {"enum": ["ready", "shutting_down", "store_unavailable"]},
+            "store": {"type": "object", "properties": {"kind": {"enum": ["sqlite", "redis"]}, "ok": {"type": "boolean"},
+                                                       "error": NULLABLE_STRING}},
             "upstream": {"type": "object", "required": ["url", "answered_recently"], "properties": {
                 "url": {"type": "string"}, "answered_recently": {"type": "boolean"},
                 "last_answer_seconds_ago": NUMBER_OR_NULL,
@@ -314,7 +316,7 @@ def operations() -> dict[str, Any]:
         "/health": {"get": {"responses": {"200": json_response("Alive", ref("Health"))}}},
         "/health/ready": {"get": {"responses": {
             "200": json_response("Ready", ref("Readiness")),
-            "503": json_response("Shutting down", ref("Readiness"))}}},
+            "503": json_response("Shutting down, or the store cannot answer", ref("Readiness"))}}},
         "/metrics": {"get": {"responses": {
             "200": {"description": "Prometheus text format",
                     "content": {"text/plain": {"schema": {"type": "string"}}}},

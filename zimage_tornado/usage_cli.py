@@ -4,6 +4,7 @@ server needed; the database may be in use by one)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sqlite3
 import sys
@@ -12,7 +13,9 @@ from typing import Sequence
 
 from zimage_tornado import validation
 from zimage_tornado.errors import ApiError
-from zimage_tornado.store import utc_day
+from zimage_tornado.logs import redact_url
+from zimage_tornado.store import StoreUnavailable, UsageRow, utc_day
+from zimage_tornado.store.redis import RedisStore
 from zimage_tornado.store.sqlite import usage
 
 
@@ -23,6 +26,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--since", help="first day, YYYY-MM-DD (default: 30 days ago)")
     parser.add_argument("--until", help="last day, YYYY-MM-DD (default: today, UTC)")
     parser.add_argument("--key", help="one key's rows only")
+    parser.add_argument("--redis-url", help="read the fleet's usage from this Redis instead of a database file")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     args = parser.parse_args(argv)
     try:
@@ -31,11 +35,10 @@ def main(argv: Sequence[str]) -> int:
     except ApiError as e:
         parser.error(e.message)
     try:
-        conn = sqlite3.connect("file:%s?mode=ro" % args.database, uri=True)
-        conn.execute("PRAGMA busy_timeout = 5000")
-        rows = usage(conn, since, until, key)
-    except sqlite3.Error as e:
-        print("zimage-tornado usage: %s: %s" % (args.database, e), file=sys.stderr)
+        rows = redis_usage(args.redis_url, since, until, key) if args.redis_url else \
+            file_usage(args.database, since, until, key)
+    except (sqlite3.Error, StoreUnavailable) as e:
+        print("zimage-tornado usage: %s: %s" % (redact_url(args.redis_url or args.database), e), file=sys.stderr)
         return 1
     if args.json:
         for row in rows:
@@ -44,6 +47,25 @@ def main(argv: Sequence[str]) -> int:
     print(table(["key", "day", "tasks", "images", "failed", "refused"],
                 [[r.key, r.day, r.tasks, r.images, r.failed, r.refused] for r in rows]))
     return 0
+
+
+def file_usage(database: str, since: str, until: str, key: str | None) -> list[UsageRow]:
+    conn = sqlite3.connect("file:%s?mode=ro" % database, uri=True)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    try:
+        return usage(conn, since, until, key)
+    finally:
+        conn.close()
+
+
+def redis_usage(url: str, since: str, until: str, key: str | None) -> list[UsageRow]:
+    async def read() -> list[UsageRow]:
+        store = RedisStore(url, timeout=5.0, record_ttl=0)
+        try:
+            return await store.usage(since, until, key)
+        finally:
+            await store.close()
+    return asyncio.run(read())
 
 
 def table(headers: list[str], rows: list[list[object]]) -> str:

@@ -30,10 +30,39 @@ TIMEOUT = "timeout"
 UPSTREAM_ERROR = "upstream_error"  # a definite, non-transient refusal while polling
 INTERRUPTED = "interrupted"  # the engine is shutting down
 RUNNING = "running"  # still running, for a caller that asked not to wait
+# A follower asks for a task's lease once it has heard no state for this many intervals: its
+# holder publishes one each interval, so silence means it is gone (or slow).
+LEASE_PATIENCE = 1.25
 
 
 class TooManyWaiters(Exception):
     pass
+
+
+class Coordination:
+    """How the instances of a fleet share the polling of a task. This one is an instance alone:
+    it always reads the upstream and shares nothing. store/redis.py has the fleet's: a lease
+    decides which instance reads a task, the others hear each state it publishes."""
+
+    async def lease(self, uuid: str) -> bool:
+        """True when this instance should read the task's status now."""
+        return True
+
+    async def publish(self, task: Task) -> None:
+        """A state this instance read, for the others (and the shared cache, when final)."""
+
+    async def shared(self, uuid: str) -> Task | None:
+        """The task's finished state, if any instance has seen it."""
+        return None
+
+    async def follow(self, uuid: str, heard: Callable[[Task], None]) -> None:
+        """Call `heard` with each state another instance publishes, until unfollow()."""
+
+    async def unfollow(self, uuid: str) -> None:
+        """Stop following the task."""
+
+    async def close(self) -> None:
+        """Let go of what it holds (connections)."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +75,8 @@ class Outcome:
 
 
 class _Poll:
-    __slots__ = ("uuid", "waiters", "task", "task_at", "error", "wakeup", "runner", "tick")
+    __slots__ = ("uuid", "waiters", "task", "task_at", "error", "wakeup", "runner", "tick", "leased", "heard_at",
+                 "lease_errors")
 
     def __init__(self, uuid: str) -> None:
         self.uuid = uuid
@@ -57,17 +87,22 @@ class _Poll:
         self.wakeup: asyncio.Future[None] | None = None
         self.runner: asyncio.Task[None] | None = None
         self.tick: asyncio.Future[Task | None] | None = None  # resolved after the next read
+        self.leased = False  # this instance read the task at its last tick (it holds the fleet's lease)
+        self.heard_at = 0.0  # when another instance's state of the task last arrived
+        self.lease_errors = 0  # lease attempts in a row that failed (Redis down, or too slow)
 
 
 class TaskWatcher:
     def __init__(self, client: ZImageClient, *, interval: float, budget: float, max_waiters: int,
-                 cache: ResultCache[Task], on_final: Callable[[Task], Awaitable[None]] | None = None) -> None:
+                 cache: ResultCache[Task], on_final: Callable[[Task], Awaitable[None]] | None = None,
+                 coordination: Coordination | None = None) -> None:
         self.client = client
         self.interval = interval
         self.budget = budget  # a wait's default length (Settings.wait_budget)
         self.max_waiters = max_waiters
         self.cache = cache
         self.on_final = on_final  # told once a read sees a task finished (the usage record)
+        self.coordination = coordination or Coordination()
         self.waiting = 0
         self.counters: Counter[str] = Counter()
         self._polls: dict[str, _Poll] = {}
@@ -108,13 +143,58 @@ class TaskWatcher:
             future.exception()  # retrieved here so an unawaited failure is not reported as lost
 
     async def _read_upstream(self, uuid: str) -> Task:
+        shared = await self._shared(uuid)  # finished, and seen by another instance of the fleet
+        if shared is not None:
+            self.counters["shared_cache_hits"] += 1
+            self.cache.put(uuid, shared)
+            return shared
         self.counters["upstream_reads"] += 1
         task = await self.client.get_task(uuid)
         if task.is_final:
             self.cache.put(uuid, task)
             if self.on_final is not None:
                 await self.on_final(task)
+        try:
+            await self.coordination.publish(task)
+        except Exception as e:  # noqa: BLE001 - the others poll for themselves when they hear nothing
+            log.warning("task %s: could not publish its state: %s", uuid, e)
         return task
+
+    async def _shared(self, uuid: str) -> Task | None:
+        try:
+            shared = await self.coordination.shared(uuid)
+        except Exception as e:  # noqa: BLE001 - without the shared cache, ask the upstream
+            log.warning("task %s: the shared cache is unavailable: %s", uuid, e)
+            return None
+        return shared if shared is not None and shared.is_final else None
+
+    async def _may_read(self, poll: _Poll) -> bool:
+        try:
+            leased = await self.coordination.lease(poll.uuid)
+        except Exception as e:  # noqa: BLE001 - the fleet's lease is unavailable
+            self.counters["lease_errors"] += 1
+            poll.lease_errors += 1
+            # Its holder reads on; a follower once a second attempt fails too: one slow answer
+            # (a busy moment) must not make every instance read, a Redis that is down must.
+            if poll.leased or poll.lease_errors >= 2:
+                log.warning("task %s: no lease (%s); reading the upstream itself", poll.uuid, e)
+                return True
+            return False
+        poll.lease_errors = 0
+        return leased
+
+    def _heard(self, poll: _Poll, task: Task) -> None:
+        """Another instance published the task's state: answer from it as from our own read."""
+        if self._polls.get(poll.uuid) is not poll:
+            return
+        self.counters["states_heard"] += 1
+        now = asyncio.get_running_loop().time()
+        poll.task, poll.task_at, poll.heard_at, poll.error = task, now, now, None
+        if task.is_final:
+            self.cache.put(poll.uuid, task)
+            self._settle(poll, task.status)
+        else:
+            self._ticked(poll)
 
     async def peek(self, uuid: str) -> Task:
         """The current state without waiting; reuses a running loop's read from this interval."""
@@ -198,11 +278,28 @@ class TaskWatcher:
     async def _run(self, poll: _Poll) -> None:
         loop = asyncio.get_running_loop()
         self.counters["polls_started"] += 1
+        following = False
         try:
+            try:
+                await self.coordination.follow(poll.uuid, functools.partial(self._heard, poll))
+                following = True
+            except Exception as e:  # noqa: BLE001 - unheard states are read by ourselves instead
+                log.warning("task %s: cannot follow its shared state: %s", poll.uuid, e)
             while poll.waiters:
                 # Counted from the answer, not from the request: however late a read reached the
                 # upstream, the next one comes at least one interval later (it may rate-limit).
                 delay = self.interval
+                # While another instance's states keep coming, it holds the lease: asking for it
+                # would only cost Redis a call per instance per task per interval.
+                silent = loop.time() - poll.heard_at > LEASE_PATIENCE * self.interval
+                poll.leased = (poll.leased or silent) and await self._may_read(poll)
+                if not poll.leased:  # another instance reads it: we hear its states
+                    self.counters["reads_left_to_others"] += 1
+                    if not poll.waiters:
+                        break
+                    poll.wakeup = loop.create_future()
+                    await asyncio.wait([poll.wakeup], timeout=delay)
+                    continue
                 try:
                     task = await self.read(poll.uuid)
                 except TaskNotFound as e:
@@ -237,8 +334,17 @@ class TaskWatcher:
             log.exception("task %s: polling loop crashed", poll.uuid)
             self._settle(poll, UPSTREAM_ERROR, UpstreamError("Internal error while polling the task"))
         finally:
-            self._polls.pop(poll.uuid, None)
+            if self._polls.get(poll.uuid) is poll:
+                del self._polls[poll.uuid]
             self._ticked(poll)
+            if following:
+                await self._unfollow(poll.uuid)
+
+    async def _unfollow(self, uuid: str) -> None:
+        try:
+            await self.coordination.unfollow(uuid)
+        except Exception as e:  # noqa: BLE001 - a dropped subscription costs a little traffic only
+            log.warning("task %s: could not stop following it: %s", uuid, e)
 
     async def close(self) -> None:
         """Ends every loop; their waiters get an INTERRUPTED outcome with the last state seen,

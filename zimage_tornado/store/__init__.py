@@ -127,6 +127,9 @@ class Store(abc.ABC):
     clock), so that day boundaries are testable."""
 
     name = "store"
+    # A submit asks the store first even when its caller has no limits: a shared store that cannot
+    # answer must stop it (503), or the fleet would run unmetered and unrecorded.
+    checks_every_submit = False
 
     @abc.abstractmethod
     def open(self) -> None:

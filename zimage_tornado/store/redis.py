@@ -1,0 +1,423 @@
+"""The shared store: Redis, through redis-py's asyncio client, for a fleet of instances (worker
+processes or machines) that must behave like one gateway.
+
+Every key starts with `zimage:`. What lives here and how:
+- admission: one Lua script per submit (the scope's rate window as a sorted set of the last
+  minute's requests, the day's images as a counter), checked and counted atomically;
+- Idempotency-Keys: `SET NX PX` claims, fulfilled with the task uuid (Lua, compare and set);
+- tasks: one JSON value per task (its usage row, which names its owner) with a TTL of
+  `record_ttl`, the recent ones in sorted sets, and per-day hashes of counts per key, so that
+  /admin/usage and `zimage-tornado usage --redis-url` answer for the whole fleet;
+- polling (RedisCoordination): an instance reads a task's status upstream only while it holds
+  the task's lease (`SET NX PX`, one interval, renewed by its holder after each read and never
+  by another), publishes each state on the task's channel and keeps the latest; instances with
+  waiters on the task follow the channel, and take the lease over when its holder stops renewing.
+
+Every call has a timeout (`redis_timeout`): a hung Redis cannot hang a request. Failures become
+StoreUnavailable; redis-py reconnects by itself when Redis is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import uuid as uuidlib
+from typing import Any, Awaitable, Callable, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from zimage_tornado.domain import Task
+from zimage_tornado.store import (DAY, Admission, Claim, Store, StoreUnavailable, TaskRecord, UsageRow,
+                                  decide, utc_day)
+from zimage_tornado.tenants import Plan
+from zimage_tornado.watcher import Coordination
+
+log = logging.getLogger("zimage_tornado.store")
+T = TypeVar("T")
+
+PREFIX = "zimage:"
+RECENT_KEPT = 10_000  # tasks listed by /admin/tasks, overall and per key
+OUTBOX_SECONDS = 0.05
+MAX_QUEUED = 100_000  # writes waiting for the next pipeline: past this Redis is not keeping up
+MAX_DAYS = 366  # a usage query's longest range
+
+ADMIT = """
+local now, rpm, ipd, images = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local count, oldest, used = 0, false, 0
+if rpm > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60)
+  count = redis.call('ZCARD', KEYS[1])
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if first[2] then oldest = first[2] end
+end
+if ipd > 0 then used = tonumber(redis.call('GET', KEYS[2]) or '0') end
+if not (rpm > 0 and count >= rpm) and not (ipd > 0 and used + images > ipd) then
+  if rpm > 0 then
+    redis.call('ZADD', KEYS[1], now, ARGV[5])
+    redis.call('PEXPIRE', KEYS[1], 61000)
+  end
+  if ipd > 0 then
+    redis.call('INCRBY', KEYS[2], images)
+    redis.call('EXPIRE', KEYS[2], 172800)
+  end
+end
+return {count, oldest, used}
+"""
+FULFIL = """
+local value = redis.call('GET', KEYS[1])
+if not value then return 0 end
+local claim = cjson.decode(value)
+claim.u = ARGV[1]
+redis.call('SET', KEYS[1], cjson.encode(claim), 'PX', ARGV[2])
+return 1
+"""
+RELEASE = """
+local value = redis.call('GET', KEYS[1])
+if value and cjson.decode(value).u == cjson.null then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+FINISH = """
+local value = redis.call('GET', KEYS[1])
+if not value then return 0 end
+local task = cjson.decode(value)
+if task.finished_at ~= cjson.null then return 0 end
+task.status, task.finished_at, task.image_count = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+task.error = cjson.decode(ARGV[4])
+task.image_urls = cjson.decode(ARGV[5])
+redis.call('SET', KEYS[1], cjson.encode(task), 'KEEPTTL')
+if ARGV[1] == 'failed' then redis.call('HINCRBY', ARGV[6] .. task.day, task.key .. '\\tfailed', 1) end
+return 1
+"""
+RECORD = """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+for i = 2, 3 do
+  redis.call('ZADD', KEYS[i], ARGV[4], ARGV[3])
+  redis.call('ZREMRANGEBYRANK', KEYS[i], 0, -tonumber(ARGV[7]) - 1)
+end
+redis.call('HINCRBY', KEYS[4], ARGV[5] .. '\ttasks', 1)
+redis.call('HINCRBY', KEYS[4], ARGV[5] .. '\timages', tonumber(ARGV[6]))
+redis.call('EXPIRE', KEYS[4], ARGV[2])
+return 1
+"""
+LEASE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+def connect(url: str, timeout: float, connections: int) -> aioredis.Redis:
+    """A client whose pool holds at most `connections`: a burst of calls waits (up to `timeout`)
+    for a free one instead of failing, and a fleet's connection count stays known for sizing."""
+    # health_check_interval: a connection idle for a while is checked before use, not found dead mid-request
+    # No socket_timeout: every call runs within asyncio.timeout(redis_timeout) already, and
+    # redis-py's own per-read timer would cost a second one per command.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=connections, timeout=timeout, socket_connect_timeout=timeout,
+        health_check_interval=30, decode_responses=True)
+    return aioredis.Redis(connection_pool=pool)
+
+
+class RedisStore(Store):
+    name = "redis"
+    checks_every_submit = True
+
+    def __init__(self, url: str, *, timeout: float, record_ttl: float, connections: int = 32) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.record_ttl = record_ttl
+        self.redis = connect(url, timeout, connections)
+        self._admit = self.redis.register_script(ADMIT)
+        self._fulfil = self.redis.register_script(FULFIL)
+        self._release = self.redis.register_script(RELEASE)
+        self._finish = self.redis.register_script(FINISH)
+        self._record = self.redis.register_script(RECORD)
+        self._outbox: list[Callable[[Any], Awaitable[Any]]] = []  # writes nobody waits for, sent as one pipeline
+        self._sending: asyncio.Task[None] | None = None
+        self.failures = 0
+        self.dropped = 0
+
+    def open(self) -> None:
+        """redis-py connects on first use (and again after a failure)."""
+
+    async def ready(self) -> None:
+        await self._do(self.redis.ping())
+
+    async def close(self) -> None:
+        if self._sending is not None:
+            await asyncio.gather(self._sending, return_exceptions=True)
+        if self._outbox:
+            await self._send()
+        await self.redis.aclose()
+
+    async def healthy(self) -> str | None:
+        try:
+            await self._do(self.redis.ping())
+        except StoreUnavailable as e:
+            return str(e)
+        return None
+
+    async def _do(self, call: Awaitable[T]) -> T:
+        """One Redis call within redis_timeout; any failure is StoreUnavailable."""
+        try:
+            async with asyncio.timeout(self.timeout):  # no task of its own, unlike wait_for
+                return await call
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            self.failures += 1
+            raise StoreUnavailable("Redis is unavailable (%s)" % type(e).__name__) from e
+
+    def _later(self, write: Callable[[Any], Awaitable[Any]]) -> None:
+        """A write nobody waits for: queued, and sent with the others of the next OUTBOX_SECONDS
+        as one pipeline (one round trip, and far less client work than one call each)."""
+        if len(self._outbox) >= MAX_QUEUED:
+            self.dropped += 1
+            return
+        self._outbox.append(write)
+        if self._sending is None or self._sending.done():
+            self._sending = asyncio.ensure_future(self._send_soon())
+
+    async def _send_soon(self) -> None:
+        await asyncio.sleep(OUTBOX_SECONDS)
+        await self._send()
+
+    async def _send(self) -> None:
+        writes, self._outbox = self._outbox, []
+        pipe = self.redis.pipeline(transaction=False)
+        for write in writes:
+            await write(pipe)  # queues it in the pipeline (a script's call is a coroutine even there)
+        try:
+            await self._do(pipe.execute())
+        except StoreUnavailable as e:  # the submits they record went through: log, do not fail them
+            log.error("store: %d usage writes failed: %s", len(writes), e)
+
+    # -- admission ------------------------------------------------------------------------------
+
+    async def admit(self, scope: str, plan: Plan, images: int, now: float) -> Admission:
+        day = utc_day(now)
+        count, oldest, used = await self._do(self._admit(
+            keys=[PREFIX + "hits:" + scope, PREFIX + "quota:%s:%s" % (scope, day)],
+            args=[repr(now), plan.requests_per_minute, plan.images_per_day, images,
+                  "%r:%s" % (now, uuidlib.uuid4().hex[:8])]))
+        return decide(plan, images, now, day, int(count), float(oldest) if oldest else None, int(used))
+
+    async def refund(self, scope: str, day: str, images: int) -> None:
+        async def write(pipe: Any) -> Any:
+            return pipe.decrby(PREFIX + "quota:%s:%s" % (scope, day), images)
+        self._later(write)
+
+    # -- idempotency ----------------------------------------------------------------------------
+
+    async def claim(self, scope: str, key: str, digest: str, ttl: float, now: float) -> Claim:
+        name = PREFIX + "idem:%s\0%s" % (scope, key)
+        for _ in range(3):  # a claim may expire between SET and GET: claim again
+            if await self._do(self.redis.set(name, json.dumps({"d": digest, "u": None}), nx=True,
+                                             px=int(ttl * 1000))):
+                return Claim(True, digest)
+            value = await self._do(self.redis.get(name))
+            if value is not None:
+                held = json.loads(value)
+                return Claim(False, held["d"], held["u"])
+        raise StoreUnavailable("Redis: the Idempotency-Key claim kept changing")
+
+    async def fulfil(self, scope: str, key: str, uuid: str, ttl: float, now: float) -> None:
+        await self._do(self._fulfil(keys=[PREFIX + "idem:%s\0%s" % (scope, key)], args=[uuid, int(ttl * 1000)]))
+
+    async def release(self, scope: str, key: str) -> None:
+        self._later(lambda pipe: self._release(keys=[PREFIX + "idem:%s\0%s" % (scope, key)], client=pipe))
+
+    # -- tasks and usage --------------------------------------------------------------------------
+
+    async def record_task(self, record: TaskRecord) -> None:
+        """Awaited, unlike the other usage writes: the row names the task's owner, which any
+        instance may be asked about the moment the submit is answered."""
+        day = utc_day(record.submitted_at)
+        await self._do(self._record(
+            keys=[PREFIX + "task:" + record.uuid, PREFIX + "recent", PREFIX + "recent:" + record.key,
+                  PREFIX + "usage:" + day],
+            args=[json.dumps({**record.as_dict(), "day": day}), int(self.record_ttl), record.uuid,
+                  repr(record.submitted_at), record.key, record.batch_size, RECENT_KEPT]))
+
+    async def finish_task(self, uuid: str, status: str, finished_at: float, image_count: int,
+                          error: str | None, image_urls: list[str]) -> None:
+        self._later(lambda pipe: self._finish(keys=[PREFIX + "task:" + uuid], args=[
+            status, repr(finished_at), image_count, json.dumps(error), json.dumps(image_urls), PREFIX + "usage:"],
+            client=pipe))
+
+    async def owner(self, uuid: str) -> str | None:
+        value = await self._do(self.redis.get(PREFIX + "task:" + uuid))
+        return None if value is None else str(json.loads(value)["key"])
+
+    async def count_refusal(self, key: str, reason: str, now: float) -> None:
+        usage = PREFIX + "usage:" + utc_day(now)
+
+        async def write(pipe: Any) -> Any:
+            return pipe.hincrby(usage, "%s\trefused\t%s" % (key, reason), 1).expire(usage, int(self.record_ttl))
+        self._later(write)
+
+    async def usage(self, since: str, until: str, key: str | None = None) -> list[UsageRow]:
+        days = day_list(since, until)
+        pipe = self.redis.pipeline(transaction=False)
+        for day in days:
+            pipe.hgetall(PREFIX + "usage:" + day)
+        return usage_rows(days, await self._do(pipe.execute()), key)
+
+    async def recent_tasks(self, key: str | None, limit: int) -> list[TaskRecord]:
+        uuids: list[str] = await self._do(self.redis.zrevrange(  # type: ignore[arg-type]
+            PREFIX + "recent" + (":" + key if key else ""), 0, limit - 1))
+        if not uuids:
+            return []
+        values = await self._do(self.redis.mget([PREFIX + "task:" + u for u in uuids]))
+        records = []
+        for value in values:
+            if value is not None:
+                row = json.loads(value)
+                row.pop("day", None)
+                records.append(TaskRecord(**row))
+        return records
+
+
+def day_list(since: str, until: str) -> list[str]:
+    import calendar
+    import time
+    start = calendar.timegm(time.strptime(since, "%Y-%m-%d"))
+    end = calendar.timegm(time.strptime(until, "%Y-%m-%d"))
+    count = min(MAX_DAYS, int((end - start) // DAY) + 1)
+    return [utc_day(start + i * DAY) for i in range(count)]
+
+
+def usage_rows(days: list[str], hashes: list[dict[str, str]], key: str | None) -> list[UsageRow]:
+    rows: list[UsageRow] = []
+    for day, fields in zip(days, hashes):
+        per_key: dict[str, dict[str, Any]] = {}
+        for field, value in fields.items():
+            name, kind, *reason = field.split("\t")
+            if key is not None and name != key:
+                continue
+            row = per_key.setdefault(name, {"tasks": 0, "images": 0, "failed": 0, "refused": 0,
+                                            "refused_by_reason": {}})
+            if kind == "refused":
+                row["refused"] += int(value)
+                row["refused_by_reason"][reason[0] if reason else "refused"] = int(value)
+            elif kind in ("tasks", "images", "failed"):
+                row[kind] += int(value)
+        rows += [UsageRow(name, day, **fields) for name, fields in sorted(per_key.items())]
+    return sorted(rows, key=lambda row: (row.key, row.day))
+
+
+# -- the fleet's polling ---------------------------------------------------------------------------
+
+def task_json(task: Task) -> str:
+    return json.dumps({"uuid": task.uuid, "status": task.status, "progress": task.progress,
+                       "image_urls": list(task.image_urls), "error": task.error,
+                       "queue_position": task.queue_position, "raw": task.raw, "document": task.document})
+
+
+def task_from_json(value: str) -> Task:
+    data = json.loads(value)
+    return Task(data["uuid"], data["status"], data["progress"], tuple(data["image_urls"]), data["error"],
+                data["queue_position"], data["raw"], data["document"])
+
+
+class RedisCoordination(Coordination):
+    """See the module's docstring. One pub/sub connection per instance; a task's channel is
+    followed only while this instance has waiters on it."""
+
+    def __init__(self, url: str, *, timeout: float, interval: float, cache_ttl: float, connections: int = 32) -> None:
+        self.redis = connect(url, timeout, connections)
+        # Pub/sub holds a connection of its own for good: from a client of its own, so that it can
+        # never take the pool's; subscriptions one at a time (concurrent ones would each take one).
+        self._subscriber = connect(url, timeout, 1)
+        self._subscribing = asyncio.Lock()
+        self.timeout = timeout
+        self.lease_ms = max(1, int(interval * 1000))  # renewed after each read: reads are an interval apart
+        self.state_ms = max(1, int(3 * interval * 1000))
+        self.cache_ttl = int(cache_ttl)
+        self.instance = "%s:%d:%s" % (os.uname().nodename, os.getpid(), uuidlib.uuid4().hex[:8])
+        self._lease = self.redis.register_script(LEASE)
+        self._followers: dict[str, Callable[[Task], None]] = {}
+        self._pubsub: Any = None
+        self._listener: asyncio.Task[None] | None = None
+        self.published = 0
+        self.heard = 0
+
+    async def _do(self, call: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await call
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            raise StoreUnavailable("Redis is unavailable (%s)" % type(e).__name__) from e
+
+    async def lease(self, uuid: str) -> bool:
+        return bool(await self._do(self._lease(keys=[PREFIX + "lease:" + uuid],
+                                               args=[self.instance, self.lease_ms])))
+
+    async def publish(self, task: Task) -> None:
+        value = task_json(task)
+        pipe = self.redis.pipeline(transaction=False)
+        if task.is_final:
+            pipe.set(PREFIX + "final:" + task.uuid, value, ex=self.cache_ttl)
+        else:
+            pipe.set(PREFIX + "state:" + task.uuid, value, px=self.state_ms)
+        pipe.publish(PREFIX + "task:" + task.uuid, value)
+        await self._do(pipe.execute())
+        self.published += 1
+
+    async def shared(self, uuid: str) -> Task | None:
+        value = await self._do(self.redis.get(PREFIX + "final:" + uuid))
+        return None if value is None else task_from_json(str(value))
+
+    async def follow(self, uuid: str, heard: Callable[[Task], None]) -> None:
+        self._followers[uuid] = heard
+        if self._pubsub is None:
+            self._pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
+        async with self._subscribing:
+            await self._do(self._pubsub.subscribe(PREFIX + "task:" + uuid))
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.ensure_future(self._listen())
+        # A state published before we subscribed would be missed: take the latest kept one.
+        value = await self._do(self.redis.get(PREFIX + "final:" + uuid)) or \
+            await self._do(self.redis.get(PREFIX + "state:" + uuid))
+        if value is not None and uuid in self._followers:
+            self._followers[uuid](task_from_json(str(value)))
+
+    async def unfollow(self, uuid: str) -> None:
+        self._followers.pop(uuid, None)
+        if self._pubsub is not None:
+            async with self._subscribing:
+                await self._do(self._pubsub.unsubscribe(PREFIX + "task:" + uuid))
+
+    async def _listen(self) -> None:
+        """Delivers published states to the tasks followed here; rides out Redis restarts
+        (redis-py reconnects and subscribes again)."""
+        while self._followers or self._pubsub.subscribed:
+            try:
+                message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            except (RedisError, OSError) as e:
+                log.warning("store: the Redis subscription failed (%s); retrying", type(e).__name__)
+                await asyncio.sleep(0.5)
+                continue
+            if message is None or message.get("type") != "message":
+                continue
+            uuid = str(message["channel"])[len(PREFIX + "task:"):]
+            heard = self._followers.get(uuid)
+            if heard is not None:
+                self.heard += 1
+                try:
+                    heard(task_from_json(str(message["data"])))
+                except Exception:  # noqa: BLE001 - one bad message must not stop the listener
+                    log.exception("store: a published state could not be used")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        if self._pubsub is not None:
+            await self._pubsub.aclose()
+        await self._subscriber.aclose()
+        await self.redis.aclose()
