@@ -76,6 +76,10 @@ async def test_real_answers_match_the_document(make_proxy, fake, tmp_path):
     for fault in ("429", "500"):
         fake.inject("generate", fault)
         await call("/v1/chat/completions", "/v1/chat/completions", "POST", chat)
+    await call("/v1/completions", "/v1/completions", "POST", {"model": "zimage-turbo", "prompt": "a fox"})
+    await call("/v1/completions", "/v1/completions", "POST", {"model": "zimage-turbo", "prompt": ["a fox"],
+                                                              "stream": True})
+    await call("/v1/completions", "/v1/completions", "POST", {"model": "zimage-turbo", "prompt": 7})
     await call("/v1/images/generations", "/v1/images/generations", "POST", {"prompt": "a fox", "n": 2})
     await call("/v1/images/generations", "/v1/images/generations", "POST",
                {"prompt": "a fox", "size": "64x64", "response_format": "b64_json"})

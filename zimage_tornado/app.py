@@ -9,8 +9,8 @@ from tornado.web import Application
 
 from zimage_tornado.config import Settings
 from zimage_tornado.gateway import Gateway
-from zimage_tornado.web.handlers import NotFoundHandler
-from zimage_tornado.web.routes import ENDPOINTS, ROUTES
+from zimage_tornado.web.handlers import NotFoundHandler, UnsupportedHandler
+from zimage_tornado.web.routes import ENDPOINTS, ROUTES, UNSUPPORTED, Route
 
 access_log = logging.getLogger("zimage_tornado.access")
 
@@ -31,7 +31,10 @@ def log_request(handler: Any) -> None:
 def make_app(settings: Settings, gateway: Gateway | None = None) -> Application:
     gateway = gateway or Gateway(settings)
     app = Application(
-        [(route.pattern, route.handler, {"gateway": gateway, "route": route.template}) for route in ROUTES],
+        # Unsupported first: /v1/images/edits would otherwise be taken for /v1/images/{uuid}.
+        [(Route(path, UnsupportedHandler, (), "").pattern, UnsupportedHandler, {"gateway": gateway, "route": path})
+         for path in UNSUPPORTED]
+        + [(route.pattern, route.handler, {"gateway": gateway, "route": route.template}) for route in ROUTES],
         default_handler_class=NotFoundHandler,
         default_handler_args={"gateway": gateway},
         log_function=log_request,

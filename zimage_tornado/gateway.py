@@ -72,7 +72,8 @@ class Gateway:
                                  keys_configured=bool(self.keys))
         # A claim whose submit never ended (its process died) expires once no submit can still be running.
         self.idempotency = IdempotencyStore(self.store, ttl=settings.idempotency_ttl, clock=clock,
-                                            claim_ttl=settings.upstream_timeout + settings.upstream_connect_timeout)
+                                            claim_ttl=settings.upstream_timeout + settings.upstream_connect_timeout,
+                                            retry_window=settings.wait_budget, remembered=settings.cache_size)
         self.image_http = make_image_client(
             upstream_url=settings.upstream_url, image_hosts=settings.image_origins, max_clients=settings.image_fetches,
             max_bytes=settings.max_image_bytes, connect_timeout=settings.upstream_connect_timeout,
@@ -97,9 +98,10 @@ class Gateway:
         self.active: set[Any] = set()  # handlers of requests being served, for a graceful stop
 
     async def submit(self, request: GenerationRequest, caller: Caller, model: str,
-                     idempotency_key: str | None = None) -> Submitted:
+                     idempotency_key: str | None = None, retry: bool = False) -> Submitted:
         """A new upstream task within the caller's limits, or the one the caller already made
-        with `idempotency_key` (a replay counts against no limit)."""
+        with `idempotency_key`, or (`retry`: an SDK's retry, without a key) for the same request
+        within the last wait budget. A replay counts against no limit."""
         submitted: Submitted | None = None
 
         async def fresh(request: GenerationRequest) -> Task:
@@ -115,7 +117,11 @@ class Gateway:
             return task
 
         if idempotency_key is None:
+            earlier = self.idempotency.retried(caller.scope, request) if retry else None
+            if earlier is not None:
+                return Submitted(earlier)
             task = await fresh(request)
+            self.idempotency.remember(caller.scope, request, task)
         else:
             task = await self.idempotency.submit(caller.scope, idempotency_key, request, fresh)
         return submitted or Submitted(task)

@@ -16,6 +16,7 @@ import hashlib
 import json
 from typing import Awaitable, Callable
 
+from zimage_tornado.cache import ResultCache
 from zimage_tornado.domain import PENDING, GenerationRequest, Task
 from zimage_tornado.errors import ApiError, invalid
 from zimage_tornado.store import Store
@@ -28,8 +29,11 @@ def fingerprint(request: GenerationRequest) -> str:
 
 
 class IdempotencyStore:
-    def __init__(self, store: Store, *, ttl: float, claim_ttl: float, clock: Callable[[], float]) -> None:
+    def __init__(self, store: Store, *, ttl: float, claim_ttl: float, clock: Callable[[], float],
+                 retry_window: float = 300.0, remembered: int = 10000) -> None:
         self.store = store
+        # SDK retries (x-stainless-retry-count) without a key: the caller's identical recent task
+        self._recent: ResultCache[Task] = ResultCache(remembered, retry_window)
         self.ttl = ttl
         self.claim_ttl = claim_ttl  # a claim whose submit never ended (its process died) expires
         self.clock = clock
@@ -75,6 +79,17 @@ class IdempotencyStore:
             await self.store.release(scope, key)  # a failed submit may be retried with the key
             raise
         await self.store.fulfil(scope, key, task.uuid, self.ttl, self.clock())
+        return task
+
+    def remember(self, scope: str, request: GenerationRequest, task: Task) -> None:
+        """A task made without a key, for an SDK's retry of the same request."""
+        self._recent.put("%s %s" % (scope, fingerprint(request)), task)
+
+    def retried(self, scope: str, request: GenerationRequest) -> Task | None:
+        """The task this caller made for the same request within the retry window, if any."""
+        task = self._recent.get("%s %s" % (scope, fingerprint(request)))
+        if task is not None:
+            self.replays += 1
         return task
 
     @staticmethod

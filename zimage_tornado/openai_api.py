@@ -5,6 +5,8 @@ Only this module knows OpenAI's shapes; it is pure (no I/O) so it is tested with
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid as uuidlib
 from dataclasses import dataclass
@@ -16,10 +18,12 @@ from zimage_tornado.errors import invalid
 from zimage_tornado.validation import Limits
 
 # Chat front-ends (Open WebUI and its kin) send their housekeeping prompts (titles, tags,
-# follow-ups) to the chat model itself; in wait mode these must not become image jobs.
+# follow-ups, the image prompt) to the chat model itself; in wait mode these must not become
+# image jobs. Open WebUI reads the reply from its first "{" to its last "}" as JSON.
 BACKGROUND_PREFIX = "### Task:"
-BACKGROUND_REPLY = '{"title": "Image generation", "tags": ["image"], "follow_ups": []}'
 MODEL_IDS = ("zimage-turbo", "zimage-base")
+HISTORY_RE = re.compile(r"<chat_history>\s*(.*?)\s*</chat_history>", re.S)
+ROLE_LINE_RE = re.compile(r"^(USER|ASSISTANT|SYSTEM):[ \t]?", re.M)
 
 
 class ModelTable:
@@ -42,11 +46,15 @@ class ModelTable:
 
 @dataclass(frozen=True)
 class ChatRequest:
+    """A chat completion, or a legacy text completion (`text`): the same job, other shapes."""
+
     generation: GenerationRequest
     model: str  # as the client named it, echoed back
     stream: bool = False
     wait: bool | None = None  # None: the server's chat_wait setting decides
     background: bool = False  # a chat app's housekeeping prompt, not a picture request
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    text: bool = False  # POST /v1/completions
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,7 @@ def parse_chat_request(body: Any, limits: Limits, models: ModelTable) -> ChatReq
         raise invalid("messages must be an array of message objects", param="messages", code="invalid_type")
     stream = validation.boolean(params.get("stream", False), "stream")
     wait = None if params.get("wait") is None else validation.boolean(params["wait"], "wait")
+    include_usage = stream_usage(params)
     if params.get("prompt") is not None:
         prompt, background = validation.prompt(params["prompt"], limits), False
     else:
@@ -87,7 +96,52 @@ def parse_chat_request(body: Any, limits: Limits, models: ModelTable) -> ChatReq
         background = prompt.startswith(BACKGROUND_PREFIX)
     fields = validation.generation_fields(params, limits)
     generation = GenerationRequest(prompt=prompt, model=models.upstream(model), **fields)
-    return ChatRequest(generation, model, stream, wait, background)
+    return ChatRequest(generation, model, stream, wait, background, include_usage)
+
+
+def parse_completion_request(body: Any, limits: Limits, models: ModelTable) -> ChatRequest:
+    """`POST /v1/completions` (LangChain's OpenAI, llama-index's OpenAILike): `prompt` is a
+    string, or a list of them (the last one is the picture's)."""
+    params = merged_params(body)
+    model = model_name(params)
+    text = params.get("prompt")
+    if isinstance(text, list) and text and all(isinstance(item, str) for item in text):
+        text = text[-1]
+    if text is None:
+        raise invalid("prompt is required", param="prompt", code="missing_value")
+    prompt = validation.prompt(text, limits)
+    stream = validation.boolean(params.get("stream", False), "stream")
+    wait = None if params.get("wait") is None else validation.boolean(params["wait"], "wait")
+    fields = validation.generation_fields(params, limits)
+    generation = GenerationRequest(prompt=prompt, model=models.upstream(model), **fields)
+    return ChatRequest(generation, model, stream, wait, False, stream_usage(params), text=True)
+
+
+def stream_usage(params: dict[str, Any]) -> bool:
+    options = params.get("stream_options")
+    if options is None:
+        return False
+    options = validation.json_object(options, "stream_options")
+    return validation.boolean(options.get("include_usage", False), "stream_options.include_usage")
+
+
+def background_reply(prompt: str) -> str:
+    """One answer to every housekeeping task: a title, tags and follow-ups, and for Open WebUI's
+    image button the image prompt, which is the last user message of its <chat_history>."""
+    history = HISTORY_RE.search(prompt)
+    words = last_user_line(history.group(1)) if history else ""
+    first_line = words.strip().split("\n", 1)[0]
+    title = first_line if len(first_line) <= 60 else first_line[:60].rsplit(" ", 1)[0]
+    title = title or "Image generation"
+    return json.dumps({"title": title, "tags": ["image"], "follow_ups": [], "prompt": words or prompt},
+                      ensure_ascii=False)
+
+
+def last_user_line(history: str) -> str:
+    """Open WebUI writes the history as "ROLE: content" blocks; the last USER block's text."""
+    parts = ROLE_LINE_RE.split(history)  # ["", role, text, role, text, ...]
+    users = [text.strip() for role, text in zip(parts[1::2], parts[2::2]) if role == "USER"]
+    return users[-1] if users else ""
 
 
 def parse_images_request(body: Any, limits: Limits, models: ModelTable) -> ImagesRequest:
@@ -105,7 +159,9 @@ def parse_images_request(body: Any, limits: Limits, models: ModelTable) -> Image
     dimensions = validation.size(params.get("size"), limits)
     if dimensions is not None:
         fields["width"], fields["height"] = dimensions
-    response_format = validation.choice(params.get("response_format") or "url", "response_format",
+    # gpt-image models always answer base64 at OpenAI: code written for them reads b64_json.
+    default_format = "b64_json" if model.lower().startswith("gpt-image") else "url"
+    response_format = validation.choice(params.get("response_format") or default_format, "response_format",
                                         ("url", "b64_json"))
     generation = GenerationRequest(prompt=prompt, model=models.upstream(model), **fields)
     return ImagesRequest(generation, model, response_format)
@@ -132,8 +188,8 @@ def message_text(content: Any) -> str:
                   code="invalid_type")
 
 
-def completion_id(task_uuid: str | None) -> str:
-    return "chatcmpl-%s" % (task_uuid or uuidlib.uuid4())
+def completion_id(task_uuid: str | None, text: bool = False) -> str:
+    return "%s-%s" % ("cmpl" if text else "chatcmpl", task_uuid or uuidlib.uuid4())
 
 
 def chat_completion(model: str, task_uuid: str | None, content: str | None = None,
@@ -150,6 +206,33 @@ def chat_completion(model: str, task_uuid: str | None, content: str | None = Non
         "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
     }
+
+
+def text_completion(model: str, task_uuid: str | None, content: str, created: int | None = None) -> dict[str, Any]:
+    """A legacy completion: `choices[0].text` is the task uuid, or the pictures in wait mode."""
+    body: dict[str, Any] = {
+        "id": completion_id(task_uuid, text=True),
+        "object": "text_completion",
+        "created": int(time.time()) if created is None else created,
+        "model": model,
+        "choices": [{"index": 0, "text": content, "logprobs": None, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+    }
+    if task_uuid is not None:
+        body["task_uuid"] = task_uuid
+    return body
+
+
+def text_chunk(completion: str, model: str, text: str, finish_reason: str | None = None) -> dict[str, Any]:
+    return {"id": completion, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def usage_chunk(completion: str, model: str, text: bool) -> dict[str, Any]:
+    """The last chunk of a stream asked for with stream_options.include_usage."""
+    return {"id": completion, "object": "text_completion" if text else "chat.completion.chunk",
+            "created": int(time.time()), "model": model, "choices": [],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
 
 
 def chat_chunk(completion: str, model: str, delta: dict[str, Any], finish_reason: str | None = None,

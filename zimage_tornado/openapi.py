@@ -118,6 +118,28 @@ SCHEMAS: dict[str, Any] = {
                                                         "total_tokens": {"type": "integer"}}},
         },
     },
+    "CompletionRequest": {
+        "type": "object",
+        "required": ["prompt"],
+        "allOf": [ref("GenerationParameters")],
+        "properties": {"model": {"type": "string"},
+                       "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+                       "stream": {"type": "boolean"}, "wait": {"type": "boolean"},
+                       "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}}},
+    },
+    "TextCompletion": {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^cmpl-"}, "object": {"const": "text_completion"},
+            "created": {"type": "integer"}, "model": {"type": "string"}, "task_uuid": {"type": "string"},
+            "choices": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["index", "text", "finish_reason"],
+                "properties": {"index": {"type": "integer"}, "text": {"type": "string"},
+                               "finish_reason": {"const": "stop"}}}},
+            "usage": {"type": "object"},
+        },
+    },
     "ImagesRequest": {
         "type": "object",
         "required": ["prompt"],
@@ -277,7 +299,18 @@ def operations() -> dict[str, Any]:
                                     "text/event-stream": {"schema": {"type": "string"}}}},
                 **submit_errors, **ACCEPTED_ERRORS},
         }},
-        "/v1/images/generations": {"post": {
+        "/v1/completions": {"post": {
+        "security": [{"bearer": []}, {}],
+        "parameters": [IDEMPOTENCY_KEY],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": ref("CompletionRequest")}}},
+        "responses": {
+            "200": {"description": "The text completion, or with stream=true Server-Sent Events of "
+                                   "text_completion objects ending with data: [DONE]",
+                    "content": {"application/json": {"schema": ref("TextCompletion")},
+                                "text/event-stream": {"schema": {"type": "string"}}}},
+            **submit_errors, **ACCEPTED_ERRORS},
+    }},
+    "/v1/images/generations": {"post": {
             "security": [{"bearer": []}, {}],
             "parameters": [IDEMPOTENCY_KEY],
             "requestBody": {"required": True, "content": {"application/json": {"schema": ref("ImagesRequest")}}},

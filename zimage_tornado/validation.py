@@ -90,6 +90,11 @@ def idempotency_key(value: str | None) -> str | None:
     return value
 
 
+def retry_count(value: str | None) -> int:
+    """The OpenAI SDK's x-stainless-retry-count: how many times it has sent this request before."""
+    return int(value) if value is not None and value.isascii() and value.isdigit() and len(value) < 4 else 0
+
+
 def integer(value: Any, param: str, low: int, high: int) -> int:
     # bool is an int subclass and "4" is a string: both are type errors, not numbers.
     if isinstance(value, bool) or not isinstance(value, int):

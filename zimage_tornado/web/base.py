@@ -226,7 +226,8 @@ class BaseHandler(RequestHandler):
     async def submit(self, request: GenerationRequest, model: str) -> Task:
         key = validation.idempotency_key(self.request.headers.get("Idempotency-Key"))
         try:
-            submitted = await self.gateway.submit(request, self.caller, model, key)
+            retry = validation.retry_count(self.request.headers.get("x-stainless-retry-count")) >= 1
+            submitted = await self.gateway.submit(request, self.caller, model, key, retry)
         except Refused as refused:
             self.answer_headers.update(access.rate_limit_headers(refused.admission))
             raise

@@ -1,4 +1,4 @@
-"""Server-Sent Events: the framing of a text/event-stream answer, and chat streams built on it."""
+"""Server-Sent Events: the framing of a text/event-stream answer, and completion streams built on it."""
 
 from __future__ import annotations
 
@@ -38,23 +38,30 @@ class EventStream:
         await self.handler.within_write_timeout(self.handler.flush())
 
 
-class ChatStream(EventStream):
-    """A chat completion as `chat.completion.chunk` events ending with `data: [DONE]`."""
+class CompletionStream(EventStream):
+    """A chat completion as `chat.completion.chunk` events (or a legacy completion as
+    `text_completion` ones) ending with `data: [DONE]`; with stream_options.include_usage, a
+    last chunk with `choices: []` and the usage comes before it."""
 
-    def __init__(self, handler: BaseHandler, model: str, completion: str, task_uuid: str | None) -> None:
+    def __init__(self, handler: BaseHandler, request: openai_api.ChatRequest, task_uuid: str | None) -> None:
         super().__init__(handler)
-        self.model, self.completion, self.task_uuid = model, completion, task_uuid
+        self.request, self.task_uuid = request, task_uuid
+        self.completion = openai_api.completion_id(task_uuid, request.text)
         self._last: tuple[Any, ...] | None = None  # the task state last reported
 
     async def begin(self) -> None:
         self.start()
-        await self.delta({"role": "assistant", "content": ""})
+        if not self.request.text:
+            await self.delta({"role": "assistant", "content": ""})
 
-    async def delta(self, delta: dict[str, Any], finish: str | None = None) -> None:
-        chunk = openai_api.chat_chunk(self.completion, self.model, delta, finish)
+    async def delta(self, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> None:
+        if self.request.text:
+            chunk = openai_api.text_chunk(self.completion, self.request.model, delta.get("content", ""), finish)
+        else:
+            chunk = openai_api.chat_chunk(self.completion, self.request.model, delta, finish)
         if self.task_uuid:
             chunk["task_uuid"] = self.task_uuid
-        await self.event(chunk)
+        await self.event({**chunk, **extra})
 
     async def say(self, content: str) -> None:
         await self.delta({"content": content})
@@ -64,7 +71,9 @@ class ChatStream(EventStream):
         state = None if task is None else (task.status, task.progress, task.queue_position)
         if task is not None and state != self._last:
             self._last = state
-            await self.say(openai_api.progress_line(task))
+            # beside the line for people, the same for programs (the zimage client's progress bar)
+            status = {"status": task.status, "progress": task.progress, "queue_position": task.queue_position}
+            await self.delta({"content": openai_api.progress_line(task)}, task_status=status)
         else:
             await self.keepalive()
 
@@ -75,5 +84,7 @@ class ChatStream(EventStream):
     async def end(self, stop: bool = True) -> None:
         if stop:
             await self.delta({}, "stop")
+        if self.request.include_usage:
+            await self.event(openai_api.usage_chunk(self.completion, self.request.model, self.request.text))
         await self.event("[DONE]")
         self.handler.finish()

@@ -14,7 +14,7 @@ from zimage_tornado.metrics import CONTENT_TYPE
 from zimage_tornado.store import utc_day
 from zimage_tornado.watcher import INTERRUPTED, RUNNING, Outcome
 from zimage_tornado.web.base import BaseHandler
-from zimage_tornado.web.events import ChatStream
+from zimage_tornado.web.events import CompletionStream
 from zimage_tornado.web.statuses import OutcomeError
 
 STATIC = Path(__file__).parent.parent / "static"
@@ -142,11 +142,13 @@ class MetricsHandler(BaseHandler):
 
 
 class ChatCompletionsHandler(BaseHandler):
+    parse = staticmethod(openai_api.parse_chat_request)
+
     async def post(self) -> None:
-        request = openai_api.parse_chat_request(self.json_body(), self.gateway.settings.limits, self.gateway.models)
+        request = self.parse(self.json_body(), self.gateway.settings.limits, self.gateway.models)
         wait = self.gateway.settings.chat_wait if request.wait is None else request.wait
         if wait and request.background:  # a chat app's housekeeping prompt: no image job for it
-            return await self.reply(request, None, openai_api.BACKGROUND_REPLY)
+            return await self.reply(request, None, openai_api.background_reply(request.generation.prompt))
         task = await self.submit(request.generation, request.model)
         if not wait:
             return await self.reply(request, task.uuid, task.uuid)
@@ -154,13 +156,13 @@ class ChatCompletionsHandler(BaseHandler):
             return await self.stream_pictures(request)
         outcome = await self.wait_for_task()
         if outcome is not None:
-            urls = self.pictures(outcome).image_urls
-            self.send(openai_api.chat_completion(request.model, task.uuid, openai_api.markdown_images(urls)))
+            await self.reply(request, task.uuid, openai_api.markdown_images(self.pictures(outcome).image_urls))
 
     async def reply(self, request: openai_api.ChatRequest, task_uuid: str | None, content: str) -> None:
         if not request.stream:
-            return self.send(openai_api.chat_completion(request.model, task_uuid, content))
-        stream = ChatStream(self, request.model, openai_api.completion_id(task_uuid), task_uuid)
+            render = openai_api.text_completion if request.text else openai_api.chat_completion
+            return self.send(render(request.model, task_uuid, content))
+        stream = CompletionStream(self, request, task_uuid)
         await stream.begin()
         await stream.say(content)
         await stream.end()
@@ -168,7 +170,7 @@ class ChatCompletionsHandler(BaseHandler):
     async def stream_pictures(self, request: openai_api.ChatRequest) -> None:
         """Wait mode, streamed: progress lines while the task runs, then the pictures (or the
         error, as an event: the 200 status is already sent)."""
-        stream = ChatStream(self, request.model, openai_api.completion_id(self.task_uuid), self.task_uuid)
+        stream = CompletionStream(self, request, self.task_uuid)
         await stream.begin()
         outcome = await self.wait_for_task(on_tick=stream.progress)
         if outcome is None:
@@ -187,6 +189,21 @@ class ChatCompletionsHandler(BaseHandler):
         separator = "\n" if stream.reported_progress else ""
         await stream.say(separator + openai_api.markdown_images(done.image_urls))
         await stream.end()
+
+
+class CompletionsHandler(ChatCompletionsHandler):
+    """Legacy `POST /v1/completions`: the same job as chat, answered as text completions."""
+
+    parse = staticmethod(openai_api.parse_completion_request)
+
+
+class UnsupportedHandler(BaseHandler):
+    """OpenAI endpoints this gateway does not offer: a 404 that says so, whatever the method."""
+
+    def prepare(self) -> None:
+        super().prepare()
+        raise ApiError(404, "This gateway generates images from text only: %s is not offered" % self.route,
+                       code="unsupported_endpoint")
 
 
 class ImagesGenerationsHandler(BaseHandler):

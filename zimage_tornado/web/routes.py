@@ -27,6 +27,9 @@ ROUTES = (
     Route("/v1/chat/completions", handlers.ChatCompletionsHandler, ("POST",),
           "Submit a generation task (OpenAI chat format); content is the task uuid, or the pictures in wait mode; "
           "stream=true answers Server-Sent Events"),
+    Route("/v1/completions", handlers.CompletionsHandler, ("POST",),
+          "Legacy completions (LangChain's OpenAI, llama-index): as chat; choices[0].text is the task uuid, "
+          "or the pictures in wait mode"),
     Route("/v1/images/generations", handlers.ImagesGenerationsHandler, ("POST",),
           "OpenAI images.generate: submit, wait, answer URLs or b64_json"),
     Route("/v1/models", handlers.ModelsHandler, ("GET",), "The models this gateway serves"),
@@ -47,6 +50,10 @@ ROUTES = (
     Route("/admin", handlers.AdminPageHandler, ("GET",), "A page for admins: usage per key over 30 days, recent tasks"),
     Route("/", handlers.InfoHandler, ("GET",), "This service description (browsers are sent to the playground)"),
 )
+
+# OpenAI endpoints the gateway does not offer: a 404 that says so (not a 405 or "unknown route").
+UNSUPPORTED = ("/v1/images/edits", "/v1/images/variations", "/v1/embeddings", "/v1/audio/{any}",
+               "/v1/audio/{any}/{more}", "/v1/responses", "/v1/responses/{any}")
 
 # (method, path template, description) for every endpoint: the info page, the docs, the tests.
 ENDPOINTS = tuple((method, route.template, route.description) for route in ROUTES for method in route.methods)
