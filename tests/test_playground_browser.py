@@ -15,6 +15,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from tornado.testing import bind_unused_port
 
@@ -49,6 +50,8 @@ def browser(tmp_path_factory):
                      "--disable-component-update", "--disable-sync", "--window-size=1280,900",
                      "--user-data-dir=%s" % tmp_path_factory.mktemp("chromium")):
         options.add_argument(argument)
+    # "Download all": Chrome asks once whether a page may download several files; a user says yes.
+    options.add_experimental_option("prefs", {"profile.default_content_setting_values.automatic_downloads": 1})
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
     driver.set_page_load_timeout(30)
     yield driver
@@ -188,3 +191,144 @@ def test_admin_page_charts_usage_and_lists_recent_tasks(browser, gateways, tmp_p
     browser.save_screenshot(str(ADMIN_SCREENSHOT))
     browser.get(url + "/admin")  # the key is kept, and the page loads with it
     WebDriverWait(browser, 10).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded"))
+
+
+PHONE_SCREENSHOT = ROOT / "artifacts" / "playground-phone.png"
+
+
+def history_entries(driver):
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#history li')].map(li => ({uuid: li.dataset.uuid,"
+        "  text: li.querySelector('.open').textContent}))")
+
+
+def fresh_page(driver, url):
+    driver.get(url + "/playground")
+    driver.execute_script("localStorage.clear()")
+    driver.get(url + "/playground")
+
+
+def test_history_survives_a_reload_and_restores_prompt_and_settings(browser, gateways):
+    url = gateways("--demo", "--demo-seconds=1", "--poll_interval=0.5")
+    fresh_page(browser, url)
+    fill(browser, prompt="a fox who remembers", width=256, height=192, batch_size=2, steps=6)
+    browser.execute_script("const s = document.getElementById('cfg_scale'); s.value = 4.5;"
+                           "s.dispatchEvent(new Event('input'))")
+    assert browser.find_element(By.ID, "cfg_value").text == "4.5"  # the slider shows its value
+    generate(browser)
+    WebDriverWait(browser, 20).until(lambda d: len(loaded_images(d)) == 2 and all(i["done"] for i in loaded_images(d)))
+    assert [i["w"] for i in loaded_images(browser)] == [256, 256]
+    alts = browser.execute_script("return [...document.querySelectorAll('#grid img')].map(i => i.alt)")
+    assert alts == ["a fox who remembers — picture 1 of 2", "a fox who remembers — picture 2 of 2"]
+    entries = history_entries(browser)
+    assert len(entries) == 1 and "a fox who remembers" in entries[0]["text"] and "completed" in entries[0]["text"]
+
+    browser.get(url + "/playground")  # a reload: the history and the last settings are still there
+    assert history_entries(browser) == entries
+    assert browser.find_element(By.ID, "prompt").get_attribute("value") == "a fox who remembers"
+    fill(browser, prompt="something else", width=512, steps=8)
+    browser.find_element(By.CSS_SELECTOR, "#history .open").click()  # restores the entry into the form
+    WebDriverWait(browser, 10).until(lambda d: len(loaded_images(d)) == 2 and all(i["done"] for i in loaded_images(d)))
+    form = browser.execute_script("return ['prompt','width','height','batch_size','steps','cfg_scale']"
+                                  ".map(id => document.getElementById(id).value)")
+    assert form == ["a fox who remembers", "256", "192", "2", "6", "4.5"]
+
+    browser.find_element(By.CSS_SELECTOR, "#history .remove").click()  # one by one, or all at once
+    assert history_entries(browser) == []
+    browser.get(url + "/playground")
+    assert history_entries(browser) == []
+
+
+def test_a_picture_downloads_and_the_viewer_follows_the_keyboard(browser, gateways, tmp_path):
+    url = gateways("--demo", "--demo-seconds=1", "--poll_interval=0.5")
+    fresh_page(browser, url)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    fill(browser, prompt="A Lighthouse, at dusk!", width=128, height=128, batch_size=2)
+    generate(browser)
+    WebDriverWait(browser, 20).until(lambda d: len(loaded_images(d)) == 2 and all(i["done"] for i in loaded_images(d)))
+    uuid = history_entries(browser)[0]["uuid"]
+    browser.find_element(By.CSS_SELECTOR, "button[aria-label='Download picture 2']").click()
+    WebDriverWait(browser, 10).until(lambda d: any(p.suffix == ".png" for p in downloads.iterdir()))
+    (saved,) = [p for p in downloads.iterdir() if p.suffix == ".png"]
+    assert saved.name == "a-lighthouse-at-dusk_%s_1.png" % uuid  # named from the prompt and the uuid
+    assert saved.read_bytes().startswith(b"\x89PNG")
+
+    srcs = [i["src"] for i in loaded_images(browser)]
+    browser.find_elements(By.CSS_SELECTOR, "#grid img")[0].click()  # opens the full-screen viewer
+    viewer = browser.find_element(By.ID, "viewer")
+    assert viewer.is_displayed()
+    assert browser.find_element(By.ID, "viewer_img").get_attribute("src") == srcs[0]
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.send_keys(Keys.ARROW_RIGHT)
+    assert browser.find_element(By.ID, "viewer_img").get_attribute("src") == srcs[1]
+    body.send_keys(Keys.ARROW_RIGHT)  # wraps around
+    assert browser.find_element(By.ID, "viewer_img").get_attribute("src") == srcs[0]
+    body.send_keys(Keys.ESCAPE)
+    assert not viewer.is_displayed()
+    browser.find_element(By.CSS_SELECTOR, "button[aria-label='Copy the URL of picture 1']").click()
+    assert browser.find_element(By.ID, "status").text == "URL copied: " + srcs[0]
+    browser.find_element(By.ID, "download_all").click()
+    both = {"a-lighthouse-at-dusk_%s_%d.png" % (uuid, i) for i in (0, 1)}  # picture 2 again, under its name
+    WebDriverWait(browser, 10).until(lambda d: {p.name for p in downloads.iterdir()} == both)
+
+
+def test_stop_waiting_leaves_the_task_running_and_a_reload_picks_it_up(browser, gateways):
+    url = gateways("--demo", "--demo-seconds=30", "--poll_interval=0.5")
+    fresh_page(browser, url)
+    fill(browser, prompt="a slow snail", width=128, height=128)
+    browser.find_element(By.ID, "submit").click()
+    WebDriverWait(browser, 10).until(lambda d: "processing" in d.find_element(By.ID, "status").text
+                                     or "pending" in d.find_element(By.ID, "status").text)
+    WebDriverWait(browser, 5).until(lambda d: " s" in d.find_element(By.ID, "status").text)  # elapsed time
+    stop = browser.find_element(By.ID, "stop")
+    assert stop.is_displayed()
+    stop.click()
+    WebDriverWait(browser, 5).until(lambda d: "Stopped waiting" in d.find_element(By.ID, "status").text)
+    assert error_text(browser) == ""
+    assert browser.find_element(By.ID, "submit").is_enabled() and not stop.is_displayed()
+    assert "running" in history_entries(browser)[0]["text"]  # it stays in the history
+    browser.get(url + "/playground")  # opened again: its progress resumes
+    WebDriverWait(browser, 10).until(lambda d: "a slow snail" not in d.find_element(By.ID, "status").text
+                                     and "%" in d.find_element(By.ID, "status").text)
+    assert browser.find_element(By.ID, "stop").is_displayed()
+    browser.find_element(By.ID, "stop").click()
+
+
+def test_errors_are_shown_where_they_help(browser, gateways):
+    url = gateways("--demo", "--demo-seconds=1", "--poll_interval=0.5", "--ip_requests_per_minute=1")
+    fresh_page(browser, url)
+    fill(browser, prompt="a checked owl", width=128, height=128, steps=0)
+    generate(browser)
+    assert "steps must be between 1 and 50" in browser.find_element(By.ID, "steps-error").text
+    assert browser.find_element(By.ID, "steps").get_attribute("aria-invalid") == "true"
+    assert browser.switch_to.active_element == browser.find_element(By.ID, "steps")  # focused to fix it
+    fill(browser, steps=8)
+    generate(browser)
+    WebDriverWait(browser, 20).until(lambda d: len(loaded_images(d)) == 1)
+    assert browser.find_element(By.ID, "steps-error").text == ""
+    generate(browser)  # a second submit within the minute: the limit, and when to try again
+    assert "Rate limit reached" in error_text(browser) and "try again in" in error_text(browser)
+
+
+def test_the_page_fits_a_phone(browser, gateways):
+    url = gateways("--demo", "--demo-seconds=1", "--poll_interval=0.5")
+    fresh_page(browser, url)
+    fill(browser, prompt="a small screen", width=256, height=256)
+    generate(browser)
+    WebDriverWait(browser, 20).until(lambda d: loaded_images(d) and loaded_images(d)[0]["done"])
+    WebDriverWait(browser, 5).until(lambda d: d.execute_script(  # the bar's animation has finished
+        "const b = document.getElementById('progress'); return b.offsetWidth === b.parentElement.clientWidth"))
+    browser.save_screenshot(str(SCREENSHOT))  # the desktop view, with its history
+    browser.set_window_size(390, 844)
+    try:
+        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+        labels = browser.execute_script(
+            "return [...document.querySelectorAll('input, select, textarea')].filter(e => e.id !== 'apikey')"
+            ".every(e => e.closest('label'))")
+        assert labels  # every control has its label
+        PHONE_SCREENSHOT.parent.mkdir(exist_ok=True)
+        browser.save_screenshot(str(PHONE_SCREENSHOT))
+    finally:
+        browser.set_window_size(1280, 900)

@@ -268,7 +268,7 @@ async def test_only_http_urls_reach_clients(gateways, fake, fake_url):
     poll = body_of(await gateway.fetch("/v1/images/" + chat["choices"][0]["message"]["task_uuid"]))
     assert poll["image_urls"] == [picture]
     playground = (await gateway.fetch("/playground")).body.decode()
-    assert "filter(url => /^https?:\\/\\//i.test(url))" in playground
+    assert "const isHttp = (url) => /^https?:\\/\\//i.test(url);" in playground and ".filter(isHttp)" in playground
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -316,3 +316,31 @@ async def test_credentials_and_query_strings_are_never_shown(gateways, fake, fak
     log = gateway.log()
     assert "hunter2" not in log and "sk-pasted-secret" not in log
     assert "GET /v1/models" in log
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_picture_is_served_from_the_gateway_under_the_same_rules(gateways, fake, fake_url, elsewhere,
+                                                                         tmp_path):
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[keys.alice]\nkey = "sk-alice"\n[keys.bob]\nkey = "sk-bob"\n')
+    gateway = gateways("--api_keys_file=%s" % keys)
+    await gateway.started()
+    alice, bob = {"Authorization": "Bearer sk-alice"}, {"Authorization": "Bearer sk-bob"}
+    submitted = await post(gateway, "/v1/chat/completions", {**CHAT, "batch_size": 2}, **alice)
+    task_uuid = body_of(submitted)["choices"][0]["message"]["content"]
+    assert (await gateway.fetch("/v1/images/%s/1" % task_uuid, headers=alice)).code == 404  # not finished yet
+    assert (await gateway.fetch("/v1/images/%s" % task_uuid, headers=alice)).code == 200
+    picture = await gateway.fetch("/v1/images/%s/1" % task_uuid, headers=alice)
+    assert picture.code == 200 and picture.body.startswith(b"\x89PNG")
+    assert picture.headers["Content-Type"] == "image/png"
+    assert picture.headers["Content-Disposition"] == 'attachment; filename="%s_1.png"' % task_uuid
+    assert (await gateway.fetch("/v1/images/%s/1" % task_uuid, headers=bob)).code == 404  # another key's
+    assert (await gateway.fetch("/v1/images/%s/2" % task_uuid, headers=alice)).code == 404
+    internal = elsewhere.url + "/images/%s_0.png" % elsewhere.add_task("secret")
+    fake.result_urls["steered"] = [internal]
+    steered = await post(gateway, "/v1/chat/completions", {**CHAT, "prompt": "steered"}, **alice)
+    steered_uuid = body_of(steered)["choices"][0]["message"]["content"]
+    assert (await gateway.fetch("/v1/images/%s" % steered_uuid, headers=alice)).code == 200
+    refused = await gateway.fetch("/v1/images/%s/0" % steered_uuid, headers=alice)
+    assert refused.code == 502 and "non-public address" in body_of(refused)["error"]["message"]
+    assert elsewhere.calls["image"] == 0

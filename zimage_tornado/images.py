@@ -80,6 +80,16 @@ def make_image_client(*, upstream_url: str, image_hosts: tuple[str, ...], max_cl
                                  resolver=PublicOnlyResolver(allowed=allowed), max_body_size=max_bytes)
 
 
+def media_type(image: bytes) -> str:
+    """From the picture's first bytes, not from what the image host claims."""
+    for magic, kind in ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif")):
+        if image.startswith(magic):
+            return kind
+    if image[:4] == b"RIFF" and image[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"
+
+
 class ByteBoundedCache:
     """Encoded images by task uuid, least recently used first out, at most `max_bytes` in all."""
 
@@ -146,6 +156,11 @@ class ImageFetcher:
             await asyncio.gather(*fetches, return_exceptions=True)
             raise
         return [base64.b64encode(image).decode("ascii") for image in images]
+
+    async def picture(self, task: Task, index: int) -> tuple[bytes, str]:
+        """One of the task's pictures and its media type, fetched under the same rules."""
+        image = await self._one(task.image_urls[index], asyncio.Event())
+        return image, media_type(image)
 
     async def _one(self, url: str, aborted: asyncio.Event) -> bytes:
         async with self._slots:

@@ -346,7 +346,18 @@ def operations() -> dict[str, Any]:
                 "503": error("Too many waiting clients", "Retry-After"),
                 "504": error("Still running when the wait ended"),
                 "401": COMMON_ERRORS["401"], "429": UPSTREAM_ERRORS["429"]}}},
-        "/health": {"get": {"responses": {"200": json_response("Alive", ref("Health"))}}},
+        "/v1/images/{uuid}/{index}": {"get": {
+        "security": [{"bearer": []}, {}],
+        "parameters": [TASK_UUID, {"name": "index", "in": "path", "required": True,
+                                   "schema": {"type": "integer", "minimum": 0}}],
+        "responses": {
+            "200": {"description": "The picture (Content-Disposition: attachment)",
+                    "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+            "400": error("Malformed uuid or index"),
+            "404": error("Unknown task, not finished, or no such picture"),
+            "502": error("The picture could not be fetched, or is refused by the image-fetch rule"),
+            **v1_errors}}},
+    "/health": {"get": {"responses": {"200": json_response("Alive", ref("Health"))}}},
         "/health/ready": {"get": {"responses": {
             "200": json_response("Ready", ref("Readiness")),
             "503": json_response("Shutting down, or the store cannot answer", ref("Readiness"))}}},

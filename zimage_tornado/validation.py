@@ -90,6 +90,12 @@ def idempotency_key(value: str | None) -> str | None:
     return value
 
 
+def picture_index(value: str) -> int:
+    if not value.isascii() or not value.isdigit() or len(value) > 3:
+        raise invalid("The picture index must be a whole number from 0", param="index", code="invalid_value")
+    return int(value)
+
+
 def retry_count(value: str | None) -> int:
     """The OpenAI SDK's x-stainless-retry-count: how many times it has sent this request before."""
     return int(value) if value is not None and value.isascii() and value.isdigit() and len(value) < 4 else 0

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from zimage_tornado import SERVICE_NAME, __version__, logs, openai_api, openapi, validation
+from zimage_tornado.domain import COMPLETED
 from zimage_tornado.errors import ApiError
 from zimage_tornado.metrics import CONTENT_TYPE
 from zimage_tornado.store import utc_day
@@ -220,6 +221,26 @@ class ImagesGenerationsHandler(BaseHandler):
         if request.response_format == "b64_json":
             b64 = await self.gateway.images.b64(done, request.generation.batch_size)
         self.send(openai_api.images_response(done.image_urls, b64))
+
+
+class PictureHandler(BaseHandler):
+    """One picture of a finished task, from this origin: a page can download it (a `download`
+    link to the image host's own origin is ignored by browsers) and send its API key."""
+
+    async def get(self, uuid: str, index: str) -> None:
+        self.task_uuid = validation.task_id(uuid)
+        await self.require_readable(self.task_uuid)
+        number = validation.picture_index(index)
+        task = await self.gateway.watcher.peek(self.task_uuid)
+        if task.status != COMPLETED or number >= len(task.image_urls):
+            raise ApiError(404, "Task %s has no picture %d (it is %s)" % (task.uuid, number, task.status),
+                           param="index", code="picture_not_found")
+        image, kind = await self.gateway.images.picture(task, number)
+        self.set_header("Content-Type", kind)
+        self.set_header("Content-Disposition", 'attachment; filename="%s_%d.%s"' % (task.uuid, number,
+                                                                                   kind.rpartition("/")[2]))
+        self.set_header("Cache-Control", "private, max-age=3600")
+        self.finish(image)
 
 
 class ModelsHandler(BaseHandler):

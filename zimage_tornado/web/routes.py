@@ -37,6 +37,8 @@ ROUTES = (
     Route("/v1/tasks/{uuid}", handlers.TaskHandler, ("GET",), "The upstream task, as the upstream reports it"),
     Route("/v1/images/{uuid}", handlers.ImagesHandler, ("GET",),
           "Long-poll until the task's images are ready (?timeout=, ?wait=false)"),
+    Route("/v1/images/{uuid}/{index}", handlers.PictureHandler, ("GET",),
+          "One picture of a finished task, from the gateway's origin (for downloads from a page)"),
     Route("/health", handlers.HealthHandler, ("GET",), "Liveness: cheap, never calls the upstream"),
     Route("/health/ready", handlers.ReadinessHandler, ("GET",),
           "Readiness: 503 while shutting down; whether the upstream answered recently"),
