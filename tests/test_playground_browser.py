@@ -103,7 +103,7 @@ def loaded_images(driver):
 
 
 def test_prompt_to_pictures_in_the_demo(browser, gateways):
-    url = gateways("--demo", "--demo-seconds=2")
+    url = gateways("--demo", "--demo-seconds=2", "--poll_interval=0.5")
     browser.get(url + "/playground")
     fill(browser, prompt="a lighthouse at dusk", width=512, height=384, batch_size=3)
     generate(browser)
@@ -140,7 +140,7 @@ def test_upstream_down_is_shown_plainly(browser, gateways):
 
 
 def test_api_key_is_asked_for_and_kept_in_the_browser(browser, gateways):
-    url = gateways("--demo", "--demo-seconds=1", "--api-keys=s3cret")
+    url = gateways("--demo", "--demo-seconds=1", "--poll_interval=0.5", "--api-keys=s3cret")
     browser.get(url + "/playground")
     browser.execute_script("localStorage.clear()")
     browser.get(url + "/playground")
@@ -159,7 +159,7 @@ def test_admin_page_charts_usage_and_lists_recent_tasks(browser, gateways, tmp_p
     keys = tmp_path / "keys.toml"
     keys.write_text('[keys.ops]\nkey = "sk-ops"\nadmin = true\n[keys.alice]\nkey = "sk-alice"\n'
                     '[keys.bob]\nkey = "sk-bob"\n')
-    url = gateways("--demo", "--demo-seconds=0.5", "--api_keys_file=%s" % keys)
+    url = gateways("--demo", "--demo-seconds=0.5", "--poll_interval=0.3", "--api_keys_file=%s" % keys)
     for key, prompt, n in (("sk-alice", "a red fox", 2), ("sk-bob", "a blue whale", 1), ("sk-alice", "a moth", 1)):
         request = urllib.request.Request(url + "/v1/images/generations", method="POST", headers={
             "Authorization": "Bearer " + key, "Content-Type": "application/json"},

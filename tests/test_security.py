@@ -245,7 +245,7 @@ async def test_one_task_is_downloaded_once_however_often_it_is_asked_for(gateway
 async def test_slow_images_do_not_starve_submits(gateways, fake):
     gateway = gateways("--upstream_max_clients=2")
     await gateway.started()
-    fake.hang_seconds = 4
+    fake.hang_seconds = 2.5
     fake.always("image", "hang")
     slow = asyncio.ensure_future(b64(gateway, "slow", n=4))
     await eventually(lambda: fake.calls["image"] >= 4, 5)
