@@ -216,3 +216,15 @@ async def test_a_get_with_a_body_is_refused_rather_than_waited_for(proxy, fake):
     assert response.code == 400
     assert json.loads(response.body)["error"]["code"] == "unexpected_body"
     assert sum(fake.calls.values()) == 0
+
+
+@pytest.mark.gen_test
+async def test_a_browser_client_may_read_the_rate_limit_headers(make_proxy, tmp_path):
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[keys.web]\nkey = "sk-web"\nrequests_per_minute = 5\n')
+    proxy = make_proxy(cors_origins="https://app.example", api_keys_file=str(keys))
+    answer = await proxy.request("/v1/chat/completions", "POST", {"model": "zimage-turbo", "prompt": "a fox"},
+                                 headers={"Origin": "https://app.example", "Authorization": "Bearer sk-web"})
+    assert answer.code == 200 and answer.headers["x-ratelimit-remaining-requests"] == "4"
+    exposed = {h.strip().lower() for h in answer.headers["Access-Control-Expose-Headers"].split(",")}
+    assert {"x-ratelimit-remaining-requests", "x-ratelimit-reset-requests", "retry-after"} <= exposed

@@ -36,7 +36,7 @@ class Accounts:
         self.metrics = metrics
         self.clock = clock
         self.record_prompts = record_prompts
-        self.owners: ResultCache[str] = ResultCache(owners_cached, float("inf"))
+        self.owners: ResultCache[str, str] = ResultCache(owners_cached, float("inf"))
         self.private = keys_configured and visibility == "owner"  # tasks readable by their owner only
         self.waiting: Counter[str] = Counter()  # by caller scope; an entry lives while it is non-zero
 

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Hashable, TypeVar
 
 V = TypeVar("V")
+K = TypeVar("K", bound=Hashable)
 
 
-class ResultCache(Generic[V]):
+class ResultCache(Generic[V, K]):
+    """Values by key (a task uuid, mostly), the least recently used out first, none older than ttl."""
+
     def __init__(self, max_entries: int, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_entries = max_entries
         self.ttl = ttl
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, V]] = OrderedDict()
+        self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
 
-    def get(self, key: str) -> V | None:
+    def get(self, key: K) -> V | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -27,7 +30,7 @@ class ResultCache(Generic[V]):
         self._entries.move_to_end(key)
         return value
 
-    def put(self, key: str, value: V) -> None:
+    def put(self, key: K, value: V) -> None:
         if self.max_entries <= 0:
             return
         self._entries[key] = (self._clock(), value)

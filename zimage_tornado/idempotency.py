@@ -32,8 +32,9 @@ class IdempotencyStore:
     def __init__(self, store: Store, *, ttl: float, claim_ttl: float, clock: Callable[[], float],
                  retry_window: float = 300.0, remembered: int = 10000) -> None:
         self.store = store
-        # SDK retries (x-stainless-retry-count) without a key: the caller's identical recent task
-        self._recent: ResultCache[Task] = ResultCache(remembered, retry_window)
+        # SDK retries (x-stainless-retry-count) without a key: the caller's identical recent task,
+        # by (scope, the validated request itself): a frozen dataclass hashes in a microsecond
+        self._recent: ResultCache[Task, tuple[str, GenerationRequest]] = ResultCache(remembered, retry_window)
         self.ttl = ttl
         self.claim_ttl = claim_ttl  # a claim whose submit never ended (its process died) expires
         self.clock = clock
@@ -83,11 +84,11 @@ class IdempotencyStore:
 
     def remember(self, scope: str, request: GenerationRequest, task: Task) -> None:
         """A task made without a key, for an SDK's retry of the same request."""
-        self._recent.put("%s %s" % (scope, fingerprint(request)), task)
+        self._recent.put((scope, request), task)
 
     def retried(self, scope: str, request: GenerationRequest) -> Task | None:
         """The task this caller made for the same request within the retry window, if any."""
-        task = self._recent.get("%s %s" % (scope, fingerprint(request)))
+        task = self._recent.get((scope, request))
         if task is not None:
             self.replays += 1
         return task

@@ -94,7 +94,7 @@ class _Poll:
 
 class TaskWatcher:
     def __init__(self, client: ZImageClient, *, interval: float, budget: float, max_waiters: int,
-                 cache: ResultCache[Task], on_final: Callable[[Task], Awaitable[None]] | None = None,
+                 cache: ResultCache[Task, str], on_final: Callable[[Task], Awaitable[None]] | None = None,
                  coordination: Coordination | None = None) -> None:
         self.client = client
         self.interval = interval

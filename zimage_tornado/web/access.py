@@ -18,7 +18,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, Idempotency-Key, X-Request-ID"
-CORS_EXPOSE_HEADERS = "X-Request-ID, x-should-retry, Retry-After"
+CORS_EXPOSE_HEADERS = ("X-Request-ID, x-should-retry, Retry-After, x-ratelimit-limit-requests, "
+                       "x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-images, "
+                       "x-ratelimit-remaining-images, x-ratelimit-reset-images")
 _request_ids = {"prefix": uuidlib.uuid4().hex[:16], "counter": itertools.count()}
 
 
