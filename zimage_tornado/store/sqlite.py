@@ -57,6 +57,7 @@ MIGRATIONS = (
 )
 MAX_QUEUED = 100_000  # items waiting for the writer: past this, the disk is not keeping up
 OUTBOX_SECONDS = 0.05
+MAX_SCOPES = 10_000  # rate windows kept in memory before the expired ones are swept
 BATCH = 1000
 TASK_COLUMNS = ("uuid", "key", "client", "model", "width", "height", "batch_size", "steps", "prompt",
                 "negative_prompt", "submitted_at", "finished_at", "status", "image_count", "error", "image_urls")
@@ -76,6 +77,7 @@ class SqliteStore(Store):
         self._outbox_timer: asyncio.TimerHandle | None = None
         self._hits: dict[str, deque[float]] = {}  # exclusive: each scope's requests within the last minute
         self._used: dict[tuple[str, str], int] = {}  # exclusive: images counted per (scope, day)
+        self._swept_at = 0.0
         self._thread: threading.Thread | None = None
         self._migrated: concurrent.futures.Future[int] = concurrent.futures.Future()
         self.dropped = 0  # fire-and-forget writes dropped because the queue was full
@@ -228,6 +230,11 @@ class SqliteStore(Store):
             if len(self._used) > 100_000 or any(d != day for _, d in self._used):
                 self._used = {k: v for k, v in self._used.items() if k[1] == day}  # a new day: old ones go
             self._used.setdefault((scope, day), used)  # setdefault: another admit may have loaded it
+        if len(self._hits) > MAX_SCOPES and now >= self._swept_at + 1:
+            # Scopes that never came back (many client addresses) go; at most once a second, since
+            # while that many are live a sweep finds little and would cost each admission its length.
+            self._hits = {k: v for k, v in self._hits.items() if v and v[-1] > now - MINUTE}
+            self._swept_at = now
         hits = self._hits.setdefault(scope, deque())
         while hits and hits[0] <= now - MINUTE:
             hits.popleft()
