@@ -32,6 +32,15 @@ async def fleet(gateways, redis_server, count, *args):
     return members
 
 
+async def keyed_fleet(gateways, redis_server, tmp_path, keys_toml, count=2):
+    """`count` gateways on one Redis with the same keys file, and each key's Authorization header."""
+    keys = tmp_path / "keys.toml"
+    keys.write_text(keys_toml)
+    members = await fleet(gateways, redis_server, count, "--api_keys_file=%s" % keys)
+    headers = {name: {"Authorization": "Bearer sk-%s" % name} for name in ("alice", "bob", "ops")}
+    return members, headers
+
+
 async def submit(gateway, headers=None, n=1, **extra):
     return await gateway.fetch("/v1/chat/completions", method="POST",
                                body=json.dumps({**CHAT, "batch_size": n, **extra}), headers=headers or {})
@@ -84,10 +93,10 @@ async def test_a_killed_lease_holder_is_replaced_within_two_intervals(gateways, 
 
 @pytest.mark.gen_test(timeout=60)
 async def test_a_daily_quota_is_one_quota_across_instances(gateways, redis_server, fake, tmp_path):
-    keys = tmp_path / "keys.toml"
-    keys.write_text('[keys.alice]\nkey = "sk-alice"\nimages_per_day = 4\n[keys.bob]\nkey = "sk-bob"\n')
-    first, second = await fleet(gateways, redis_server, 2, "--api_keys_file=%s" % keys)
-    alice, bob = {"Authorization": "Bearer sk-alice"}, {"Authorization": "Bearer sk-bob"}
+    (first, second), keys = await keyed_fleet(gateways, redis_server, tmp_path,
+                                              '[keys.alice]\nkey = "sk-alice"\nimages_per_day = 4\n'
+                                              '[keys.bob]\nkey = "sk-bob"\n')
+    alice, bob = keys["alice"], keys["bob"]
     assert (await submit(first, alice, n=2)).code == 200
     assert (await submit(second, alice, n=2)).code == 200
     for member in (first, second):
@@ -131,10 +140,9 @@ async def test_redis_going_down_and_coming_back(gateways, redis_server, fake):
 
 @pytest.mark.gen_test(timeout=60)
 async def test_admin_usage_and_the_cli_answer_for_the_whole_fleet(gateways, redis_server, fake, tmp_path):
-    keys = tmp_path / "keys.toml"
-    keys.write_text('[keys.alice]\nkey = "sk-alice"\n[keys.ops]\nkey = "sk-ops"\nadmin = true\n')
-    first, second = await fleet(gateways, redis_server, 2, "--api_keys_file=%s" % keys)
-    alice, ops = {"Authorization": "Bearer sk-alice"}, {"Authorization": "Bearer sk-ops"}
+    (first, second), keys = await keyed_fleet(
+        gateways, redis_server, tmp_path, '[keys.alice]\nkey = "sk-alice"\n[keys.ops]\nkey = "sk-ops"\nadmin = true\n')
+    alice, ops = keys["alice"], keys["ops"]
     done = [uuid_of(await submit(member, alice, n=2)) for member in (first, second)]
     for task_uuid in done:
         assert (await first.fetch("/v1/images/%s" % task_uuid, headers=alice)).code == 200
