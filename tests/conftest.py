@@ -111,8 +111,9 @@ class GatewayProcess:
         self.database = tmp_path / "gateway.sqlite3"  # shared by the gateways of one test
         environment = {**os.environ, "ZIMAGE_UPSTREAM_URL": fake_url, "ZIMAGE_POLL_INTERVAL": "0.1",
                        "ZIMAGE_DATABASE": str(self.database), **(env or {})}
+        # A session of its own: kill() ends the process group, workers forked by --processes included.
         self.proc = subprocess.Popen([sys.executable, "-m", "zimage_tornado", "--port=%d" % self.port, *args],
-                                     cwd=ROOT, env=environment, stderr=self.log_path.open("w"))
+                                     cwd=ROOT, env=environment, stderr=self.log_path.open("w"), start_new_session=True)
         self.http = AsyncHTTPClient(force_instance=True, max_clients=200)
 
     async def started(self, timeout=15.0):
@@ -138,9 +139,13 @@ class GatewayProcess:
         return self.log_path.read_text()
 
     def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        """Ends the gateway and any workers it forked, even if it is gone already (a failed test
+        would otherwise leave --processes workers running)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
 
 
 @pytest.fixture
