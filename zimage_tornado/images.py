@@ -122,7 +122,6 @@ class ImageFetcher:
         self.cache = ByteBoundedCache(cache_bytes)
         self._pending: dict[str, asyncio.Future[list[str]]] = {}
         self._slots = asyncio.Semaphore(at_once)  # downloads in flight, over all tasks
-        self.downloads = 0
 
     async def b64(self, task: Task, batch_size: int) -> list[str]:
         """The task's first `batch_size` images, base64-encoded, in order."""
@@ -164,7 +163,6 @@ class ImageFetcher:
 
     async def _one(self, url: str, aborted: asyncio.Event) -> bytes:
         async with self._slots:
-            self.downloads += 1
             try:
                 return await self.upstream.fetch_image(url, self.max_bytes, aborted.is_set)
             except UpstreamError as e:

@@ -5,7 +5,6 @@ Nothing here talks to the upstream: a request that fails a check never leaves th
 
 from __future__ import annotations
 
-import calendar
 import math
 import re
 import time
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from zimage_tornado.errors import invalid
+from zimage_tornado.store import day_start, utc_day
 
 # Letters, digits and '-' only: a task id is spliced into upstream paths, so nothing that
 # could change the path ('/', '..', '%', '?') may get through.
@@ -180,8 +180,7 @@ def day_range(since: str | None, until: str | None, today: str, days: int = 30) 
     """`since`..`until` (both included); by default the last `days` days up to `today`."""
     end = day(until, "until") if until is not None else today
     if since is None:
-        start_seconds = calendar.timegm(time.strptime(end, "%Y-%m-%d")) - (days - 1) * 86400
-        return time.strftime("%Y-%m-%d", time.gmtime(start_seconds)), end
+        return utc_day(day_start(end) - (days - 1) * 86400), end
     start = day(since, "since")
     if start > end:
         raise invalid("since must not be after until", param="since")

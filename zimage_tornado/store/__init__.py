@@ -13,6 +13,7 @@ the admin queries. In-memory structures elsewhere are caches in front of it, nev
 from __future__ import annotations
 
 import abc
+import calendar
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,11 @@ MINUTE = 60.0
 
 def utc_day(now: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(now))
+
+
+def day_start(day: str) -> float:
+    """The first second of a UTC day given as YYYY-MM-DD."""
+    return float(calendar.timegm(time.strptime(day, "%Y-%m-%d")))
 
 
 def seconds_to_midnight(now: float) -> float:

@@ -31,7 +31,7 @@ from redis.exceptions import RedisError
 
 from zimage_tornado.domain import Task
 from zimage_tornado.store import (DAY, Admission, Claim, Store, StoreUnavailable, TaskRecord, UsageRow,
-                                  decide, utc_day)
+                                  day_start, decide, utc_day)
 from zimage_tornado.tenants import Plan
 from zimage_tornado.watcher import Coordination
 
@@ -112,6 +112,15 @@ return 0
 """
 
 
+async def bounded(call: Awaitable[T], timeout: float) -> T:
+    """One Redis call within redis_timeout; any failure is StoreUnavailable."""
+    try:
+        async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for
+            return await call
+    except (RedisError, OSError, asyncio.TimeoutError) as e:
+        raise StoreUnavailable("Redis is unavailable (%s)" % type(e).__name__) from e
+
+
 def connect(url: str, timeout: float, connections: int) -> aioredis.Redis:
     """A client whose pool holds at most `connections`: a burst of calls waits (up to `timeout`)
     for a free one instead of failing, and a fleet's connection count stays known for sizing."""
@@ -140,8 +149,6 @@ class RedisStore(Store):
         self._record = self.redis.register_script(RECORD)
         self._outbox: list[Callable[[Any], Awaitable[Any]]] = []  # writes nobody waits for, sent as one pipeline
         self._sending: asyncio.Task[None] | None = None
-        self.failures = 0
-        self.dropped = 0
 
     def open(self) -> None:
         """redis-py connects on first use (and again after a failure)."""
@@ -164,19 +171,13 @@ class RedisStore(Store):
         return None
 
     async def _do(self, call: Awaitable[T]) -> T:
-        """One Redis call within redis_timeout; any failure is StoreUnavailable."""
-        try:
-            async with asyncio.timeout(self.timeout):  # no task of its own, unlike wait_for
-                return await call
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
-            self.failures += 1
-            raise StoreUnavailable("Redis is unavailable (%s)" % type(e).__name__) from e
+        return await bounded(call, self.timeout)
 
     def _later(self, write: Callable[[Any], Awaitable[Any]]) -> None:
         """A write nobody waits for: queued, and sent with the others of the next OUTBOX_SECONDS
         as one pipeline (one round trip, and far less client work than one call each)."""
         if len(self._outbox) >= MAX_QUEUED:
-            self.dropped += 1
+            log.error("store: Redis is not keeping up; a usage write was dropped")
             return
         self._outbox.append(write)
         if self._sending is None or self._sending.done():
@@ -283,10 +284,7 @@ class RedisStore(Store):
 
 
 def day_list(since: str, until: str) -> list[str]:
-    import calendar
-    import time
-    start = calendar.timegm(time.strptime(since, "%Y-%m-%d"))
-    end = calendar.timegm(time.strptime(until, "%Y-%m-%d"))
+    start, end = day_start(since), day_start(until)
     count = min(MAX_DAYS, int((end - start) // DAY) + 1)
     return [utc_day(start + i * DAY) for i in range(count)]
 
@@ -343,15 +341,9 @@ class RedisCoordination(Coordination):
         self._followers: dict[str, Callable[[Task], None]] = {}
         self._pubsub: Any = None
         self._listener: asyncio.Task[None] | None = None
-        self.published = 0
-        self.heard = 0
 
     async def _do(self, call: Awaitable[T]) -> T:
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await call
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
-            raise StoreUnavailable("Redis is unavailable (%s)" % type(e).__name__) from e
+        return await bounded(call, self.timeout)
 
     async def lease(self, uuid: str) -> bool:
         return bool(await self._do(self._lease(keys=[PREFIX + "lease:" + uuid],
@@ -366,7 +358,6 @@ class RedisCoordination(Coordination):
             pipe.set(PREFIX + "state:" + task.uuid, value, px=self.state_ms)
         pipe.publish(PREFIX + "task:" + task.uuid, value)
         await self._do(pipe.execute())
-        self.published += 1
 
     async def shared(self, uuid: str) -> Task | None:
         value = await self._do(self.redis.get(PREFIX + "final:" + uuid))
@@ -407,7 +398,6 @@ class RedisCoordination(Coordination):
             uuid = str(message["channel"])[len(PREFIX + "task:"):]
             heard = self._followers.get(uuid)
             if heard is not None:
-                self.heard += 1
                 try:
                     heard(task_from_json(str(message["data"])))
                 except Exception:  # noqa: BLE001 - one bad message must not stop the listener

@@ -17,7 +17,6 @@ is not kept across a restart. Processes sharing the file (`--processes`) decide 
 from __future__ import annotations
 
 import asyncio
-import calendar
 import concurrent.futures
 import json
 import logging
@@ -29,7 +28,7 @@ from collections import deque
 from typing import Any, Callable
 
 from zimage_tornado.store import (DAY, MINUTE, Admission, Claim, Store, StoreUnavailable, TaskRecord, UsageRow,
-                                  decide, utc_day)
+                                  day_start, decide, utc_day)
 from zimage_tornado.tenants import Plan
 
 log = logging.getLogger("zimage_tornado.store")
@@ -80,9 +79,6 @@ class SqliteStore(Store):
         self._swept_at = 0.0
         self._thread: threading.Thread | None = None
         self._migrated: concurrent.futures.Future[int] = concurrent.futures.Future()
-        self.dropped = 0  # fire-and-forget writes dropped because the queue was full
-        self.batches = 0
-        self.operations = 0
 
     # -- the writer thread -------------------------------------------------------------------
 
@@ -165,8 +161,6 @@ class SqliteStore(Store):
                 conn.execute("ROLLBACK")
             failure = StoreUnavailable("The usage database is unavailable")
             results = [(future, None, failure) for _, future in batch if future is not None]
-        self.batches += 1
-        self.operations += len(batch)
         if results:
             results[0][0].get_loop().call_soon_threadsafe(_settle, results)
 
@@ -216,7 +210,6 @@ class SqliteStore(Store):
         try:
             self._queue.put_nowait((operations, None))
         except queue.Full:
-            self.dropped += len(operations)
             log.error("store: the database is not keeping up; %d writes dropped", len(operations))
 
     # -- the interface ------------------------------------------------------------------------
@@ -363,8 +356,7 @@ def admit(conn: sqlite3.Connection, scope: str, plan: Plan, images: int, now: fl
 
 
 def usage(conn: sqlite3.Connection, since: str, until: str, key: str | None) -> list[UsageRow]:
-    start = calendar.timegm(time.strptime(since, "%Y-%m-%d"))
-    end = calendar.timegm(time.strptime(until, "%Y-%m-%d")) + DAY
+    start, end = day_start(since), day_start(until) + DAY
     where, args = ("AND key = ?", (key,)) if key else ("", ())
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for name, day, tasks, images, failed in conn.execute(

@@ -70,7 +70,7 @@ def _map(cause: BaseException | None, context: Context) -> ApiError:
     if isinstance(cause, ApiError):
         return cause
     if isinstance(cause, OutcomeError):
-        return _outcome(cause.outcome, retry_after)
+        return _outcome(cause.outcome, retry_after, context)
     if isinstance(cause, UpstreamError):
         headers = {"Retry-After": str(math.ceil(cause.retry_after))} if cause.retry_after else {}
         extra = {"uuid": context.task_uuid} if context.task_uuid else {}
@@ -127,7 +127,7 @@ def upstream_status(error: UpstreamError) -> int:
     return 502
 
 
-def _outcome(outcome: Outcome, retry_after: dict[str, str]) -> ApiError:
+def _outcome(outcome: Outcome, retry_after: dict[str, str], context: Context) -> ApiError:
     task = outcome.task
     if outcome.state == FAILED and task is not None:
         return task_failed(task)
@@ -139,7 +139,7 @@ def _outcome(outcome: Outcome, retry_after: dict[str, str]) -> ApiError:
     if outcome.state == COMPLETED:  # not an error: a caller asked for one by mistake
         return ApiError(500, "Internal server error", type="server_error", code="internal_error")
     if outcome.error is not None:
-        return _map(outcome.error, Context("GET", "", 0, outcome.uuid))
+        return _map(outcome.error, context)
     return ApiError(502, "No answer for task %s" % outcome.uuid, type="upstream_error")
 
 
