@@ -77,14 +77,16 @@ async def test_client_errors_are_400_envelopes_and_never_reach_the_upstream(prox
 
 @pytest.mark.parametrize("client", ["curl", "simple"])
 @pytest.mark.parametrize("fault,status,code", [
+    # definite refusals: the service's own success:false, or a 4xx (may be retried)
     ("400", 400, "upstream_rejected"),
     ("429", 429, "upstream_rejected"),
     ("500", 502, "upstream_rejected"),
-    ("502", 502, "upstream_rejected"),
     ("false200", 502, "upstream_rejected"),
-    ("garbage", 502, "upstream_bad_response"),
-    ("no_uuid", 502, "upstream_bad_response"),
-    ("reset", 502, "upstream_unavailable"),
+    # in doubt: the submit arrived and no readable answer came back (never resubmitted)
+    ("502", 504, "upstream_outcome_unknown"),
+    ("garbage", 504, "upstream_outcome_unknown"),
+    ("no_uuid", 504, "upstream_outcome_unknown"),
+    ("reset", 504, "upstream_outcome_unknown"),
 ])
 @pytest.mark.gen_test
 async def test_upstream_failures_map_to_documented_statuses(make_proxy, fake, fault, status, code, client):
@@ -96,6 +98,8 @@ async def test_upstream_failures_map_to_documented_statuses(make_proxy, fake, fa
     assert_envelope(body)
     assert body["error"]["code"] == code
     assert body["error"]["type"] == "upstream_error"
+    in_doubt = code == "upstream_outcome_unknown"
+    assert (response.headers.get("x-should-retry") == "false") == in_doubt  # the OpenAI SDK must not resubmit
     if fault == "429":
         assert response.headers["Retry-After"] == "1"
         assert body["error"]["message"] == "Rate limit exceeded, slow down"
@@ -109,9 +113,12 @@ async def test_upstream_timeout_is_504(make_proxy, fake, client):
     fake.inject("generate", "hang")
     fake.hang_seconds = 1.0
     proxy = make_proxy(upstream_timeout=0.2, upstream_client=client)
-    code, body = await proxy.json("/v1/chat/completions", "POST", SPEC_BODY)
-    assert code == 504
-    assert body["error"]["code"] == "upstream_timeout"
+    response = await proxy.request("/v1/chat/completions", "POST", SPEC_BODY)
+    body = json.loads(response.body)
+    assert response.code == 504
+    assert body["error"]["code"] == "upstream_outcome_unknown"  # the job may exist: say so, never resubmit
+    assert response.headers["x-should-retry"] == "false"
+    assert "may have been created" in body["error"]["message"]
 
 
 @pytest.mark.parametrize("client", ["curl", "simple"])

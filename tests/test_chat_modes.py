@@ -120,7 +120,7 @@ async def test_stream_sends_a_keepalive_at_every_poll_while_nothing_changes(prox
 @pytest.mark.gen_test(timeout=20)
 async def test_closing_a_stream_stops_its_wait(make_proxy, fake):
     fake.outcome = "never"
-    proxy = make_proxy(poll_interval=0.05, max_attempts=1000)
+    proxy = make_proxy(poll_interval=0.05, max_attempts=1000, follow_budget=0)  # no follow-up: waiters only
     stream, _ = await raw_stream(proxy, {"model": "zimage-turbo", "messages": MESSAGES, "stream": True,
                                          "wait": True})
     watcher = proxy.gateway.watcher

@@ -279,7 +279,7 @@ async def test_a_submit_reaches_the_upstream_once_when_its_connection_dies(gatew
     assert (await post(gateway, "/v1/chat/completions", CHAT)).code == 200  # a kept-alive connection now
     fake.inject("generate", "reset")  # read the submit, then hang up without answering
     response = await post(gateway, "/v1/chat/completions", CHAT)
-    assert response.code == 502
+    assert response.code == 504 and body_of(response)["error"]["code"] == "upstream_outcome_unknown"
     assert "may have been created" in body_of(response)["error"]["message"]
     await asyncio.sleep(0.3)
     assert fake.calls["generate"] == 2  # not 3: libcurl did not send it again

@@ -25,8 +25,8 @@ async def test_unknown_task_is_404(proxy):
 @pytest.mark.parametrize("fault,status", [("500", 502), ("garbage", 502), ("503", 502), ("429", 429)])
 @pytest.mark.gen_test
 async def test_upstream_failures_are_mapped(proxy, fake, fault, status):
+    fake.always("task", fault)  # every read fails, the follow-up's of the new task included
     task_uuid = await proxy.submit()
-    fake.inject("task", fault)
     code, body = await proxy.json("/v1/tasks/%s" % task_uuid)
     assert code == status
     assert body["error"]["type"] == "upstream_error"

@@ -11,7 +11,7 @@ from typing import Callable
 from zimage_tornado.cache import ResultCache
 from zimage_tornado.domain import GenerationRequest, Task
 from zimage_tornado.metrics import Metrics
-from zimage_tornado.store import Admission, Store, StoreUnavailable, TaskRecord
+from zimage_tornado.store import EXPIRED, Admission, NotRecorded, Store, StoreUnavailable, TaskRecord
 from zimage_tornado.tenants import ANONYMOUS, Caller
 
 log = logging.getLogger("zimage_tornado.accounts")
@@ -42,11 +42,10 @@ class Accounts:
 
     # -- submits ------------------------------------------------------------------------------
 
-    async def admit(self, caller: Caller, images: int) -> Admission | None:
-        """Counts one submit of `images` against the caller's plan; None when it has no limits.
-        Raises Refused (the refusal counted) when over them."""
-        if not caller.plan.meters_submits and not self.store.checks_every_submit:
-            return None
+    async def admit(self, caller: Caller, images: int) -> Admission:
+        """Counts one submit of `images` against the caller's plan, committed before it returns
+        (so a store that cannot write stops the submit here: StoreUnavailable). Raises Refused
+        (the refusal counted) when over the limits."""
         admission = await self.store.admit(caller.scope, caller.plan, images, self.clock())
         if not admission.allowed:
             await self.refused(caller, admission.reason or "refused")
@@ -57,28 +56,37 @@ class Accounts:
         self.metrics.observe_refusal(caller.name, reason)
         await self.store.count_refusal(caller.name, reason, self.clock())
 
-    async def refund(self, caller: Caller, admission: Admission | None, images: int) -> None:
-        """The upstream refused the job: its images are not spent."""
-        if admission is not None and admission.images is not None:
-            await self.store.refund(caller.scope, admission.day, images)
+    async def refund(self, caller: Caller, admission: Admission, images: int) -> None:
+        """The upstream certainly refused the job: its images are not spent."""
+        await self.store.refund(caller.scope, admission.day, images if admission.images is not None else 0,
+                                admission.ticket)
 
-    async def submitted(self, caller: Caller, request: GenerationRequest, task: Task, model: str) -> None:
+    async def submitted(self, caller: Caller, request: GenerationRequest, task: Task, model: str,
+                        admission: Admission) -> None:
+        """The upstream accepted `task`: its owner and usage row, committed before the answer.
+        Raises NotRecorded if the store cannot commit it (it keeps the row and retries)."""
         self.owners.put(task.uuid, caller.name)
         self.metrics.observe_submit(caller.name, request.batch_size)
         keep = self.record_prompts
         try:
             await self.store.record_task(TaskRecord(
-            uuid=task.uuid, key=caller.name, client=caller.client, model=model, width=request.width,
-            height=request.height, batch_size=request.batch_size, steps=request.steps,
-            prompt=request.prompt if keep else None, negative_prompt=request.negative_prompt if keep else None,
-            submitted_at=self.clock()))
-        except StoreUnavailable as e:  # the job exists upstream: answer it; only its row is lost
-            log.error("task %s: its usage row could not be written: %s", task.uuid, e)
+                uuid=task.uuid, key=caller.name, client=caller.client, model=model, width=request.width,
+                height=request.height, batch_size=request.batch_size, steps=request.steps,
+                prompt=request.prompt if keep else None, negative_prompt=request.negative_prompt if keep else None,
+                submitted_at=self.clock()), admission.ticket)
+        except StoreUnavailable as e:
+            log.error("task %s of %s: its record could not be committed yet (%s); retrying", task.uuid,
+                      caller.name, e)
+            raise NotRecorded(task.uuid, e) from e
 
     async def finished(self, task: Task) -> None:
         """The engine saw a task's final state (once per task while it is cached)."""
         await self.store.finish_task(task.uuid, task.status, self.clock(), len(task.image_urls), task.error,
                                      list(task.image_urls))
+
+    async def expired(self, uuid: str) -> None:
+        """The gateway stopped following a task before it ended (follow_budget)."""
+        await self.store.finish_task(uuid, EXPIRED, self.clock(), 0, "not finished within follow_budget", [])
 
     # -- reading tasks ------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import tempfile
 import time
@@ -18,7 +19,7 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
-from zimage_tornado import __version__, usage_cli
+from zimage_tornado import __version__, database, usage_cli
 from zimage_tornado.config import Settings, load_settings
 from zimage_tornado.fake_upstream import FakeZImage
 from zimage_tornado.logs import redact_url, setup_logging
@@ -43,6 +44,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("zimage-tornado: %s" % e, file=sys.stderr)
         sys.exit(2)
     setup_logging(settings.log_level, settings.log_format)
+    if not settings.redis_url and settings.database != ":memory:":
+        try:
+            database.own(settings.database)  # held until this process (and its workers) ends
+            database.prepare(settings.database)  # once, before any worker: they never race to migrate
+        except database.InUse as e:
+            print("zimage-tornado: %s" % e, file=sys.stderr)
+            sys.exit(1)
+        except (OSError, sqlite3.Error) as e:
+            print("zimage-tornado: cannot open the database %s: %s" % (settings.database, e), file=sys.stderr)
+            sys.exit(1)
     metrics_dir = group_metrics_dir() if settings.workers > 1 else None
     try:
         # Bound before any fork, so that every worker accepts on the same socket.
@@ -109,6 +120,7 @@ async def serve(settings: Settings, sockets: list, notifier: Notifier) -> int:
         log.error("cannot open the store: %s", e)
         await gateway.close()
         return 1
+    await gateway.resume()
     # idle_connection_timeout also bounds how long a client may take to send its headers (and
     # gateway.bodies its body): a slow-loris client cannot hold a connection forever.
     server = HTTPServer(app, idle_connection_timeout=settings.idle_timeout)

@@ -50,6 +50,10 @@ class Settings:
     max_steps: int = setting(50, "Largest steps accepted")
     max_cfg_scale: float = setting(20.0, "Largest cfg_scale accepted")
     max_prompt_length: int = setting(8000, "Longest prompt or negative_prompt accepted, in characters")
+    follow_budget: float = setting(3600.0, "Seconds a task nobody waits on is still followed, so that its record "
+                                           "learns how it ended; then it is recorded as expired (0: not followed)")
+    follow_interval: float = setting(60.0, "Seconds between status reads of a followed task nobody waits on, once "
+                                           "a full wait budget has passed since its submit")
     chat_wait: bool = setting(False, "Chat completions wait for the pictures and answer markdown images")
     model_aliases: str = setting("", "Model name aliases, e.g. 'dall-e-3=turbo,gpt-image-1=turbo'")
     idempotency_ttl: float = setting(86400.0, "Seconds an Idempotency-Key keeps returning the same task")
@@ -65,8 +69,8 @@ class Settings:
     body_timeout: float = setting(30.0, "Seconds a client may take to send a request body")
     write_timeout: float = setting(60.0, "Seconds a client may take to read an answer (or a stream event)")
     max_body_bytes: int = setting(1024 * 1024, "Largest request body accepted, in bytes (more: 413)")
-    api_keys: str = setting("", "Comma-separated API keys (named key-1, key-2, ...); when set (or api_keys_file), "
-                                "/v1/* needs one")
+    api_keys: str = setting("", "Comma-separated API keys, each named key- and the first 8 hex digits of its "
+                                "SHA-256; when set (or api_keys_file), /v1/* needs one")
     api_keys_file: str = setting("", "File of API keys: one per line ('#' starts a comment), or TOML (*.toml) with "
                                      "named keys, limits and admins")
     task_visibility: str = setting("owner", "With keys: owner (a task is read by the key that submitted it, and "
@@ -108,6 +112,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError("%s must be positive" % name)
+        if self.follow_budget < 0 or self.follow_interval <= 0:
+            raise ValueError("follow_budget must be 0 or more, follow_interval positive")
         if self.cache_size < 0 or self.max_cfg_scale < 0 or self.image_cache_bytes < 0:
             raise ValueError("cache_size and max_cfg_scale must not be negative")
         if self.min_size > self.max_size:

@@ -5,6 +5,7 @@ It sits below the HTTP layer: handlers receive it, nothing here knows about hand
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -18,12 +19,17 @@ from zimage_tornado.idempotency import IdempotencyStore
 from zimage_tornado.images import ImageFetcher, make_image_client
 from zimage_tornado.metrics import Metrics
 from zimage_tornado.openai_api import ModelTable
-from zimage_tornado.store import Admission, Store
+from zimage_tornado.store import Admission, Store, StoreUnavailable
 from zimage_tornado.store.redis import RedisCoordination, RedisStore
 from zimage_tornado.store.sqlite import SqliteStore
 from zimage_tornado.tenants import Caller, Plan, load_keys
-from zimage_tornado.upstream import UpstreamRejected, ZImageClient, make_http_client
+from zimage_tornado.upstream import UpstreamError, UpstreamOutcomeUnknown, ZImageClient, make_http_client
 from zimage_tornado.watcher import Coordination, TaskWatcher
+
+log = logging.getLogger("zimage_tornado.gateway")
+
+
+RESUMED_AT_MOST = 100_000  # unfinished tasks taken up again at start
 
 
 @dataclass
@@ -88,8 +94,11 @@ class Gateway:
             cache=ResultCache(settings.cache_size, settings.cache_ttl),
             on_final=self.accounts.finished,
             coordination=make_coordination(settings),
+            follow_budget=settings.follow_budget,
+            follow_interval=settings.follow_interval,
+            on_expired=self.accounts.expired,
         )
-        self.metrics.watch(self.watcher, self.idempotency)
+        self.metrics.watch(self.watcher, self.idempotency, self.store)
         self.images = ImageFetcher(self.upstream, max_bytes=settings.max_image_bytes,
                                    cache_bytes=settings.image_cache_bytes, at_once=settings.image_fetches)
         self.models = ModelTable(settings.aliases)
@@ -101,7 +110,11 @@ class Gateway:
                      idempotency_key: str | None = None, retry: bool = False) -> Submitted:
         """A new upstream task within the caller's limits, or the one the caller already made
         with `idempotency_key`, or (`retry`: an SDK's retry, without a key) for the same request
-        within the last wait budget. A replay counts against no limit."""
+        within the last wait budget. A replay counts against no limit.
+
+        Returns only once the task's admission, owner, usage row and key are committed; raises
+        StoreUnavailable before the upstream sees anything if the store cannot write, and
+        NotRecorded (naming the task) if it fails after the upstream accepted the job."""
         submitted: Submitted | None = None
 
         async def fresh(request: GenerationRequest) -> Task:
@@ -109,10 +122,15 @@ class Gateway:
             admission = await self.accounts.admit(caller, request.batch_size)
             try:
                 task = await self.upstream.submit(request)
-            except UpstreamRejected:  # a definite no: the images were not spent
+            except UpstreamOutcomeUnknown:  # the job may exist: its images stay counted
+                raise
+            except UpstreamError:  # a definite no (refused, or never sent): the images were not spent
                 await self.accounts.refund(caller, admission, request.batch_size)
                 raise
-            await self.accounts.submitted(caller, request, task, model)
+            try:
+                await self.accounts.submitted(caller, request, task, model, admission)
+            finally:
+                self.watcher.follow_up(task.uuid)  # the record learns how it ends, recorded yet or not
             submitted = Submitted(task, admission)
             return task
 
@@ -120,11 +138,35 @@ class Gateway:
             earlier = self.idempotency.retried(caller.scope, request) if retry else None
             if earlier is not None:
                 return Submitted(earlier)
-            task = await fresh(request)
+            try:
+                task = await fresh(request)
+            except UpstreamOutcomeUnknown as e:
+                self.idempotency.remember(caller.scope, request, e)
+                raise
             self.idempotency.remember(caller.scope, request, task)
         else:
             task = await self.idempotency.submit(caller.scope, idempotency_key, request, fresh)
         return submitted or Submitted(task)
+
+    async def resume(self) -> None:
+        """At start: tasks recorded as submitted and not known to have ended are followed again,
+        or, past follow_budget, recorded as expired."""
+        if self.settings.follow_budget <= 0:
+            return
+        try:
+            unfinished = await self.store.unfinished(RESUMED_AT_MOST)
+        except StoreUnavailable as e:
+            log.warning("could not read the unfinished tasks to follow them again: %s", e)
+            return
+        now = self.clock()
+        for uuid, submitted_at in unfinished:
+            age = max(0.0, now - submitted_at)
+            if age >= self.settings.follow_budget:
+                await self.accounts.expired(uuid)
+            else:
+                self.watcher.follow_up(uuid, age)
+        if unfinished:
+            log.info("following %d unfinished tasks again", len(unfinished))
 
     async def close(self) -> None:
         await self.watcher.close()

@@ -2,7 +2,10 @@
 the same task.
 
 The OpenAI SDK resubmits a whole request on timeouts and 5xx; a key lets a client retry without
-paying for a second generation. The store is the truth (it outlives a restart, and with Redis
+paying for a second generation. A key stays bound to its first attempt: its task, or, when that
+attempt's upstream outcome is unknown (the job may exist), that answer again, until the key
+expires (as Stripe replays a key whose first attempt failed). Only a definite failure (nothing
+was created) frees the key for another try. The store is the truth (it outlives a restart, and with Redis
 it is shared by every instance): a submit first claims its key there, so that exactly one
 request anywhere submits; requests in this process with the same key share that one submission,
 and those elsewhere wait for the claim to be fulfilled.
@@ -14,12 +17,16 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import logging
 from typing import Awaitable, Callable
 
 from zimage_tornado.cache import ResultCache
 from zimage_tornado.domain import PENDING, GenerationRequest, Task
 from zimage_tornado.errors import ApiError, invalid
-from zimage_tornado.store import Store
+from zimage_tornado.store import NotRecorded, Store, StoreUnavailable
+from zimage_tornado.upstream import UpstreamOutcomeUnknown
+
+log = logging.getLogger("zimage_tornado.idempotency")
 
 
 def fingerprint(request: GenerationRequest) -> str:
@@ -34,7 +41,9 @@ class IdempotencyStore:
         self.store = store
         # SDK retries (x-stainless-retry-count) without a key: the caller's identical recent task,
         # by (scope, the validated request itself): a frozen dataclass hashes in a microsecond
-        self._recent: ResultCache[Task, tuple[str, GenerationRequest]] = ResultCache(remembered, retry_window)
+        # (an unknown outcome is remembered too: the retry gets it again, never a second job)
+        self._recent: ResultCache[Task | UpstreamOutcomeUnknown, tuple[str, GenerationRequest]] = ResultCache(
+            remembered, retry_window)
         self.ttl = ttl
         self.claim_ttl = claim_ttl  # a claim whose submit never ended (its process died) expires
         self.clock = clock
@@ -70,28 +79,49 @@ class IdempotencyStore:
             if claim.uuid is not None:
                 self.replays += 1
                 return Task(claim.uuid, PENDING)
+            if claim.failure is not None:
+                self.replays += 1
+                raise UpstreamOutcomeUnknown(
+                    "Idempotency-Key %r: its first request reached the upstream but no answer came back; the task "
+                    "may have been created upstream, so this key is not submitted again" % key)
             if self.clock() > deadline:  # cannot be: an unfulfilled claim expires by then
                 raise ApiError(409, "Idempotency-Key %r: its first request is still being submitted" % key,
                                param="Idempotency-Key", code="idempotency_key_in_use")
             await asyncio.sleep(0.05)  # another process is submitting it: its answer comes soon
         try:
             task = await submit(request)
+        except UpstreamOutcomeUnknown:
+            await self._bind(scope, key, None, UpstreamOutcomeUnknown.code)  # never a second job for this key
+            raise
+        except NotRecorded as e:  # the task exists: the key is its, once the store is back
+            await self._bind(scope, key, e.uuid, None)
+            raise
         except BaseException:
-            await self.store.release(scope, key)  # a failed submit may be retried with the key
+            await self.store.release(scope, key)  # nothing was created: the key may be used again
             raise
         await self.store.fulfil(scope, key, task.uuid, self.ttl, self.clock())
         return task
 
-    def remember(self, scope: str, request: GenerationRequest, task: Task) -> None:
-        """A task made without a key, for an SDK's retry of the same request."""
-        self._recent.put((scope, request), task)
+    async def _bind(self, scope: str, key: str, uuid: str | None, failure: str | None) -> None:
+        try:
+            await self.store.fulfil(scope, key, uuid, self.ttl, self.clock(), failure)
+        except StoreUnavailable as e:  # kept by the store and retried; the claim holds the key meanwhile
+            log.warning("Idempotency-Key of %s: its outcome could not be committed yet: %s", scope, e)
+
+    def remember(self, scope: str, request: GenerationRequest, outcome: Task | UpstreamOutcomeUnknown) -> None:
+        """What a submit without a key came to, for an SDK's retry of the same request."""
+        self._recent.put((scope, request), outcome)
 
     def retried(self, scope: str, request: GenerationRequest) -> Task | None:
-        """The task this caller made for the same request within the retry window, if any."""
-        task = self._recent.get((scope, request))
-        if task is not None:
-            self.replays += 1
-        return task
+        """The task this caller made for the same request within the retry window, if any;
+        raises the first attempt's UpstreamOutcomeUnknown again if that is how it ended."""
+        outcome = self._recent.get((scope, request))
+        if outcome is None:
+            return None
+        self.replays += 1
+        if isinstance(outcome, UpstreamOutcomeUnknown):
+            raise UpstreamOutcomeUnknown(str(outcome))
+        return outcome
 
     @staticmethod
     def _check(key: str, stored: str, given: str) -> None:

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from zimage_tornado import __version__
 from zimage_tornado.idempotency import IdempotencyStore
+from zimage_tornado.store import Store
 from zimage_tornado.watcher import TaskWatcher
 
 # Long-polls last up to minutes: the buckets reach past the default five-minute wait.
@@ -35,11 +36,15 @@ ENGINE_COUNTERS = (
     ("zimage_states_heard", "states_heard", "Task states published by another instance of the fleet and used here"),
     ("zimage_reads_left_to_others", "reads_left_to_others",
      "Polling ticks that left the upstream read to the instance holding the task's lease"),
+    ("zimage_follow_expired", "follow_expired", "Followed tasks recorded as expired: not ended within follow_budget"),
+    ("zimage_store_dropped", "store_dropped",
+     "Store writes made after an answer and dropped because the retry queue was full"),
 )
 ENGINE_GAUGES = (
     ("zimage_waiters", "waiting", "Clients waiting on tasks now"),
     ("zimage_polling_loops", "polling", "Tasks being polled now"),
     ("zimage_cached_tasks", "cached", "Finished tasks remembered"),
+    ("zimage_followed_tasks", "followed", "Tasks followed until they end, waited on or not"),
 )
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -76,10 +81,11 @@ class Metrics:
         self._synced: dict[str, float] = {}
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
-    def watch(self, watcher: TaskWatcher, idempotency: IdempotencyStore) -> None:
+    def watch(self, watcher: TaskWatcher, idempotency: IdempotencyStore, store: Store) -> None:
         """Report the engine's counts and state, read from their owners by sync()."""
         self._sources.append(lambda: {**watcher.counters, "replays": idempotency.replays, "waiting": watcher.waiting,
-                                      "polling": watcher.active_polls, "cached": len(watcher.cache)})
+                                      "polling": watcher.active_polls, "cached": len(watcher.cache),
+                                      "followed": watcher.followed, "store_dropped": store.dropped})
 
     def sync(self) -> None:
         """Carries the engine's counts (as increments since the last sync) and state into the metrics."""

@@ -1,8 +1,10 @@
 """Who may use the gateway and how much: named API keys with their limits, and the caller of a
 request as the rest of the gateway sees it (a name, a scope for its counters, a plan).
 
-`api_keys_file` is either plain (one key a line, named key-1, key-2, ...) or TOML (a path
-ending in .toml), read with Python's own tomllib:
+`api_keys_file` is either plain (one key a line) or TOML (a path ending in .toml), read with
+Python's own tomllib. A plain key is named from its hash (`key-` and the first 8 hex digits of its
+SHA-256), never from its line: idempotency keys, limits, quota, ownership and usage are scoped by
+key name, so deleting a line must not hand one key's tasks to the next.
 
     [defaults]               # every key, unless it says otherwise; 0 or absent = unlimited
     requests_per_minute = 30
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 ANONYMOUS = "anonymous"
+RESERVED_NAMES = frozenset({ANONYMOUS})  # names the gateway gives callers itself
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # key names become metric labels and log words
 PLAN_FIELDS = ("requests_per_minute", "images_per_day", "max_waiters")
 
@@ -73,6 +76,10 @@ class KeyRing:
         names = [tenant.name for tenant in self.tenants]
         if len(set(names)) != len(names):
             raise ValueError("api keys: a key name is used twice")
+        for name in names:
+            if name in RESERVED_NAMES:
+                raise ValueError("api keys: the key name %r is the gateway's own (callers without a key); "
+                                 "choose another" % name)
         if len(self._by_digest) != len(self.tenants):
             raise ValueError("api keys: the same key is listed twice")
 
@@ -109,8 +116,13 @@ def load_keys(api_keys: str, api_keys_file: str) -> KeyRing:
     elif api_keys_file:
         with open(api_keys_file, encoding="utf-8") as f:
             plain += [line.split("#", 1)[0].strip() for line in f if line.split("#", 1)[0].strip()]
-    tenants += [Tenant("key-%d" % i, digest(key)) for i, key in enumerate(plain, 1)]
+    tenants += [Tenant(plain_name(key), digest(key)) for key in plain]
     return KeyRing(tenants)
+
+
+def plain_name(key: str) -> str:
+    """A plain key's name: from its hash, so that it is the same whatever line the key is on."""
+    return "key-" + digest(key)[:8]
 
 
 def toml_tenants(document: dict[str, Any], where: str) -> list[Tenant]:
@@ -121,6 +133,9 @@ def toml_tenants(document: dict[str, Any], where: str) -> list[Tenant]:
     tenants = []
     for name, entry in keys.items():
         context = "%s [keys.%s]" % (where, name)
+        if name in RESERVED_NAMES:
+            raise ValueError("%s: %r is the gateway's own name for callers without a key; choose another"
+                             % (context, name))
         if not NAME_RE.fullmatch(name) or not isinstance(entry, dict):
             raise ValueError("%s: a key name is 1 to 64 of A-Z a-z 0-9 . _ -, and its entry a table" % context)
         unknown = set(entry) - {"key", "key_sha256", "admin", *PLAN_FIELDS}

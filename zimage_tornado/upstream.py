@@ -28,7 +28,10 @@ T = TypeVar("T")
 KNOWN_STATES = FINAL_STATES | {PENDING, PROCESSING}
 MAX_MESSAGE = 500
 CURLE_OPERATION_TIMEDOUT = 28
-CURLE_NOT_CONNECTED = (6, 7)  # could not resolve the host; could not connect
+# could not resolve the host or connect; TLS handshake or certificate failures: no byte of the
+# request left, so a submit that failed this way certainly made no job
+CURLE_NOT_CONNECTED = (6, 7, 35, 51, 53, 54, 58, 59, 60, 64, 66, 77, 80, 82, 83, 90, 91)
+CONNECT_TIMEOUTS = ("Timeout while connecting", "Connection timed out after", "Resolving timed out")
 
 
 def make_http_client(kind: str, *, max_clients: int, connect_timeout: float, request_timeout: float,
@@ -77,6 +80,18 @@ class UpstreamRejected(UpstreamError):
 
     code = "upstream_rejected"
 
+    def __init__(self, message: str, *, upstream_status: int | None = None, retry_after: float | None = None,
+                 readable: bool = True) -> None:
+        super().__init__(message, upstream_status=upstream_status, retry_after=retry_after)
+        self.readable = readable  # the answer was the service's own JSON, not a proxy's error page
+
+    @property
+    def definite(self) -> bool:
+        """A refusal that certainly made no job: the service's own `success: false`, or a 4xx
+        (the request was refused before any work). A 5xx page from a front proxy is in doubt."""
+        status = self.upstream_status or 0
+        return self.readable or 400 <= status < 500
+
     @property
     def transient(self) -> bool:  # type: ignore[override]
         # A 4xx other than 429 is a definite no; a 5xx, a 429 or a success:false may pass.
@@ -86,6 +101,14 @@ class UpstreamRejected(UpstreamError):
 
 class UpstreamBadResponse(UpstreamError):
     code = "upstream_bad_response"
+
+
+class UpstreamOutcomeUnknown(UpstreamError):
+    """A submit reached (or may have reached) the upstream, and no readable answer came back: the
+    job may exist and be paid for. Never retried, never refunded: see statuses.py."""
+
+    code = "upstream_outcome_unknown"
+    transient = False
 
 
 class TaskNotFound(UpstreamError):
@@ -104,8 +127,13 @@ def _send_once(curl: Any) -> None:
 
 
 def never_connected(error: BaseException) -> bool:
-    """True when the request cannot have reached the upstream (refused, or no such host)."""
-    return isinstance(error, ConnectionRefusedError) or getattr(error, "errno", None) in CURLE_NOT_CONNECTED
+    """True when the request cannot have reached the upstream: refused, no such host, a TLS
+    failure, or a timeout while still connecting."""
+    if isinstance(error, (ConnectionRefusedError, ssl.SSLError)):
+        return True
+    if getattr(error, "errno", None) in CURLE_NOT_CONNECTED:
+        return True
+    return any(phrase in str(error) for phrase in CONNECT_TIMEOUTS)
 
 
 def encode_generate(request: GenerationRequest) -> dict[str, Any]:
@@ -166,7 +194,18 @@ class ZImageClient:
     async def _submit(self, request: GenerationRequest) -> Task:
         log.info("submitting task: model=%s batch_size=%d size=%dx%d steps=%d",
                  request.model, request.batch_size, request.width, request.height, request.steps)
-        document = await self._call("POST", "/api/z-image/generate", encode_generate(request))
+        try:
+            document = await self._call("POST", "/api/z-image/generate", encode_generate(request))
+        except UpstreamRejected as e:
+            if e.definite:
+                raise
+            raise UpstreamOutcomeUnknown("%s; the task may have been created upstream" % e,
+                                         upstream_status=e.upstream_status) from e
+        except UpstreamBadResponse as e:  # an answer that cannot be read
+            raise UpstreamOutcomeUnknown("%s; the task may have been created upstream" % e) from e
+        return self._accepted(document)
+
+    def _accepted(self, document: dict[str, Any]) -> Task:
         data = document.get("data")
         data = data if isinstance(data, dict) else {}
         task = data.get("task")
@@ -175,7 +214,8 @@ class ZImageClient:
         # The uuid goes back into our own paths later: accept only what a client could send us.
         if not isinstance(uuid, str) or not TASK_ID_RE.fullmatch(uuid):
             log.warning("upstream accepted a task but sent no usable uuid: %.200r", document)
-            raise UpstreamBadResponse("The upstream answered without a usable task uuid")
+            raise UpstreamOutcomeUnknown("The upstream answered without a usable task uuid; the task may have "
+                                         "been created upstream")
         log.info("task %s submitted", uuid)
         return parse_task(uuid, task, document, default_status=PENDING)
 
@@ -248,9 +288,9 @@ class ZImageClient:
         except (HTTPClientError, OSError, StreamClosedError) as e:
             timeout = isinstance(e, HTTPTimeoutError) or getattr(e, "errno", None) == CURLE_OPERATION_TIMEDOUT
             message = "%s did not answer in time" % who if timeout else "%s could not be reached" % who
-            if method == "POST" and not never_connected(e):
-                message += "; the task may have been created upstream"  # the request may have arrived
-            error = UpstreamTimeout(message) if timeout else UpstreamUnavailable(message)
+            error: UpstreamError = UpstreamTimeout(message) if timeout else UpstreamUnavailable(message)
+            if method == "POST" and not never_connected(e):  # the request may have arrived: a job may exist
+                error = UpstreamOutcomeUnknown(message + "; the task may have been created upstream")
             self._transport_failed(method, url, e, error)
             raise error from e
         self.last_answer_at = time.monotonic()
@@ -273,7 +313,7 @@ class ZImageClient:
                 raise TaskNotFound("Task %s was not found upstream" % task_uuid)
             if response.code >= 400:
                 raise UpstreamRejected("The upstream answered HTTP %d" % response.code,
-                                       upstream_status=response.code, retry_after=retry_after)
+                                       upstream_status=response.code, retry_after=retry_after, readable=False)
             raise UpstreamBadResponse("The upstream answered with something that is not a JSON object")
         if response.code < 400 and document.get("success") is not False:
             return document

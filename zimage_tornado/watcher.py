@@ -5,6 +5,11 @@ reads the upstream at once and then every `interval`, settles every waiter when 
 finishes, and stops as soon as its last waiter has gone (answered, timed out or disconnected).
 Transient upstream faults are logged and retried at the next tick; only a definite answer
 (completed, failed, unknown task) ends a wait early.
+
+Follow-up: a task the gateway submitted is followed by the same loop even when nobody waits on
+it (`follow_up`), so that its record learns how it ended: every interval for the first wait
+budget, then every `follow_interval`, until it ends or `follow_budget` has passed since its
+submit, when `on_expired` is told. Waiters joining a followed task share its loop as usual.
 """
 
 from __future__ import annotations
@@ -74,9 +79,12 @@ class Outcome:
     waited: float = 0.0  # the budget this waiter had (each waiter its own)
 
 
+MAX_FOLLOWED = 100_000  # tasks followed with nobody waiting: past this, new ones are not followed
+
+
 class _Poll:
     __slots__ = ("uuid", "waiters", "task", "task_at", "error", "wakeup", "runner", "tick", "leased", "heard_at",
-                 "lease_errors")
+                 "lease_errors", "read_at", "not_before", "follow_from", "follow_until", "final")
 
     def __init__(self, uuid: str) -> None:
         self.uuid = uuid
@@ -90,20 +98,30 @@ class _Poll:
         self.leased = False  # this instance read the task at its last tick (it holds the fleet's lease)
         self.heard_at = 0.0  # when another instance's state of the task last arrived
         self.lease_errors = 0  # lease attempts in a row that failed (Redis down, or too slow)
+        self.read_at = float("-inf")  # when the last read (or lease attempt) answered: the next is an interval on
+        self.not_before = 0.0  # the upstream asked us to wait (Retry-After)
+        self.follow_from = 0.0  # followed: when the task was submitted (loop time)
+        self.follow_until: float | None = None  # followed: when to give up on it
+        self.final = False  # another instance told us it ended
 
 
 class TaskWatcher:
     def __init__(self, client: ZImageClient, *, interval: float, budget: float, max_waiters: int,
                  cache: ResultCache[Task, str], on_final: Callable[[Task], Awaitable[None]] | None = None,
-                 coordination: Coordination | None = None) -> None:
+                 coordination: Coordination | None = None, follow_budget: float = 0.0,
+                 follow_interval: float = 60.0, on_expired: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.client = client
         self.interval = interval
         self.budget = budget  # a wait's default length (Settings.wait_budget)
+        self.follow_budget = follow_budget  # 0: tasks nobody waits on are not followed
+        self.follow_interval = max(follow_interval, interval)
+        self.on_expired = on_expired  # told when a followed task did not end within follow_budget
         self.max_waiters = max_waiters
         self.cache = cache
         self.on_final = on_final  # told once a read sees a task finished (the usage record)
         self.coordination = coordination or Coordination()
         self.waiting = 0
+        self.followed = 0  # loops of followed tasks (waited on or not)
         self.counters: Counter[str] = Counter()
         self._polls: dict[str, _Poll] = {}
         self._reads: dict[str, asyncio.Future[Task]] = {}
@@ -112,6 +130,7 @@ class TaskWatcher:
     @property
     def active_polls(self) -> int:
         return len(self._polls)
+
 
     @property
     def idle(self) -> bool:
@@ -192,7 +211,9 @@ class TaskWatcher:
         poll.task, poll.task_at, poll.heard_at, poll.error = task, now, now, None
         if task.is_final:
             self.cache.put(poll.uuid, task)
+            poll.final = True
             self._settle(poll, task.status)
+            self._wake(poll)  # a followed task's loop stops now, waiters or not
         else:
             self._ticked(poll)
 
@@ -228,11 +249,32 @@ class TaskWatcher:
             poll.runner = self._shared_task(self._run(poll))
         else:
             self.counters["coalesced_waiters"] += 1
+            if not poll.waiters:
+                self._wake(poll)  # a followed task may be read a minute apart: a waiter wants every interval
         timer = loop.call_later(budget, self._expire, poll, future, budget)
         poll.waiters[future] = budget
         self.waiting += 1
         future.add_done_callback(functools.partial(self._left, poll, timer))
         return future
+
+    def follow_up(self, uuid: str, age: float = 0.0) -> None:
+        """Follow a submitted task (`age` seconds ago) until it ends or follow_budget passes,
+        whether anyone waits on it or not. Nothing to do when it is known to have ended."""
+        if self.closed or self.follow_budget <= 0 or self.cache.get(uuid) is not None:
+            return
+        poll = self._polls.get(uuid)
+        if poll is None:
+            if self.followed >= MAX_FOLLOWED:
+                self.counters["follow_refused"] += 1
+                log.warning("task %s: %d tasks are followed already; not following it", uuid, MAX_FOLLOWED)
+                return
+            poll = self._polls[uuid] = _Poll(uuid)
+            poll.runner = self._shared_task(self._run(poll))
+        now = asyncio.get_running_loop().time()
+        if poll.follow_until is None:
+            self.followed += 1
+        poll.follow_from = now - age
+        poll.follow_until = now - age + self.follow_budget
 
     def next_tick(self, uuid: str) -> asyncio.Future[Task | None]:
         """Resolves with the latest state after the task's next status read (streams report
@@ -267,8 +309,34 @@ class TaskWatcher:
         timer.cancel()
         poll.waiters.pop(future, None)
         self.waiting -= 1
-        if not poll.waiters and poll.wakeup is not None and not poll.wakeup.done():
-            poll.wakeup.set_result(None)  # the loop stops now instead of at its next tick
+        if not poll.waiters:
+            self._wake(poll)  # the loop stops now (or goes on following) instead of at its next tick
+
+    @staticmethod
+    def _wake(poll: _Poll) -> None:
+        if poll.wakeup is not None and not poll.wakeup.done():
+            poll.wakeup.set_result(None)
+
+    def _wanted(self, poll: _Poll, now: float) -> bool:
+        """The loop goes on while someone waits, or while the task is followed and within its budget."""
+        return not poll.final and bool(poll.waiters or (poll.follow_until is not None and now < poll.follow_until))
+
+    async def _pause(self, poll: _Poll) -> None:
+        """Until the next read is due: an interval after the last answer while anyone waits or the
+        task is young, follow_interval after it once it is old; woken early by waiters coming or
+        going, and at follow_until to expire on time."""
+        loop = asyncio.get_running_loop()
+        while self._wanted(poll, loop.time()):
+            young = loop.time() - poll.follow_from < self.budget
+            delay = self.interval if poll.waiters or poll.follow_until is None or young else self.follow_interval
+            due = max(poll.read_at + delay, poll.not_before)
+            if not poll.waiters and poll.follow_until is not None:
+                due = min(due, poll.follow_until)
+            remaining = due - loop.time()
+            if remaining <= 0:
+                return
+            poll.wakeup = loop.create_future()
+            await asyncio.wait([poll.wakeup], timeout=remaining)
 
     def _settle(self, poll: _Poll, state: str, error: UpstreamError | None = None) -> None:
         for future, budget in list(poll.waiters.items()):
@@ -278,55 +346,49 @@ class TaskWatcher:
     async def _run(self, poll: _Poll) -> None:
         loop = asyncio.get_running_loop()
         self.counters["polls_started"] += 1
-        following = False
+        following = expired = False
         try:
             try:
                 await self.coordination.follow(poll.uuid, functools.partial(self._heard, poll))
                 following = True
             except Exception as e:  # noqa: BLE001 - unheard states are read by ourselves instead
                 log.warning("task %s: cannot follow its shared state: %s", poll.uuid, e)
-            while poll.waiters:
-                # Counted from the answer, not from the request: however late a read reached the
-                # upstream, the next one comes at least one interval later (it may rate-limit).
-                delay = self.interval
+            while self._wanted(poll, loop.time()):
                 # While another instance's states keep coming, it holds the lease: asking for it
                 # would only cost Redis a call per instance per task per interval.
                 silent = loop.time() - poll.heard_at > LEASE_PATIENCE * self.interval
                 poll.leased = (poll.leased or silent) and await self._may_read(poll)
                 if not poll.leased:  # another instance reads it: we hear its states
                     self.counters["reads_left_to_others"] += 1
-                    if not poll.waiters:
-                        break
-                    poll.wakeup = loop.create_future()
-                    await asyncio.wait([poll.wakeup], timeout=delay)
-                    continue
-                try:
-                    task = await self.read(poll.uuid)
-                except TaskNotFound as e:
-                    self._settle(poll, NOT_FOUND, e)
-                    return
-                except UpstreamError as e:
-                    poll.error = e
-                    self.counters["upstream_errors"] += 1
-                    if not e.transient:
-                        log.warning("task %s: the upstream refused a status read: %s", poll.uuid, e)
-                        self._settle(poll, UPSTREAM_ERROR, e)
-                        return
-                    delay = max(delay, e.retry_after or 0)
-                    log.warning("task %s: status read failed (%s: %s); retrying in %.2fs",
-                                poll.uuid, e.code, e, delay)
                 else:
-                    if poll.task is None or poll.task.status != task.status:
-                        log.info("task %s is %s", poll.uuid, task.status)
-                    poll.task, poll.task_at, poll.error = task, loop.time(), None
-                    if task.is_final:
-                        self._settle(poll, task.status)
+                    try:
+                        task = await self.read(poll.uuid)
+                    except TaskNotFound as e:
+                        self._settle(poll, NOT_FOUND, e)
                         return
-                self._ticked(poll)
-                if not poll.waiters:
-                    break
-                poll.wakeup = loop.create_future()
-                await asyncio.wait([poll.wakeup], timeout=delay)
+                    except UpstreamError as e:
+                        poll.error = e
+                        self.counters["upstream_errors"] += 1
+                        if not e.transient:
+                            log.warning("task %s: the upstream refused a status read: %s", poll.uuid, e)
+                            self._settle(poll, UPSTREAM_ERROR, e)
+                            return
+                        # Counted from the answer, not from the request: however late a read reached
+                        # the upstream, the next one comes at least one interval later.
+                        poll.not_before = loop.time() + (e.retry_after or 0)
+                        log.warning("task %s: status read failed (%s: %s); retrying in %.2fs",
+                                    poll.uuid, e.code, e, max(self.interval, e.retry_after or 0))
+                    else:
+                        if poll.task is None or poll.task.status != task.status:
+                            log.info("task %s is %s", poll.uuid, task.status)
+                        poll.task, poll.task_at, poll.error = task, loop.time(), None
+                        if task.is_final:
+                            self._settle(poll, task.status)
+                            return
+                    self._ticked(poll)
+                poll.read_at = loop.time()
+                await self._pause(poll)
+            expired = not poll.final and poll.follow_until is not None and loop.time() >= poll.follow_until
         except asyncio.CancelledError:
             self._settle(poll, INTERRUPTED, poll.error)
             raise
@@ -336,9 +398,16 @@ class TaskWatcher:
         finally:
             if self._polls.get(poll.uuid) is poll:
                 del self._polls[poll.uuid]
+            if poll.follow_until is not None:
+                self.followed -= 1
             self._ticked(poll)
             if following:
                 await self._unfollow(poll.uuid)
+        if expired:
+            self.counters["follow_expired"] += 1
+            log.info("task %s did not end within follow_budget; its record says expired", poll.uuid)
+            if self.on_expired is not None:
+                await self.on_expired(poll.uuid)
 
     async def _unfollow(self, uuid: str) -> None:
         try:

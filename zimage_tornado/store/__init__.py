@@ -4,6 +4,12 @@ interface. Handlers never know which implementation runs.
 - embedded (store/sqlite.py): one SQLite file, the default; nothing to install.
 - shared (store/redis.py, with `redis_url`): Redis, for several processes or machines.
 
+The promise both keep: what a submit's answer depends on (its admission, its owner and usage
+row, its Idempotency-Key) is committed before the answer is sent, and a store that cannot write
+fails the submit (StoreUnavailable: 503) before anything reaches the upstream. Writes made after
+an answer (a task's final state, refusal counts, refunds) are kept and retried until they land;
+only an overflow of their bounded queue drops one, counted in `dropped`.
+
 It owns admission (rate windows and daily image quotas, checked and counted in one step),
 idempotency keys (claimed before a submit, so that only one caller anywhere submits), task
 ownership, the usage record (one row per task, refusals per key, reason and day), and serves
@@ -54,6 +60,7 @@ class Admission:
     images: Window | None = None
     retry_after: float | None = None
     day: str = ""  # the UTC day the images were counted against (for a refund)
+    ticket: int | None = None  # the store's journal entry of this submit, until its task is recorded
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ class Claim:
     mine: bool
     digest: str
     uuid: str | None = None
+    failure: str | None = None  # the first attempt's upstream outcome is unknown: replay that, never resubmit
 
 
 @dataclass
@@ -125,7 +133,21 @@ def decide(plan: Plan, images: int, now: float, day: str, recent: int, oldest: f
 
 
 class StoreUnavailable(Exception):
-    """The shared store did not answer (in time): nothing may be submitted unmetered."""
+    """The store cannot write (or did not answer in time): nothing may be submitted unmetered."""
+
+
+class NotRecorded(StoreUnavailable):
+    """The upstream accepted task `uuid`, but its record could not be committed. The store keeps
+    the write and retries it; the client must be told the task exists, not to resubmit."""
+
+    def __init__(self, uuid: str, cause: StoreUnavailable) -> None:
+        super().__init__(str(cause))
+        self.uuid = uuid
+
+
+# A task the gateway stopped following before it ended (follow_budget): its record's final word.
+EXPIRED = "expired"
+SUBMITTED = "submitted"
 
 
 class Store(abc.ABC):
@@ -133,10 +155,7 @@ class Store(abc.ABC):
     clock), so that day boundaries are testable."""
 
     name = "store"
-    # A submit asks the store first even when its caller has no limits: a shared store that cannot
-    # answer must stop it (503), or the fleet would run unmetered and unrecorded.
-    checks_every_submit = False
-
+    dropped = 0  # writes made after an answer and lost to an overflow of the retry queue
     @abc.abstractmethod
     def open(self) -> None:
         """Starts opening (and creating or migrating) what it needs; operations wait for it."""
@@ -152,32 +171,43 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def admit(self, scope: str, plan: Plan, images: int, now: float) -> Admission:
         """Checks and counts one submit of `images` against the scope's rate window and daily
-        quota, in one step: a refused submit counts against neither."""
+        quota, in one step: a refused submit counts against neither. Asked for every submit, with
+        limits or not: an allowed one is committed before it returns, so that a store that cannot
+        write stops the submit (StoreUnavailable) before the upstream sees it."""
 
     @abc.abstractmethod
-    async def refund(self, scope: str, day: str, images: int) -> None:
-        """Gives back images reserved by admit() for a job the upstream refused."""
+    async def refund(self, scope: str, day: str, images: int, ticket: int | None = None) -> None:
+        """Gives back images reserved by admit() for a job the upstream certainly refused."""
 
     @abc.abstractmethod
     async def claim(self, scope: str, key: str, digest: str, ttl: float, now: float) -> Claim:
         """Claims an Idempotency-Key for a submit, or tells who has it."""
 
     @abc.abstractmethod
-    async def fulfil(self, scope: str, key: str, uuid: str, ttl: float, now: float) -> None:
-        """The claimed key's submit made task `uuid`."""
+    async def fulfil(self, scope: str, key: str, uuid: str | None, ttl: float, now: float,
+                     failure: str | None = None) -> None:
+        """The claimed key's submit made task `uuid`, or ended with an outcome that must be
+        replayed (`failure`: the upstream's outcome is unknown). Committed before it returns; if
+        it cannot be, it raises StoreUnavailable and keeps the write to retry."""
 
     @abc.abstractmethod
     async def release(self, scope: str, key: str) -> None:
         """The claimed key's submit failed: the key may be used again."""
 
     @abc.abstractmethod
-    async def record_task(self, record: TaskRecord) -> None:
-        """A submitted task: its usage row, which also records who owns it."""
+    async def record_task(self, record: TaskRecord, ticket: int | None = None) -> None:
+        """A submitted task: its usage row, which also records who owns it. Committed before it
+        returns; if it cannot be, it raises StoreUnavailable and keeps the write to retry."""
 
     @abc.abstractmethod
     async def finish_task(self, uuid: str, status: str, finished_at: float, image_count: int,
                           error: str | None, image_urls: list[str]) -> None:
-        """A task's final state, once the gateway sees it."""
+        """A task's final state, once the gateway sees it (kept and retried). An `expired` row may
+        still learn its real end later."""
+
+    @abc.abstractmethod
+    async def unfinished(self, limit: int) -> list[tuple[str, float]]:
+        """(uuid, submitted_at) of recorded tasks not yet known to have ended, oldest first."""
 
     @abc.abstractmethod
     async def owner(self, uuid: str) -> str | None:

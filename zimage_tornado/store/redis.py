@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from zimage_tornado.domain import Task
-from zimage_tornado.store import (DAY, Admission, Claim, Store, StoreUnavailable, TaskRecord, UsageRow,
+from zimage_tornado.store import (DAY, SUBMITTED, Admission, Claim, Store, StoreUnavailable, TaskRecord, UsageRow,
                                   day_start, decide, utc_day)
 from zimage_tornado.tenants import Plan
 from zimage_tornado.watcher import Coordination
@@ -41,6 +41,7 @@ T = TypeVar("T")
 PREFIX = "zimage:"
 RECENT_KEPT = 10_000  # tasks listed by /admin/tasks, overall and per key
 OUTBOX_SECONDS = 0.05
+RETRY_SECONDS = 1.0  # a failed pipeline of kept writes is sent again after this
 MAX_QUEUED = 100_000  # writes waiting for the next pipeline: past this Redis is not keeping up
 MAX_DAYS = 366  # a usage query's longest range
 
@@ -70,20 +71,24 @@ FULFIL = """
 local value = redis.call('GET', KEYS[1])
 if not value then return 0 end
 local claim = cjson.decode(value)
-claim.u = ARGV[1]
+if ARGV[1] ~= '' then claim.u = ARGV[1] end
+if ARGV[3] ~= '' then claim.f = ARGV[3] end
 redis.call('SET', KEYS[1], cjson.encode(claim), 'PX', ARGV[2])
 return 1
 """
 RELEASE = """
 local value = redis.call('GET', KEYS[1])
-if value and cjson.decode(value).u == cjson.null then redis.call('DEL', KEYS[1]) end
+if value then
+  local claim = cjson.decode(value)
+  if claim.u == cjson.null and (claim.f == nil or claim.f == cjson.null) then redis.call('DEL', KEYS[1]) end
+end
 return 0
 """
 FINISH = """
 local value = redis.call('GET', KEYS[1])
 if not value then return 0 end
 local task = cjson.decode(value)
-if task.finished_at ~= cjson.null then return 0 end
+if task.finished_at ~= cjson.null and task.status ~= 'expired' then return 0 end
 task.status, task.finished_at, task.image_count = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 task.error = cjson.decode(ARGV[4])
 task.image_urls = cjson.decode(ARGV[5])
@@ -92,7 +97,8 @@ if ARGV[1] == 'failed' then redis.call('HINCRBY', ARGV[6] .. task.day, task.key 
 return 1
 """
 RECORD = """
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+-- Sent again after a timeout, it may find its first run done: count a task once.
+if not redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'NX') then return 0 end
 for i = 2, 3 do
   redis.call('ZADD', KEYS[i], ARGV[4], ARGV[3])
   redis.call('ZREMRANGEBYRANK', KEYS[i], 0, -tonumber(ARGV[7]) - 1)
@@ -135,7 +141,6 @@ def connect(url: str, timeout: float, connections: int) -> aioredis.Redis:
 
 class RedisStore(Store):
     name = "redis"
-    checks_every_submit = True
 
     def __init__(self, url: str, *, timeout: float, record_ttl: float, connections: int = 32) -> None:
         self.url = url
@@ -155,6 +160,34 @@ class RedisStore(Store):
 
     async def ready(self) -> None:
         await self._do(self.redis.ping())
+        for warning in await self.durability_warnings():
+            log.warning("store: %s", warning)
+
+    async def durability_warnings(self) -> list[str]:
+        """What in Redis's own settings can lose quota use, ownership or Idempotency-Keys: no
+        persistence (a restart forgets them) or an eviction policy (memory pressure drops them)."""
+        try:
+            config: dict[str, str] = {}
+            for name in ("appendonly", "save", "maxmemory-policy"):
+                answer: dict[Any, Any] = await self._do(self.redis.config_get(name))
+                config.update({str(k): str(v) for k, v in answer.items()})
+        except (StoreUnavailable, RedisError) as e:
+            log.info("store: cannot read Redis's persistence settings (%s); make sure it keeps its data", e)
+            return []
+        warnings = []
+        if config.get("appendonly", "no") != "yes":
+            if not config.get("save"):
+                warnings.append("Redis keeps nothing on disk (appendonly no, save \"\"): a restart of Redis "
+                                "forgets quota use, task ownership and Idempotency-Keys; set appendonly yes")
+            else:
+                warnings.append("Redis persists by snapshots only (appendonly no, save %r): a crash loses the "
+                                "quota use, ownership and Idempotency-Keys written since the last snapshot; set "
+                                "appendonly yes" % config["save"])
+        policy = config.get("maxmemory-policy", "noeviction")
+        if policy != "noeviction":
+            warnings.append("Redis maxmemory-policy is %s: under memory pressure it evicts quota counters, "
+                            "ownership and Idempotency-Keys; set maxmemory-policy noeviction" % policy)
+        return warnings
 
     async def close(self) -> None:
         if self._sending is not None:
@@ -175,8 +208,10 @@ class RedisStore(Store):
 
     def _later(self, write: Callable[[Any], Awaitable[Any]]) -> None:
         """A write nobody waits for: queued, and sent with the others of the next OUTBOX_SECONDS
-        as one pipeline (one round trip, and far less client work than one call each)."""
+        as one pipeline (one round trip, and far less client work than one call each); kept and
+        sent again while Redis fails."""
         if len(self._outbox) >= MAX_QUEUED:
+            self.dropped += 1
             log.error("store: Redis is not keeping up; a usage write was dropped")
             return
         self._outbox.append(write)
@@ -185,17 +220,23 @@ class RedisStore(Store):
 
     async def _send_soon(self) -> None:
         await asyncio.sleep(OUTBOX_SECONDS)
-        await self._send()
+        while self._outbox and not await self._send():
+            await asyncio.sleep(RETRY_SECONDS)
 
-    async def _send(self) -> None:
+    async def _send(self) -> bool:
         writes, self._outbox = self._outbox, []
         pipe = self.redis.pipeline(transaction=False)
         for write in writes:
             await write(pipe)  # queues it in the pipeline (a script's call is a coroutine even there)
         try:
             await self._do(pipe.execute())
-        except StoreUnavailable as e:  # the submits they record went through: log, do not fail them
-            log.error("store: %d usage writes failed: %s", len(writes), e)
+        except StoreUnavailable as e:  # the submits they record went through: keep them for the next try
+            log.error("store: %d writes failed (%s); retrying", len(writes), e)
+            room = MAX_QUEUED - len(self._outbox)
+            self.dropped += max(0, len(writes) - room)
+            self._outbox[:0] = writes[:room]
+            return False
+        return True
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -207,7 +248,7 @@ class RedisStore(Store):
                   "%r:%s" % (now, uuidlib.uuid4().hex[:8])]))
         return decide(plan, images, now, day, int(count), float(oldest) if oldest else None, int(used))
 
-    async def refund(self, scope: str, day: str, images: int) -> None:
+    async def refund(self, scope: str, day: str, images: int, ticket: int | None = None) -> None:
         async def write(pipe: Any) -> Any:
             return pipe.decrby(PREFIX + "quota:%s:%s" % (scope, day), images)
         self._later(write)
@@ -223,32 +264,49 @@ class RedisStore(Store):
             value = await self._do(self.redis.get(name))
             if value is not None:
                 held = json.loads(value)
-                return Claim(False, held["d"], held["u"])
+                return Claim(False, held["d"], held["u"], held.get("f"))
         raise StoreUnavailable("Redis: the Idempotency-Key claim kept changing")
 
-    async def fulfil(self, scope: str, key: str, uuid: str, ttl: float, now: float) -> None:
-        await self._do(self._fulfil(keys=[PREFIX + "idem:%s\0%s" % (scope, key)], args=[uuid, int(ttl * 1000)]))
+    async def fulfil(self, scope: str, key: str, uuid: str | None, ttl: float, now: float,
+                     failure: str | None = None) -> None:
+        keys = [PREFIX + "idem:%s\0%s" % (scope, key)]
+        args: list[str | int] = [uuid or "", int(ttl * 1000), failure or ""]
+        await self._kept(lambda client: self._fulfil(keys=keys, args=args, client=client))
+
+    async def _kept(self, write: Callable[[Any], Awaitable[Any]]) -> None:
+        """A write an answer depends on: awaited; if Redis fails, StoreUnavailable, and the write
+        is kept and sent again until it lands."""
+        try:
+            await self._do(write(self.redis))
+        except StoreUnavailable:
+            self._later(write)
+            raise
 
     async def release(self, scope: str, key: str) -> None:
         self._later(lambda pipe: self._release(keys=[PREFIX + "idem:%s\0%s" % (scope, key)], client=pipe))
 
     # -- tasks and usage --------------------------------------------------------------------------
 
-    async def record_task(self, record: TaskRecord) -> None:
+    async def record_task(self, record: TaskRecord, ticket: int | None = None) -> None:
         """Awaited, unlike the other usage writes: the row names the task's owner, which any
         instance may be asked about the moment the submit is answered."""
         day = utc_day(record.submitted_at)
-        await self._do(self._record(
-            keys=[PREFIX + "task:" + record.uuid, PREFIX + "recent", PREFIX + "recent:" + record.key,
-                  PREFIX + "usage:" + day],
-            args=[json.dumps({**record.as_dict(), "day": day}), int(self.record_ttl), record.uuid,
-                  repr(record.submitted_at), record.key, record.batch_size, RECENT_KEPT]))
+        keys = [PREFIX + "task:" + record.uuid, PREFIX + "recent", PREFIX + "recent:" + record.key,
+                PREFIX + "usage:" + day]
+        args: list[str | int] = [json.dumps({**record.as_dict(), "day": day}), int(self.record_ttl), record.uuid,
+                repr(record.submitted_at), record.key, record.batch_size, RECENT_KEPT]
+        await self._kept(lambda client: self._record(keys=keys, args=args, client=client))
 
     async def finish_task(self, uuid: str, status: str, finished_at: float, image_count: int,
                           error: str | None, image_urls: list[str]) -> None:
         self._later(lambda pipe: self._finish(keys=[PREFIX + "task:" + uuid], args=[
             status, repr(finished_at), image_count, json.dumps(error), json.dumps(image_urls), PREFIX + "usage:"],
             client=pipe))
+
+    async def unfinished(self, limit: int) -> list[tuple[str, float]]:
+        records = await self.recent_tasks(None, RECENT_KEPT)
+        waiting = sorted((r.submitted_at, r.uuid) for r in records if r.status == SUBMITTED)
+        return [(uuid, at) for at, uuid in waiting[:limit]]
 
     async def owner(self, uuid: str) -> str | None:
         value = await self._do(self.redis.get(PREFIX + "task:" + uuid))

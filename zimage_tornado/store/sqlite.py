@@ -1,23 +1,34 @@
 """The embedded store: one SQLite file (WAL), written by one thread of its own.
 
-The IOLoop never touches the database: it queues an operation and, when it needs the answer
-(an idempotency claim, an owner), awaits a future that the writer thread resolves. Writes whose
-answer nobody waits for (usage rows, counts) collect in an outbox that reaches the thread every
-OUTBOX_SECONDS as one item: the thread wakes a few times a second, not once per request, and does
-not contend with the IOLoop for the GIL. The thread runs whatever is queued in one transaction,
-each operation in a savepoint of its own. The schema is created and migrated here, at start.
+The IOLoop never touches the database. Every operation goes onto the writer's queue; the thread
+takes everything queued at that moment, runs it in one transaction (each operation in a savepoint
+of its own), commits, and only then wakes each waiting request (group commit: under load one
+commit serves many requests, so durability costs a queue hop, not a commit per request).
+
+What an answer depends on (admission with its journal entry, the task's row, Idempotency-Keys)
+is awaited: a request is answered only once its writes are committed. With WAL and
+`synchronous = NORMAL` a commit survives the process being killed; `synchronous = FULL` would
+add surviving a power loss, at an fsync per commit. Writes nobody waits for (final states,
+refusal counts, refunds) are kept by the thread when a commit fails and retried every second
+until they land; only an overflow of that bounded list drops one, counted.
+
+A commit that fails (disk full, read-only, I/O error, locked past busy_timeout) fails every
+request waiting on it with StoreUnavailable, and the store reports itself unhealthy until a later
+commit succeeds: the thread tries a small write every second meanwhile, so it recovers by itself.
 
 Admission: a process that has the file to itself (`exclusive`, the default of one process)
 decides on counters in memory, loaded from the database for each (scope, day) and written
-through to it, so the database stays the truth across restarts; the rate window (one minute)
-is not kept across a restart. Processes sharing the file (`--processes`) decide in a
-`BEGIN IMMEDIATE` transaction instead, atomic across them.
+through to it (committed before the submit goes on), so the database stays the truth across
+restarts; the rate window (one minute) is not kept across a restart. Processes sharing the file
+(`--processes`) decide in a `BEGIN IMMEDIATE` transaction instead, atomic across them. The schema
+is created and migrated by `prepare()`, before any worker starts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import queue
@@ -27,8 +38,8 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from zimage_tornado.store import (DAY, MINUTE, Admission, Claim, Store, StoreUnavailable, TaskRecord, UsageRow,
-                                  day_start, decide, utc_day)
+from zimage_tornado.store import (DAY, EXPIRED, MINUTE, SUBMITTED, Admission, Claim, Store, StoreUnavailable,
+                                  TaskRecord, UsageRow, day_start, decide, utc_day)
 from zimage_tornado.tenants import Plan
 
 log = logging.getLogger("zimage_tornado.store")
@@ -53,13 +64,60 @@ MIGRATIONS = (
     CREATE TABLE idempotency (scope TEXT NOT NULL, key TEXT NOT NULL, digest TEXT NOT NULL, uuid TEXT,
                               expires REAL NOT NULL, PRIMARY KEY (scope, key));
     """,
+    # The journal of submits between admission and their task's row (one left behind is a submit
+    # whose outcome is unknown); an Idempotency-Key bound to such an outcome; unfinished tasks.
+    """
+    CREATE TABLE submits (id INTEGER PRIMARY KEY, scope TEXT NOT NULL, started_at REAL NOT NULL);
+    ALTER TABLE idempotency ADD COLUMN failure TEXT;
+    CREATE INDEX tasks_by_status ON tasks (status, submitted_at);
+    CREATE TABLE health (id INTEGER PRIMARY KEY, at REAL NOT NULL);
+    """,
 )
-MAX_QUEUED = 100_000  # items waiting for the writer: past this, the disk is not keeping up
-OUTBOX_SECONDS = 0.05
+MAX_QUEUED = 100_000  # operations waiting for the writer: past this, the disk is not keeping up
+MAX_KEPT = 100_000  # writes nobody waits for, kept across failed commits: past this one is dropped
+RETRY_SECONDS = 1.0  # while failing: how often kept writes (or a probe) are tried again
 MAX_SCOPES = 10_000  # rate windows kept in memory before the expired ones are swept
 BATCH = 1000
 TASK_COLUMNS = ("uuid", "key", "client", "model", "width", "height", "batch_size", "steps", "prompt",
                 "negative_prompt", "submitted_at", "finished_at", "status", "image_count", "error", "image_urls")
+# SQLite's primary result codes that mean the database, not one operation, failed: the whole
+# commit is given up (and its writes kept), never half of it.
+DATABASE_FAILURES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 15, 26})  # BUSY LOCKED NOMEM READONLY IOERR
+#                                                                      CORRUPT FULL CANTOPEN PROTOCOL NOTADB
+
+
+@dataclasses.dataclass
+class Item:
+    operation: Operation
+    future: asyncio.Future[Any] | None = None  # None: nobody waits for it (kept and retried on failure)
+    keep: bool = False  # awaited, and also kept and retried if its commit fails
+
+
+def connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 5000")  # other processes sharing the file
+    if path != ":memory:":
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable across a crash of the process
+    return conn
+
+
+def prepare(path: str) -> int:
+    """Creates or migrates the schema; the supervisor calls it once before forking workers, so
+    that they never race to migrate ("database is locked" at start)."""
+    conn = connect(path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        version = migrate(conn)
+        conn.execute("COMMIT")
+        return version
+    finally:
+        conn.close()
+
+
+def is_database_failure(error: sqlite3.Error) -> bool:
+    code = getattr(error, "sqlite_errorcode", None)
+    return code is None or (code & 0xFF) in DATABASE_FAILURES
 
 
 class SqliteStore(Store):
@@ -71,14 +129,14 @@ class SqliteStore(Store):
         self.record_ttl = record_ttl
         self.clock = clock
         self.exclusive = exclusive
-        self._queue: queue.Queue[tuple[list[Operation], asyncio.Future[Any] | None] | None] = queue.Queue(MAX_QUEUED)
-        self._outbox: list[Operation] = []
-        self._outbox_timer: asyncio.TimerHandle | None = None
+        self._queue: queue.Queue[Item | None] = queue.Queue(MAX_QUEUED)
         self._hits: dict[str, deque[float]] = {}  # exclusive: each scope's requests within the last minute
         self._used: dict[tuple[str, str], int] = {}  # exclusive: images counted per (scope, day)
         self._swept_at = 0.0
         self._thread: threading.Thread | None = None
         self._migrated: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self.failing: str | None = None  # why the last commit failed, until one succeeds
+        self.kept = 0  # writes waiting to be retried (read by /health/ready and the metrics)
 
     # -- the writer thread -------------------------------------------------------------------
 
@@ -91,7 +149,6 @@ class SqliteStore(Store):
         log.info("store: SQLite %s (schema version %d)", self.path, version)
 
     async def close(self) -> None:
-        self._flush()
         if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
@@ -99,15 +156,15 @@ class SqliteStore(Store):
     async def healthy(self) -> str | None:
         if self._migrated.done() and self._migrated.exception() is not None:
             return str(self._migrated.exception())
-        return None if self._thread is not None and self._thread.is_alive() else "the SQLite writer has stopped"
+        if self._thread is None or not self._thread.is_alive():
+            return "the SQLite writer has stopped"
+        if self.failing is not None:
+            return "the SQLite database %s cannot be written: %s" % (self.path, self.failing)
+        return None
 
     def _run(self) -> None:
         try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout = 5000")  # other processes sharing the file
-            if self.path != ":memory:":
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable across a crash of the process
+            conn = connect(self.path)
             conn.execute("BEGIN IMMEDIATE")
             version = migrate(conn)
             conn.execute("COMMIT")
@@ -116,51 +173,79 @@ class SqliteStore(Store):
             self._fail_all()
             return
         self._migrated.set_result(version)
+        kept: deque[Item] = deque()
         next_sweep = 0.0
         while True:
-            item = self._queue.get()
-            if item is None:
-                break
-            batch = [(operation, item[1]) for operation in item[0]]
-            while len(batch) < BATCH:
+            try:
+                # While commits fail, wake every RETRY_SECONDS: kept writes (and a probe) try again.
+                item: Item | None = self._queue.get(timeout=RETRY_SECONDS if kept or self.failing else None)
+            except queue.Empty:
+                item = Item(probe)
+            stopping = item is None
+            batch = [] if item is None else [item]
+            while not stopping and len(batch) < BATCH:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
-                    self._queue.put(None)  # finish this batch, then stop
-                    break
-                batch += [(operation, item[1]) for operation in item[0]]
+                    stopping = True  # finish this batch, then stop
+                else:
+                    batch.append(item)
             if time.monotonic() >= next_sweep:
-                batch.append((self._sweep, None))
+                batch.append(Item(self._sweep))
                 next_sweep = time.monotonic() + MINUTE
-            self._execute(conn, batch)
+            self._execute(conn, batch, kept)
+            if stopping:
+                break
         conn.close()
 
-    def _execute(self, conn: sqlite3.Connection, batch: list[tuple[Operation, asyncio.Future[Any] | None]]) -> None:
+    def _execute(self, conn: sqlite3.Connection, batch: list[Item], kept: deque[Item]) -> None:
+        """Runs the kept writes and then `batch` in one transaction; wakes their callers after the
+        commit. On a database failure, none of it happened: callers get StoreUnavailable, writes
+        nobody waits for (and `keep` ones) are kept for the next try."""
+        work = list(kept) + batch
+        kept.clear()
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for operation, future in batch:
+            for item in work:
                 conn.execute("SAVEPOINT op")
                 try:
-                    result, error = operation(conn), None
+                    result, error = item.operation(conn), None
                     conn.execute("RELEASE op")
-                except Exception as e:  # noqa: BLE001 - one operation's failure is its caller's alone
-                    conn.execute("ROLLBACK TO op")
+                except sqlite3.Error as e:
+                    if is_database_failure(e):
+                        raise
+                    conn.execute("ROLLBACK TO op")  # this operation's own fault (a bug): its caller's alone
                     conn.execute("RELEASE op")
-                    result, error = None, e
-                    if future is None:
-                        log.error("store: a write failed: %s", e)
-                if future is not None:
-                    results.append((future, result, error))
+                    result, error = None, StoreUnavailable("The usage database refused a write")
+                    log.error("store: a write failed: %s", e)
+                if item.future is not None:
+                    results.append((item.future, result, error))
             conn.execute("COMMIT")
-        except sqlite3.Error as e:  # the database itself failed (locked past busy_timeout, disk full)
-            log.error("store: a batch of %d operations failed: %s", len(batch), e)
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            failure = StoreUnavailable("The usage database is unavailable")
-            results = [(future, None, failure) for _, future in batch if future is not None]
+            if self.failing is not None:
+                log.warning("store: SQLite %s can be written again", self.path)
+            self.failing = None
+        except sqlite3.Error as e:  # the database itself failed (disk full, read-only, locked past busy_timeout)
+            if self.failing is None:
+                log.error("store: SQLite %s cannot be written (%s); submits are refused until it can", self.path, e)
+            self.failing = str(e)
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the transaction is gone with the failure
+            failure = StoreUnavailable("The usage database cannot be written (%s)" % e)
+            results = [(item.future, None, failure) for item in work if item.future is not None]
+            for item in work:
+                if item.future is None or item.keep:
+                    if len(kept) < MAX_KEPT:
+                        kept.append(Item(item.operation))
+                    else:
+                        self.dropped += 1
+                        log.error("store: more than %d writes wait for the database; one was dropped", MAX_KEPT)
+        self.kept = len(kept)
         if results:
             results[0][0].get_loop().call_soon_threadsafe(_settle, results)
 
@@ -170,7 +255,7 @@ class SqliteStore(Store):
             item = self._queue.get()
             if item is None:
                 return
-            future = item[1]
+            future = item.future
             if future is not None and not future.done():
                 failed: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = [
                     (future, None, StoreUnavailable("The usage database is unavailable"))]
@@ -184,33 +269,24 @@ class SqliteStore(Store):
         conn.execute("DELETE FROM quota WHERE day < ?", (utc_day(now - DAY),))
         conn.execute("DELETE FROM tasks WHERE submitted_at < ?", (now - self.record_ttl,))
         conn.execute("DELETE FROM refusals WHERE day < ?", (utc_day(now - self.record_ttl),))
+        conn.execute("DELETE FROM submits WHERE started_at < ?", (now - self.record_ttl,))
 
-    async def _call(self, operation: Operation) -> Any:
-        self._flush()  # what was sent before runs before this
+    async def _call(self, operation: Operation, keep: bool = False) -> Any:
+        """Runs `operation` in the next commit and returns its result once committed."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(([operation], future))
+            self._queue.put_nowait(Item(operation, future, keep))
         except queue.Full:
             raise StoreUnavailable("The usage database is not keeping up") from None
         return await future
 
     def _send(self, operation: Operation) -> None:
-        """A write nobody waits for: it leaves with the outbox."""
-        self._outbox.append(operation)
-        if self._outbox_timer is None:
-            self._outbox_timer = asyncio.get_running_loop().call_later(OUTBOX_SECONDS, self._flush)
-
-    def _flush(self) -> None:
-        if self._outbox_timer is not None:
-            self._outbox_timer.cancel()
-            self._outbox_timer = None
-        if not self._outbox:
-            return
-        operations, self._outbox = self._outbox, []
+        """A write nobody waits for: it goes with the next commit, and is retried until it lands."""
         try:
-            self._queue.put_nowait((operations, None))
+            self._queue.put_nowait(Item(operation))
         except queue.Full:
-            log.error("store: the database is not keeping up; %d writes dropped", len(operations))
+            self.dropped += 1
+            log.error("store: the database is not keeping up; a write was dropped")
 
     # -- the interface ------------------------------------------------------------------------
 
@@ -233,54 +309,81 @@ class SqliteStore(Store):
             hits.popleft()
         admission = decide(plan, images, now, day, len(hits), hits[0] if hits else None,
                            self._used.get((scope, day), 0))
+        counted = images if plan.images_per_day else 0
         if admission.allowed:
+            # Counted in memory first (a concurrent admit sees it), committed before the submit goes on.
             if plan.requests_per_minute:
                 hits.append(now)
-            if plan.images_per_day:
-                self._used[(scope, day)] += images
-                self._send(lambda conn: add_images(conn, scope, day, images))
+            if counted:
+                self._used[(scope, day)] += counted
         if not hits:
             del self._hits[scope]  # bounded by the scopes active within a minute
-        return admission
+        if not admission.allowed:
+            return admission
+        try:
+            ticket = await self._call(lambda conn: begin_submit(conn, scope, day, counted, now))
+        except StoreUnavailable:  # not committed: not counted
+            if plan.requests_per_minute and now in self._hits.get(scope, ()):
+                self._hits[scope].remove(now)
+            if counted and (scope, day) in self._used:
+                self._used[(scope, day)] -= counted
+            raise
+        return dataclasses.replace(admission, ticket=ticket)
 
-    async def refund(self, scope: str, day: str, images: int) -> None:
+    async def refund(self, scope: str, day: str, images: int, ticket: int | None = None) -> None:
         if (scope, day) in self._used:
             self._used[(scope, day)] = max(0, self._used[(scope, day)] - images)
-        self._send(lambda conn: conn.execute(
-            "UPDATE quota SET images = MAX(0, images - ?) WHERE scope = ? AND day = ?", (images, scope, day)))
+
+        def refund(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE quota SET images = MAX(0, images - ?) WHERE scope = ? AND day = ?",
+                         (images, scope, day))
+            conn.execute("DELETE FROM submits WHERE id = ?", (ticket,))
+        self._send(refund)
 
     async def claim(self, scope: str, key: str, digest: str, ttl: float, now: float) -> Claim:
         def claim(conn: sqlite3.Connection) -> Claim:
-            row = conn.execute("SELECT digest, uuid FROM idempotency WHERE scope = ? AND key = ? AND expires > ?",
-                               (scope, key, now)).fetchone()
+            row = conn.execute("SELECT digest, uuid, failure FROM idempotency "
+                               "WHERE scope = ? AND key = ? AND expires > ?", (scope, key, now)).fetchone()
             if row is not None:
-                return Claim(False, row[0], row[1])
-            conn.execute("INSERT OR REPLACE INTO idempotency (scope, key, digest, uuid, expires) "
-                         "VALUES (?, ?, ?, NULL, ?)", (scope, key, digest, now + ttl))
+                return Claim(False, row[0], row[1], row[2])
+            conn.execute("INSERT OR REPLACE INTO idempotency (scope, key, digest, uuid, expires, failure) "
+                         "VALUES (?, ?, ?, NULL, ?, NULL)", (scope, key, digest, now + ttl))
             return Claim(True, digest)
         return await self._call(claim)
 
-    async def fulfil(self, scope: str, key: str, uuid: str, ttl: float, now: float) -> None:
+    async def fulfil(self, scope: str, key: str, uuid: str | None, ttl: float, now: float,
+                     failure: str | None = None) -> None:
         await self._call(lambda conn: conn.execute(
-            "UPDATE idempotency SET uuid = ?, expires = ? WHERE scope = ? AND key = ?", (uuid, now + ttl, scope, key)))
+            "UPDATE idempotency SET uuid = ?, failure = ?, expires = ? WHERE scope = ? AND key = ?",
+            (uuid, failure, now + ttl, scope, key)), keep=True)
 
     async def release(self, scope: str, key: str) -> None:
-        self._send(lambda conn: conn.execute("DELETE FROM idempotency WHERE scope = ? AND key = ? AND uuid IS NULL",
-                                             (scope, key)))
+        self._send(lambda conn: conn.execute(
+            "DELETE FROM idempotency WHERE scope = ? AND key = ? AND uuid IS NULL AND failure IS NULL", (scope, key)))
 
-    async def record_task(self, record: TaskRecord) -> None:
+    async def record_task(self, record: TaskRecord, ticket: int | None = None) -> None:
         row = {**record.as_dict(), "image_urls": json.dumps(record.image_urls)}
         values = tuple(row[column] for column in TASK_COLUMNS)
-        self._send(lambda conn: conn.execute(
-            "INSERT OR IGNORE INTO tasks (%s) VALUES (%s)" % (", ".join(TASK_COLUMNS), ", ".join("?" * len(values))),
-            values))
+
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR IGNORE INTO tasks (%s) VALUES (%s)"
+                         % (", ".join(TASK_COLUMNS), ", ".join("?" * len(values))), values)
+            if ticket is not None:
+                conn.execute("DELETE FROM submits WHERE id = ?", (ticket,))
+        await self._call(insert, keep=True)
 
     async def finish_task(self, uuid: str, status: str, finished_at: float, image_count: int,
                           error: str | None, image_urls: list[str]) -> None:
         urls = json.dumps(image_urls)
         self._send(lambda conn: conn.execute(
             "UPDATE tasks SET status = ?, finished_at = ?, image_count = ?, error = ?, image_urls = ? "
-            "WHERE uuid = ? AND finished_at IS NULL", (status, finished_at, image_count, error, urls, uuid)))
+            "WHERE uuid = ? AND (finished_at IS NULL OR status = ?)",
+            (status, finished_at, image_count, error, urls, uuid, EXPIRED)))
+
+    async def unfinished(self, limit: int) -> list[tuple[str, float]]:
+        return await self._call(lambda conn: [(str(uuid), float(at)) for uuid, at in conn.execute(
+            "SELECT uuid, submitted_at FROM tasks WHERE status = ? ORDER BY submitted_at LIMIT ?",
+            (SUBMITTED, limit))])
 
     async def owner(self, uuid: str) -> str | None:
         def owner(conn: sqlite3.Connection) -> str | None:
@@ -303,6 +406,19 @@ class SqliteStore(Store):
                                 % (", ".join(TASK_COLUMNS), where), (*args, limit)).fetchall()
             return [record(dict(zip(TASK_COLUMNS, row))) for row in rows]
         return await self._call(recent)
+
+
+def probe(conn: sqlite3.Connection) -> None:
+    """A small real write: whether the database can be written again."""
+    conn.execute("INSERT OR REPLACE INTO health (id, at) VALUES (1, ?)", (time.time(),))
+
+
+def begin_submit(conn: sqlite3.Connection, scope: str, day: str, images: int, now: float) -> int:
+    """An admitted submit: its images counted and its journal entry written, in one commit."""
+    if images:
+        add_images(conn, scope, day, images)
+    cursor = conn.execute("INSERT INTO submits (scope, started_at) VALUES (?, ?)", (scope, now))
+    return int(cursor.lastrowid or 0)
 
 
 def record(row: dict[str, Any]) -> TaskRecord:
@@ -348,11 +464,12 @@ def admit(conn: sqlite3.Connection, scope: str, plan: Plan, images: int, now: fl
     conn.execute("DELETE FROM hits WHERE scope = ? AND at <= ?", (scope, now - MINUTE))
     count, oldest = conn.execute("SELECT COUNT(*), MIN(at) FROM hits WHERE scope = ?", (scope,)).fetchone()
     admission = decide(plan, images, now, day, count, oldest, images_used(conn, scope, day))
-    if admission.allowed and plan.requests_per_minute:
+    if not admission.allowed:
+        return admission
+    if plan.requests_per_minute:
         conn.execute("INSERT INTO hits (scope, at) VALUES (?, ?)", (scope, now))
-    if admission.allowed and plan.images_per_day:
-        add_images(conn, scope, day, images)
-    return admission
+    counted = images if plan.images_per_day else 0
+    return dataclasses.replace(admission, ticket=begin_submit(conn, scope, day, counted, now))
 
 
 def usage(conn: sqlite3.Connection, since: str, until: str, key: str | None) -> list[UsageRow]:

@@ -19,6 +19,7 @@ from zimage_tornado.accounts import Refused, TooManyCallerWaiters
 from zimage_tornado.domain import COMPLETED, GenerationRequest, Task
 from zimage_tornado.errors import ApiError, invalid
 from zimage_tornado.gateway import Gateway
+from zimage_tornado.store import NotRecorded
 from zimage_tornado.tenants import Caller
 from zimage_tornado.watcher import Outcome
 from zimage_tornado.web import access, statuses
@@ -230,6 +231,9 @@ class BaseHandler(RequestHandler):
             submitted = await self.gateway.submit(request, self.caller, model, key, retry)
         except Refused as refused:
             self.answer_headers.update(access.rate_limit_headers(refused.admission))
+            raise
+        except NotRecorded as e:  # the task exists: the answer names it and says not to resubmit
+            self.task_uuid, self.submitted = e.uuid, True
             raise
         self.answer_headers.update(access.rate_limit_headers(submitted.admission))
         self.task_uuid, self.submitted = submitted.task.uuid, True

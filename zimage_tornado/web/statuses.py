@@ -13,8 +13,9 @@ from tornado.web import HTTPError
 from zimage_tornado.accounts import Refused, TooManyCallerWaiters
 from zimage_tornado.domain import COMPLETED, FAILED, Task
 from zimage_tornado.errors import ApiError
-from zimage_tornado.store import Admission, StoreUnavailable
-from zimage_tornado.upstream import TaskNotFound, UpstreamError, UpstreamRejected, UpstreamTimeout
+from zimage_tornado.store import Admission, NotRecorded, StoreUnavailable
+from zimage_tornado.upstream import (TaskNotFound, UpstreamError, UpstreamOutcomeUnknown, UpstreamRejected,
+                                     UpstreamTimeout)
 from zimage_tornado.watcher import INTERRUPTED, TIMEOUT, Outcome, TooManyWaiters
 
 
@@ -71,6 +72,11 @@ def _map(cause: BaseException | None, context: Context) -> ApiError:
         return cause
     if isinstance(cause, OutcomeError):
         return _outcome(cause.outcome, retry_after, context)
+    if isinstance(cause, UpstreamOutcomeUnknown):
+        # The job may exist and be paid for: no client, SDK or person should resubmit it blindly.
+        return ApiError(504, "%s. Do not resubmit: the job may exist upstream. A retry with the same "
+                        "Idempotency-Key gets this answer again." % cause, type="upstream_error",
+                        code=cause.code, headers={"x-should-retry": "false"})
     if isinstance(cause, UpstreamError):
         headers = {"Retry-After": str(math.ceil(cause.retry_after))} if cause.retry_after else {}
         extra = {"uuid": context.task_uuid} if context.task_uuid else {}
@@ -84,6 +90,10 @@ def _map(cause: BaseException | None, context: Context) -> ApiError:
     if isinstance(cause, TooManyCallerWaiters):
         return ApiError(429, "Too many of this key's clients are waiting on tasks; retry when one is answered",
                         type="rate_limit_error", code="too_many_waiters", headers=retry_after)
+    if isinstance(cause, NotRecorded):
+        return ApiError(503, "Task %s was accepted upstream, but the gateway's store could not record it yet (%s); "
+                        "it is recorded as soon as the store can be written. Do not resubmit" % (cause.uuid, cause),
+                        type="server_error", code="state_unavailable", headers=retry_after)
     if isinstance(cause, StoreUnavailable):
         return ApiError(503, "%s; nothing was submitted, retry shortly" % cause, type="server_error",
                         code="state_unavailable", headers=retry_after)
@@ -119,7 +129,7 @@ def upstream_status(error: UpstreamError) -> int:
     404; a timeout 504; anything else is a bad gateway."""
     if isinstance(error, TaskNotFound):
         return 404
-    if isinstance(error, UpstreamTimeout):
+    if isinstance(error, (UpstreamTimeout, UpstreamOutcomeUnknown)):
         return 504
     status = error.upstream_status or 0
     if isinstance(error, UpstreamRejected) and 400 <= status < 500:
