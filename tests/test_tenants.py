@@ -76,6 +76,7 @@ def test_toml_keys_have_names_limits_defaults_and_admins(tmp_path):
     ('[keys.a]\nkey = "x"\nquota = 3\n', "unknown field quota"),
     ('[keys.a]\nkey = "x"\n[keys.b]\nkey = "x"\n', "the same key is listed twice"),
     ("[keys\n", "api_keys_file"),
+    ('[keys.anonymous]\nkey = "x"\n', "the gateway's own name"),  # it could not read its own tasks
 ])
 def test_a_bad_keys_file_stops_the_server_with_a_message(tmp_path, text, says):
     path = keys_file(tmp_path, text)
