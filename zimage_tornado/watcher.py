@@ -250,6 +250,8 @@ class TaskWatcher:
         else:
             self.counters["coalesced_waiters"] += 1
             if not poll.waiters:
+                if poll.task is None and poll.error is None:
+                    poll.read_at = float("-inf")  # never read since its submit: the first waiter's check is now
                 self._wake(poll)  # a followed task may be read a minute apart: a waiter wants every interval
         timer = loop.call_later(budget, self._expire, poll, future, budget)
         poll.waiters[future] = budget
@@ -269,6 +271,8 @@ class TaskWatcher:
                 log.warning("task %s: %d tasks are followed already; not following it", uuid, MAX_FOLLOWED)
                 return
             poll = self._polls[uuid] = _Poll(uuid)
+            # The submit's answer was its state a moment ago: the first read is an interval on.
+            poll.read_at = asyncio.get_running_loop().time() - age
             poll.runner = self._shared_task(self._run(poll))
         now = asyncio.get_running_loop().time()
         if poll.follow_until is None:
@@ -353,6 +357,7 @@ class TaskWatcher:
                 following = True
             except Exception as e:  # noqa: BLE001 - unheard states are read by ourselves instead
                 log.warning("task %s: cannot follow its shared state: %s", poll.uuid, e)
+            await self._pause(poll)  # a followed task was read by its submit a moment ago
             while self._wanted(poll, loop.time()):
                 # While another instance's states keep coming, it holds the lease: asking for it
                 # would only cost Redis a call per instance per task per interval.

@@ -33,6 +33,7 @@ import json
 import logging
 import queue
 import sqlite3
+import sys
 import threading
 import time
 from collections import deque
@@ -78,12 +79,17 @@ MAX_KEPT = 100_000  # writes nobody waits for, kept across failed commits: past 
 RETRY_SECONDS = 1.0  # while failing: how often kept writes (or a probe) are tried again
 MAX_SCOPES = 10_000  # rate windows kept in memory before the expired ones are swept
 BATCH = 1000
+SWITCH_INTERVAL = 0.0002  # seconds a thread may hold the GIL while another waits (Python's default: 0.005)
 TASK_COLUMNS = ("uuid", "key", "client", "model", "width", "height", "batch_size", "steps", "prompt",
                 "negative_prompt", "submitted_at", "finished_at", "status", "image_count", "error", "image_urls")
 # SQLite's primary result codes that mean the database, not one operation, failed: the whole
 # commit is given up (and its writes kept), never half of it.
 DATABASE_FAILURES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 15, 26})  # BUSY LOCKED NOMEM READONLY IOERR
 #                                                                      CORRUPT FULL CANTOPEN PROTOCOL NOTADB
+
+
+class _Retry(Exception):
+    """One operation failed on its own: the transaction runs again without it."""
 
 
 @dataclasses.dataclass
@@ -141,6 +147,9 @@ class SqliteStore(Store):
     # -- the writer thread -------------------------------------------------------------------
 
     def open(self) -> None:
+        # The writer gives up the GIL in every SQLite call and must get it back from a busy IOLoop,
+        # which by default holds it for up to 5 ms: a commit would wait that long several times.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         self._thread = threading.Thread(target=self._run, name="zimage-sqlite", daemon=True)
         self._thread.start()
 
@@ -208,22 +217,7 @@ class SqliteStore(Store):
         kept.clear()
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for item in work:
-                conn.execute("SAVEPOINT op")
-                try:
-                    result, error = item.operation(conn), None
-                    conn.execute("RELEASE op")
-                except sqlite3.Error as e:
-                    if is_database_failure(e):
-                        raise
-                    conn.execute("ROLLBACK TO op")  # this operation's own fault (a bug): its caller's alone
-                    conn.execute("RELEASE op")
-                    result, error = None, StoreUnavailable("The usage database refused a write")
-                    log.error("store: a write failed: %s", e)
-                if item.future is not None:
-                    results.append((item.future, result, error))
-            conn.execute("COMMIT")
+            results = self._transaction(conn, work)
             if self.failing is not None:
                 log.warning("store: SQLite %s can be written again", self.path)
             self.failing = None
@@ -231,11 +225,6 @@ class SqliteStore(Store):
             if self.failing is None:
                 log.error("store: SQLite %s cannot be written (%s); submits are refused until it can", self.path, e)
             self.failing = str(e)
-            try:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # the transaction is gone with the failure
             failure = StoreUnavailable("The usage database cannot be written (%s)" % e)
             results = [(item.future, None, failure) for item in work if item.future is not None]
             for item in work:
@@ -248,6 +237,43 @@ class SqliteStore(Store):
         self.kept = len(kept)
         if results:
             results[0][0].get_loop().call_soon_threadsafe(_settle, results)
+
+    @staticmethod
+    def _transaction(conn: sqlite3.Connection,
+                     work: list[Item]) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        """`work` in one committed transaction. An operation that fails on its own (a bug, not the
+        database) is taken out and the rest run again without it: no savepoint per operation, whose
+        statements would cost every commit, for a failure that should never happen."""
+        refused: dict[int, BaseException] = {}
+        while True:
+            results = []
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for index, item in enumerate(work):
+                    if index in refused:
+                        result, error = None, refused[index]
+                    else:
+                        try:
+                            result, error = item.operation(conn), None
+                        except sqlite3.Error as e:
+                            if is_database_failure(e):
+                                raise
+                            log.error("store: a write failed: %s", e)
+                            refused[index] = StoreUnavailable("The usage database refused a write")
+                            raise _Retry() from e
+                    if item.future is not None:
+                        results.append((item.future, result, error))
+                conn.execute("COMMIT")
+                return results
+            except _Retry:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                try:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the transaction is gone with the failure
+                raise
 
     def _fail_all(self) -> None:
         """The database could not be opened: every queued and later caller is told so."""
