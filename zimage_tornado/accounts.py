@@ -31,13 +31,14 @@ class TooManyCallerWaiters(Exception):
 
 class Accounts:
     def __init__(self, store: Store, metrics: Metrics, *, clock: Callable[[], float], record_prompts: bool,
-                 owners_cached: int, visibility: str, keys_configured: bool) -> None:
+                 owners_cached: int, visibility: str, keys_configured: Callable[[], bool]) -> None:
         self.store = store
         self.metrics = metrics
         self.clock = clock
         self.record_prompts = record_prompts
         self.owners: ResultCache[str, str] = ResultCache(owners_cached, float("inf"))
-        self.private = keys_configured and visibility == "owner"  # tasks readable by their owner only
+        self._keys_configured = keys_configured  # keys may be added or removed while running
+        self.owner_only = visibility == "owner"
         self.waiting: Counter[str] = Counter()  # by caller scope; an entry lives while it is non-zero
 
     # -- submits ------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ class Accounts:
     async def may_read(self, caller: Caller, uuid: str) -> bool:
         """With keys and task_visibility=owner, a task is its submitter's (and admins'); anyone
         else is told it does not exist."""
-        if not self.private or caller.admin:
+        if not (self.owner_only and self._keys_configured()) or caller.admin:
             return True
         owner = self.owners.get(uuid)
         if owner is None:

@@ -19,8 +19,8 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
-from zimage_tornado import __version__, database, usage_cli
-from zimage_tornado.config import Settings, load_settings
+from zimage_tornado import __version__, database, keys_cli, usage_cli
+from zimage_tornado.config import Settings, help_text, load_settings
 from zimage_tornado.fake_upstream import FakeZImage
 from zimage_tornado.logs import redact_url, setup_logging
 from zimage_tornado.sdnotify import Notifier
@@ -31,12 +31,18 @@ if TYPE_CHECKING:
     from zimage_tornado.gateway import Gateway
 
 log = logging.getLogger("zimage_tornado")
+KEYS_CHECK_SECONDS = 2.0  # how soon an edited keys file is in force
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(argv) if argv is not None else sys.argv
     if argv[1:2] == ["usage"]:
         sys.exit(usage_cli.main(argv[2:]))
+    if argv[1:2] == ["keys"]:
+        sys.exit(keys_cli.main(argv[2:]))
+    if any(arg in ("--help", "-h", "-help") for arg in argv[1:]):
+        print(help_text())
+        sys.exit(0)
     try:
         settings = load_settings(argv)
         load_keys(settings.api_keys, settings.api_keys_file)  # a bad key file stops us here, with a message
@@ -133,6 +139,10 @@ async def serve(settings: Settings, sockets: list, notifier: Notifier) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    # Keys without a restart: SIGHUP (systemctl reload), or an edit of the keys file.
+    loop.add_signal_handler(signal.SIGHUP, gateway.live_keys.reload, "SIGHUP")
+    keys_watch = PeriodicCallback(gateway.live_keys.check, KEYS_CHECK_SECONDS * 1000)
+    keys_watch.start()
     notifier.notify(READY=1, STATUS=status_line(gateway))
     if gateway.metrics.multiprocess:  # the others' scrapes see this worker's engine a second late at most
         PeriodicCallback(gateway.metrics.sync, 1000).start()
@@ -149,6 +159,7 @@ async def serve(settings: Settings, sockets: list, notifier: Notifier) -> int:
         loop.add_signal_handler(signum, log.info, "already shutting down")
     if heartbeat is not None:
         heartbeat.stop()
+    keys_watch.stop()
     return await shutdown(server, gateway, notifier, settings.shutdown_timeout)
 
 
@@ -187,7 +198,7 @@ def supervise(settings: Settings, sockets: list, processes: int, notifier: Notif
         starts.append(time.monotonic())
         pid = os.fork()
         if pid == 0:
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(signum, signal.SIG_DFL)
             code = 1
             try:
@@ -208,10 +219,18 @@ def supervise(settings: Settings, sockets: list, processes: int, notifier: Notif
             except ProcessLookupError:
                 pass
 
+    def reload(signum: int, frame: object) -> None:
+        for pid in list(children):  # every worker reads the keys again
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
     for number in range(processes):
         spawn(number)
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, reload)
     log.info("started %d worker processes", processes)
     notifier.notify(READY=1, STATUS="%d workers" % processes)
     next_ping = 0.0

@@ -8,6 +8,7 @@ Precedence, lowest first: defaults, config file, environment, command line.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import ipaddress
 import os
@@ -33,6 +34,8 @@ class Settings:
     backlog: int = setting(0, "Pending connections the kernel may queue before accept; 0: the kernel's limit "
                               "(net.core.somaxconn, read at start)")
     upstream_url: str = setting("https://zimage.run", "Base URL of the Z-Image service")
+    upstream_api_key: str = setting("", "A credential for the upstream, sent as Authorization: Bearer on its API "
+                                        "calls and never logged (the public service checks none)")
     upstream_timeout: float = setting(30.0, "Seconds for a whole upstream call, queueing included")
     upstream_connect_timeout: float = setting(10.0, "Seconds to connect to the upstream")
     upstream_max_clients: int = setting(100, "Upstream calls in flight at once; more wait in a queue")
@@ -127,6 +130,8 @@ class Settings:
             raise ValueError("upstream_client must be curl or simple")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must be a redis://, rediss:// or unix:// URL")
+        if not self.database.strip():
+            raise ValueError("database must name a file (or :memory:)")
         if self.task_visibility not in ("owner", "any"):
             raise ValueError("task_visibility must be owner or any")
         if min(self.ip_requests_per_minute, self.ip_images_per_day, self.ip_max_waiters) < 0:
@@ -218,11 +223,101 @@ def checked(args: Sequence[str]) -> list[str]:
     for arg in args:
         name, sep, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
         name = name.replace("-", "_")
+        if arg.startswith("--") and name not in SETTING_DEFAULTS and name not in ("config", "help"):
+            guess = closest(name)
+            raise ValueError("unknown setting --%s%s" % (name[:60], "; did you mean --%s?" % guess if guess else
+                                                            " (zimage-tornado --help lists them)"))
         if sep and name in SETTING_DEFAULTS:
             converted = convert(name, value)
             arg = "--%s=%s" % (name, str(converted).lower() if isinstance(converted, bool) else value)
         result.append(arg)
     return result
+
+
+def server_settings(config: str | None = None, env_file: str | None = None,
+                    environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings a server started the same way would have: its --config file, its environment
+    (ZIMAGE_*), and a systemd EnvironmentFile, for the subcommands that read its state."""
+    environment = dict(os.environ if environ is None else environ)
+    if env_file:
+        with open(env_file, encoding="utf-8") as f:
+            for line in f:
+                name, sep, value = line.strip().partition("=")
+                if sep and not name.startswith("#"):
+                    environment[name.strip()] = value.strip().strip('"')
+    return load_settings(["zimage-tornado", *(["--config=%s" % config] if config else [])], environment)
+
+
+# The settings by concern: --help and docs/configuration.md list them this way.
+GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Upstream", ("upstream_url", "upstream_api_key", "upstream_timeout", "upstream_connect_timeout",
+                  "upstream_max_clients", "upstream_client", "upstream_ca_certs", "model_aliases", "image_hosts",
+                  "image_fetches", "max_image_bytes", "image_cache_bytes")),
+    ("Listening", ("address", "port", "backlog", "processes", "shutdown_timeout", "idle_timeout", "body_timeout",
+                   "write_timeout", "trusted_proxies", "cors_origins")),
+    ("Waiting and following tasks", ("poll_interval", "max_attempts", "max_waiters", "cache_size", "cache_ttl",
+                                     "follow_budget", "follow_interval", "chat_wait")),
+    ("Requests and limits", ("max_batch_size", "min_size", "max_size", "size_multiple", "max_steps",
+                             "max_cfg_scale", "max_prompt_length", "max_body_bytes", "idempotency_ttl",
+                             "ip_requests_per_minute", "ip_images_per_day", "ip_max_waiters")),
+    ("Keys", ("api_keys", "api_keys_file", "task_visibility", "metrics_require_key")),
+    ("Store", ("database", "record_prompts", "record_ttl")),
+    ("Fleet", ("redis_url", "redis_timeout", "redis_connections")),
+    ("Logs and demo", ("log_level", "log_format", "demo", "demo_seconds")),
+)
+SUBCOMMANDS = (
+    ("usage", "per-key usage from the database the server uses (zimage-tornado usage --help)"),
+    ("keys", "add, list or revoke API keys in the keys file (zimage-tornado keys --help)"),
+)
+
+
+def shown(value: object) -> str:
+    """A default as a person writes it on the command line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value) if value != "" else "(none)"
+
+
+def help_text() -> str:
+    """`zimage-tornado --help`: what it is, its subcommands, and the settings by concern."""
+    lines = ["usage: zimage-tornado [--name=value ...] [--config=FILE]", "       zimage-tornado usage|keys ...", "",
+             "An OpenAI-compatible gateway for the Z-Image text-to-image service.", "", "subcommands:"]
+    lines += ["  %-8s %s" % item for item in SUBCOMMANDS]
+    lines += ["", "Every setting is --name=value (or --name value), a line `name = value` of the --config file, or "
+              "ZIMAGE_NAME=value.", "Precedence, lowest first: defaults, config file, environment, command line."]
+    for title, names in GROUPS:
+        lines += ["", "%s:" % title.lower()]
+        for name in names:
+            lines.append("  --%-26s %s (default: %s)" % (name, HELP[name], shown(SETTING_DEFAULTS[name])))
+    lines += ["", "  --%-26s %s" % ("config", "A file of settings, Python syntax: poll_interval = 2"),
+              "  --%-26s %s" % ("help", "This text")]
+    return "\n".join(lines)
+
+
+def reference() -> str:
+    """docs/configuration.md, generated from Settings so that it cannot drift:
+    `python -m zimage_tornado.config > docs/configuration.md`."""
+    lines = ["# Configuration", "", "<!-- Generated by `python -m zimage_tornado.config`; "
+             "tests/test_docs.py checks that it matches the code. -->", "",
+             "Every setting is a flag (`--poll-interval=2` or `--poll_interval=2`), a line in a config file given "
+             "with `--config` (Python syntax: `poll_interval = 2`), and an environment variable "
+             "(`ZIMAGE_POLL_INTERVAL=2`). Lowest precedence first: defaults, config file, environment, flags. "
+             "A bad value stops the server at start with a one-line message naming the setting (exit status 2); "
+             "booleans are `true`/`false` (also `1`/`0`, `yes`/`no`, `on`/`off`). `zimage-tornado --help` "
+             "prints the same list."]
+    for title, names in GROUPS:
+        lines += ["", "## %s" % title, "", "| Setting | Default | Meaning |", "|---|---|---|"]
+        lines += ["| `%s` | `%s` | %s |" % (name, shown(SETTING_DEFAULTS[name]), HELP[name].replace("|", "\\|"))
+                  for name in names]
+    return "\n".join(lines) + "\n"
+
+
+def closest(name: str) -> str | None:
+    known = [*SETTING_DEFAULTS, "config", "help"]
+    found = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return found[0] if found else None
 
 
 def build_parser() -> OptionParser:
@@ -257,3 +352,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None)
 
 
 SETTING_DEFAULTS: dict[str, object] = {f.name: f.default for f in dataclasses.fields(Settings)}
+HELP: dict[str, str] = {f.name: f.metadata["help"] for f in dataclasses.fields(Settings)}
+
+if __name__ == "__main__":
+    print(reference(), end="")

@@ -22,7 +22,7 @@ from zimage_tornado.openai_api import ModelTable
 from zimage_tornado.store import Admission, Store, StoreUnavailable
 from zimage_tornado.store.redis import RedisCoordination, RedisStore
 from zimage_tornado.store.sqlite import SqliteStore
-from zimage_tornado.tenants import Caller, Plan, load_keys
+from zimage_tornado.tenants import Caller, KeyRing, LiveKeys, Plan
 from zimage_tornado.upstream import UpstreamError, UpstreamOutcomeUnknown, ZImageClient, make_http_client
 from zimage_tornado.watcher import Coordination, TaskWatcher
 
@@ -60,7 +60,7 @@ class Gateway:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.clock = clock  # wall-clock seconds: UTC days and the usage record (tests move it)
-        self.keys = load_keys(settings.api_keys, settings.api_keys_file)
+        self.live_keys = LiveKeys(settings.api_keys, settings.api_keys_file)
         self.anonymous_plan = Plan(settings.ip_requests_per_minute, settings.ip_images_per_day,
                                    settings.ip_max_waiters)
         self.http = make_http_client(
@@ -75,7 +75,7 @@ class Gateway:
         self.metrics = Metrics()
         self.accounts = Accounts(self.store, self.metrics, clock=clock, record_prompts=settings.record_prompts,
                                  owners_cached=settings.cache_size, visibility=settings.task_visibility,
-                                 keys_configured=bool(self.keys))
+                                 keys_configured=lambda: bool(self.keys))
         # A claim whose submit never ended (its process died) expires once no submit can still be running.
         self.idempotency = IdempotencyStore(self.store, ttl=settings.idempotency_ttl, clock=clock,
                                             claim_ttl=settings.upstream_timeout + settings.upstream_connect_timeout,
@@ -85,7 +85,7 @@ class Gateway:
             max_bytes=settings.max_image_bytes, connect_timeout=settings.upstream_connect_timeout,
             request_timeout=settings.upstream_timeout, ca_certs=settings.upstream_ca_certs or None)
         self.upstream = ZImageClient(settings.upstream_url, self.http, observer=self.metrics.observe_upstream,
-                                     image_http=self.image_http)
+                                     image_http=self.image_http, api_key=settings.upstream_api_key)
         self.watcher = TaskWatcher(
             self.upstream,
             interval=settings.poll_interval,
@@ -105,6 +105,11 @@ class Gateway:
         self.shutting_down = False
         self.bodies = BodyDeadlines(settings.body_timeout)
         self.active: set[Any] = set()  # handlers of requests being served, for a graceful stop
+
+    @property
+    def keys(self) -> KeyRing:
+        """The keys in force now (they change on SIGHUP or an edit of the keys file)."""
+        return self.live_keys.ring
 
     async def submit(self, request: GenerationRequest, caller: Caller, model: str,
                      idempotency_key: str | None = None, retry: bool = False) -> Submitted:

@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Iterable
+
+log = logging.getLogger("zimage_tornado.keys")
 
 ANONYMOUS = "anonymous"
 RESERVED_NAMES = frozenset({ANONYMOUS})  # names the gateway gives callers itself
@@ -169,3 +173,42 @@ def plan_fields(table: Any, context: str) -> dict[str, int]:
                 raise ValueError("%s: %s must be a whole number, 0 or more" % (context, name))
             fields[name] = value
     return fields
+
+
+def file_stamp(path: str) -> tuple[int, int, int] | None:
+    """What changes when the file is edited or replaced (an editor's or keys_cli's rename)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size, info.st_ino
+
+
+class LiveKeys:
+    """The keys of `api_keys` and `api_keys_file`, read again on SIGHUP and when the file changes
+    (the server checks every few seconds). A file that does not parse keeps the keys in force and
+    logs why; requests in flight and waiters keep the caller they were given."""
+
+    def __init__(self, api_keys: str, path: str) -> None:
+        self.api_keys, self.path = api_keys, path
+        self.ring = load_keys(api_keys, path)  # at start, a bad file stops the server instead
+        self._stamp = file_stamp(path) if path else None
+
+    def check(self) -> None:
+        if self.path and file_stamp(self.path) != self._stamp:
+            self.reload("the file changed")
+
+    def reload(self, why: str) -> bool:
+        self._stamp = file_stamp(self.path) if self.path else None
+        try:
+            ring = load_keys(self.api_keys, self.path)
+        except (ValueError, OSError) as e:
+            log.error("keys: %s, but it cannot be used; keeping the %d keys in force: %s", why, len(self.ring.tenants),
+                      e)
+            return False
+        added = sorted(set(ring.names) - set(self.ring.names))
+        removed = sorted(set(self.ring.names) - set(ring.names))
+        self.ring = ring
+        log.info("keys: reloaded (%s): %d keys; added %s; removed %s", why, len(ring.tenants),
+                 ", ".join(added) or "none", ", ".join(removed) or "none")
+        return True

@@ -155,7 +155,7 @@ Observer = Callable[[str, str, float], None]  # (kind, outcome, seconds)
 
 class ZImageClient:
     def __init__(self, base_url: str, http: AsyncHTTPClient, observer: Observer | None = None,
-                 image_http: AsyncHTTPClient | None = None) -> None:
+                 image_http: AsyncHTTPClient | None = None, api_key: str = "") -> None:
         self.base_url = base_url.rstrip("/")
         self._http = http
         self._image_http = image_http or http  # images.make_image_client(): a pool of their own
@@ -165,6 +165,8 @@ class ZImageClient:
             "Accept": "application/json",
             "User-Agent": "%s/%s" % (SERVICE_NAME, __version__),
         }
+        if api_key:  # upstream_api_key: API calls only, never image downloads (another host); never logged
+            self.headers["Authorization"] = "Bearer " + api_key
         self.last_answer_at: float | None = None  # monotonic time of the last HTTP answer, any status
         self.last_failure: tuple[float, str] | None = None  # when and why it last could not be reached
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sqlite3
 import sys
 import time
 from typing import Sequence
 
 from zimage_tornado import validation
+from zimage_tornado.config import server_settings
 from zimage_tornado.errors import ApiError
 from zimage_tornado.logs import redact_url
 from zimage_tornado.store import StoreUnavailable, UsageRow, utc_day
@@ -22,7 +24,9 @@ from zimage_tornado.store.sqlite import usage
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="zimage-tornado usage",
                                      description="Tasks, images, failed and refused per key and UTC day.")
-    parser.add_argument("--database", default="zimage-tornado.sqlite3", help="the gateway's database file")
+    parser.add_argument("--database", help="the gateway's database file (default: the server's database setting)")
+    parser.add_argument("--config", help="the server's --config file, to find its database or Redis")
+    parser.add_argument("--env-file", help="the server's environment file (systemd EnvironmentFile), likewise")
     parser.add_argument("--since", help="first day, YYYY-MM-DD (default: 30 days ago)")
     parser.add_argument("--until", help="last day, YYYY-MM-DD (default: today, UTC)")
     parser.add_argument("--key", help="one key's rows only")
@@ -35,11 +39,21 @@ def main(argv: Sequence[str]) -> int:
     except ApiError as e:
         parser.error(e.message)
     try:
-        rows = redis_usage(args.redis_url, since, until, key) if args.redis_url else \
-            file_usage(args.database, since, until, key)
+        settings = server_settings(args.config, args.env_file)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    # The same state the server uses, found the same way: its settings, unless told otherwise here.
+    redis_url = args.redis_url or (None if args.database else settings.redis_url)
+    database = os.path.abspath(args.database or settings.database)
+    where = redact_url(redis_url) if redis_url else database
+    try:
+        if not redis_url and not os.path.exists(database):
+            raise sqlite3.OperationalError("no such file (give the server's --config, --env-file or --database)")
+        rows = redis_usage(redis_url, since, until, key) if redis_url else file_usage(database, since, until, key)
     except (sqlite3.Error, StoreUnavailable) as e:
-        print("zimage-tornado usage: %s: %s" % (redact_url(args.redis_url or args.database), e), file=sys.stderr)
+        print("zimage-tornado usage: %s: %s" % (where, e), file=sys.stderr)
         return 1
+    print("usage from %s" % where, file=sys.stderr)
     if args.json:
         for row in rows:
             print(json.dumps(row.as_dict(), sort_keys=True))

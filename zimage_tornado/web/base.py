@@ -219,8 +219,10 @@ class BaseHandler(RequestHandler):
         self.log_error(self.api_error(value))
 
     def log_error(self, error: ApiError) -> None:
-        log.warning("%s %s (task %s) -> %d %s: %s", self.request.method, self.request.path,
-                    self.task_uuid or "-", error.status, error.code or error.type, error.message)
+        caller = getattr(self, "caller", None)
+        log.warning("%s %s (key %s, task %s) -> %d %s: %s", self.request.method, self.request.path,
+                    caller.name if caller is not None else "-", self.task_uuid or "-", error.status,
+                    error.code or error.type, error.message)
 
     # -- tasks ---------------------------------------------------------------------------------
 
