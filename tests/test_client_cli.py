@@ -60,7 +60,7 @@ def test_the_console_script_is_installed():
 async def test_pictures_are_saved_and_their_paths_printed(make_proxy, fake, tmp_path):
     fake.reads_to_complete = 4
     proxy = make_proxy(poll_interval=0.1)
-    status, out, err = await zimage("a lighthouse at dusk", "-n", "2", "--size", "256x192", "--steps", "6",
+    status, out, err = await zimage("a lighthouse at dusk", "-n", "2", "--size", "256X192", "--steps", "6",
                                     "--negative", "blur", "--cfg-scale", "5", "-o", str(tmp_path / "out"),
                                     "--url", proxy.url)
     assert status == 0, err
@@ -74,6 +74,7 @@ async def test_pictures_are_saved_and_their_paths_printed(make_proxy, fake, tmp_
             sent["cfg_scale"]) == (2, 256, 192, 6, "blur", 5)
     uuid = Path(paths[0]).name.rsplit("_", 1)[0]
     assert "task %s: processing" % uuid in err  # a plain line per change when stderr is not a terminal
+    assert len({line for line in err.splitlines() if line.startswith("task %s: " % uuid)}) >= 2, err
     assert "Traceback" not in err
 
 
@@ -101,9 +102,13 @@ async def test_no_wait_then_wait_and_json(make_proxy, fake, tmp_path):
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_no_prompt_uses_the_default_one_and_a_retried_command_pays_once(make_proxy, fake, tmp_path):
+async def test_no_prompt_costs_nothing_and_a_retried_example_pays_once(make_proxy, fake, tmp_path):
     proxy = make_proxy(poll_interval=0.1)
-    args = ("--url", proxy.url, "-o", str(tmp_path), "--idempotency-key", "cmd-1")
+    for args in ((), ("",), ("   ",)):  # nothing to draw: usage, exit 2, no request
+        status, _, err = await zimage(*args, "--url", proxy.url, "-o", str(tmp_path))
+        assert status == 2 and "prompt" in err and "Traceback" not in err
+    assert fake.calls["generate"] == 0 and not proxy.gateway.active
+    args = ("--example", "--url", proxy.url + "/v1", "-o", str(tmp_path), "--idempotency-key", "cmd-1")
     first, second = await zimage(*args), await zimage(*args)
     assert first[0] == second[0] == 0 and first[1] == second[1]
     assert fake.calls["generate"] == 1
@@ -114,13 +119,14 @@ async def test_no_prompt_uses_the_default_one_and_a_retried_command_pays_once(ma
 async def test_exit_statuses_say_what_went_wrong(make_proxy, fake, tmp_path):
     proxy = make_proxy(poll_interval=0.05, max_attempts=4, api_keys="sk-right")
     key = ("--url", proxy.url, "--api-key", "sk-right", "-o", str(tmp_path))
-    bad_args = await zimage("--size", "big", *key)
+    bad_args = await zimage("x", "--size", "big", *key)
     assert bad_args[0] == 2 and "--size must look like 1024x768" in bad_args[2]
     assert (await zimage("-n", "many", *key))[0] == 2  # argparse's own
     refused = await zimage("x", "--steps", "0", *key)
     assert refused[0] == 2 and "steps must be between 1 and 50" in refused[2]
     unauthorized = await zimage("x", "--url", proxy.url, "--api-key", "sk-wrong")
     assert unauthorized[0] == 2 and "API key" in unauthorized[2]
+    assert "--api-key" in unauthorized[2] and "$ZIMAGE_API_KEY" in unauthorized[2]
     fake.outcome = "fail"
     failed = await zimage("doomed", *key)
     assert failed[0] == 1 and "could not draw this prompt" in failed[2] and "zimage --wait " in failed[2]

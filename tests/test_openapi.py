@@ -118,6 +118,10 @@ async def test_real_answers_match_the_document(make_proxy, fake, tmp_path):
         contract.check("/admin/usage", "GET", await admin.request("/admin/usage", headers=headers))
     contract.check("/admin/usage", "GET", await admin.request("/admin/usage?since=yesterday", headers=ops))
     contract.check("/admin/tasks", "GET", await admin.request("/admin/tasks?limit=5", headers=ops))
+    contract.check("/admin/tasks", "GET", await admin.request("/admin/tasks?status=done", headers=ops))  # 400
+    contract.check("/admin/tasks.csv", "GET", await admin.request("/admin/tasks.csv?status=submitted", headers=ops))
+    contract.check("/admin/usage.csv", "GET", await admin.request("/admin/usage.csv", headers=ops))
+    contract.check("/admin/keys", "GET", await admin.request("/admin/keys", headers=ops))
     contract.check("/admin", "GET", await admin.request("/admin"))
     assert {template for template, _, _ in SEEN} == set(contract.document["paths"])  # every path exercised
     assert len(SEEN) >= 30

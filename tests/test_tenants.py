@@ -276,7 +276,7 @@ async def test_prompts_are_left_out_of_the_record_when_asked(gateways, fake, tmp
 
 
 def test_the_usage_cli_says_what_is_wrong_without_a_traceback(tmp_path):
-    for args, says in ((["--database", str(tmp_path / "none.sqlite3")], "unable to open"),
+    for args, says in ((["--database", str(tmp_path / "none.sqlite3")], "no such file"),
                        (["--since", "yesterday"], "since must be a day")):
         result = subprocess.run([sys.executable, "-m", "zimage_tornado", "usage", *args], cwd=ROOT,
                                 capture_output=True, text=True, timeout=30)

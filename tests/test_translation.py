@@ -39,6 +39,10 @@ def test_spec_example_translates_with_nested_parameters():
     assert request.model == "zimage-turbo"
 
 
+def test_a_request_without_a_model_gets_the_one_default_model_everywhere():
+    assert parse({"messages": [{"role": "user", "content": "x"}]}).model == "zimage-turbo"
+
+
 def test_defaults_follow_the_spec_table():
     g = parse({"model": "zimage", "messages": [{"role": "user", "content": "x"}]}).generation
     assert (g.negative_prompt, g.model, g.batch_size, g.width, g.height, g.steps, g.cfg_scale) == (

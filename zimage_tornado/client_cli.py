@@ -30,10 +30,10 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from zimage_tornado.validation import TASK_ID_RE
 
-DEFAULT_PROMPT = "一只站在月球上的猫，超现实主义"  # the spec's client's default
+EXAMPLE_PROMPT = "一只站在月球上的猫，超现实主义"  # a cat standing on the moon, surreal: the classic first picture
 OK, TASK_FAILED, CLIENT_ERROR, GATEWAY_ERROR = 0, 1, 2, 3
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
-SIZE_RE = re.compile(r"(\d{2,5})x(\d{2,5})")
+SIZE_RE = re.compile(r"(\d{2,5})[xX](\d{2,5})")
 
 
 class Failure(Exception):
@@ -46,7 +46,8 @@ class Failure(Exception):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zimage", description="Pictures from a prompt, through a zimage-tornado gateway.")
-    p.add_argument("prompt", nargs="?", help="what to draw (default: the spec's example prompt)")
+    p.add_argument("prompt", nargs="?", help="what to draw")
+    p.add_argument("--example", action="store_true", help="draw the classic example (a cat on the moon)")
     p.add_argument("-n", type=int, default=1, help="pictures (batch_size)")
     p.add_argument("--size", help="WIDTHxHEIGHT, e.g. 1024x768")
     p.add_argument("--model", default="zimage-turbo")
@@ -68,7 +69,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parser().parse_args(argv)  # bad arguments: argparse says so and exits 2
+    options = parser()
+    args = options.parse_args(argv)  # bad arguments: argparse says so and exits 2
+    submits = not (args.wait or args.health)
+    if submits and args.prompt is None and not args.example:  # never a paid job nobody asked for
+        options.print_usage(sys.stderr)
+        print("zimage: give a prompt (or --example)", file=sys.stderr)
+        sys.exit(CLIENT_ERROR)
+    if submits and args.prompt is not None and not args.prompt.strip():
+        print("zimage: the prompt is empty", file=sys.stderr)
+        sys.exit(CLIENT_ERROR)
     try:
         sys.exit(asyncio.run(Client(args).run()))
     except Failure as e:
@@ -84,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 class Client:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.url = args.url.rstrip("/")
+        # The base URL OpenAI users know (http://host:8000/v1) works as well as the gateway's own.
+        self.url = re.sub(r"/v1/?$", "", args.url.rstrip("/"))
         self.headers = {"Authorization": "Bearer %s" % args.api_key, "Content-Type": "application/json"}
 
     async def run(self) -> int:
@@ -130,10 +141,12 @@ class Client:
             message, code = "HTTP %d" % status, None
         if uuid and code in ("task_failed", "timeout", "upstream_unavailable"):
             return Failure(TASK_FAILED, "%s (fetch it later: zimage --wait %s)" % (message, uuid))
+        if status == 401:
+            message += " (give the gateway's key with --api-key or $ZIMAGE_API_KEY)"
         return Failure(CLIENT_ERROR if status < 500 else GATEWAY_ERROR, message)
 
     def request_body(self, **extra: Any) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.args.model, "prompt": self.args.prompt or DEFAULT_PROMPT,
+        body: dict[str, Any] = {"model": self.args.model, "prompt": self.args.prompt or EXAMPLE_PROMPT,
                                 "batch_size": self.args.n, **extra}
         if self.args.size:
             match = SIZE_RE.fullmatch(self.args.size)

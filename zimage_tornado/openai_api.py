@@ -22,6 +22,7 @@ from zimage_tornado.validation import Limits
 # image jobs. Open WebUI reads the reply from its first "{" to its last "}" as JSON.
 BACKGROUND_PREFIX = "### Task:"
 MODEL_IDS = ("zimage-turbo", "zimage-base")
+DEFAULT_MODEL = "zimage-turbo"  # a request without `model`; the same as the CLI's and the playground's
 HISTORY_RE = re.compile(r"<chat_history>\s*(.*?)\s*</chat_history>", re.S)
 ROLE_LINE_RE = re.compile(r"^(USER|ASSISTANT|SYSTEM):[ \t]?", re.M)
 
@@ -77,7 +78,7 @@ def merged_params(body: Any) -> dict[str, Any]:
 
 def model_name(params: dict[str, Any]) -> str:
     model = params.get("model")
-    return "zimage-base" if model is None else validation.string(model, "model", max_length=200, allow_empty=False)
+    return DEFAULT_MODEL if model is None else validation.string(model, "model", max_length=200, allow_empty=False)
 
 
 def parse_chat_request(body: Any, limits: Limits, models: ModelTable) -> ChatRequest:

@@ -219,9 +219,20 @@ SCHEMAS: dict[str, Any] = {
                                           "failed": {"type": "integer"}, "refused": {"type": "integer"},
                                           "refused_by_reason": {"type": "object"}}}}},
     },
-    "TaskList": {
+    "KeyList": {
         "type": "object", "required": ["object", "data"],
         "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
+            "type": "object", "required": ["name", "admin", "tasks_today", "images_today", "last_seen"],
+            "properties": {"name": {"type": "string"}, "admin": {"type": "boolean"},
+                           "requests_per_minute": {"type": "integer"}, "images_per_day": {"type": "integer"},
+                           "max_waiters": {"type": "integer"}, "tasks_today": {"type": "integer"},
+                           "images_today": {"type": "integer"}, "refused_today": {"type": "integer"},
+                           "last_seen": NUMBER_OR_NULL}}}},
+    },
+    "TaskList": {
+        "type": "object", "required": ["object", "data"],
+        "properties": {"object": {"const": "list"}, "has_more": {"type": "boolean"},
+                       "next_before": NUMBER_OR_NULL, "data": {"type": "array", "items": {
             "type": "object", "required": ["uuid", "key", "submitted_at", "status"],
             "properties": {"uuid": {"type": "string"}, "key": {"type": "string"}, "client": {"type": "string"},
                            "model": {"type": "string"}, "width": {"type": "integer"}, "height": {"type": "integer"},
@@ -247,9 +258,25 @@ KEY_PARAM = {"name": "key", "in": "query", "required": False, "description": "On
              "schema": {"type": "string"}}
 
 
+CSV_RESPONSE = {"description": "CSV, a header row first", "content": {"text/csv": {"schema": {"type": "string"}}}}
+
+
+def LIMIT_PARAM(high: int) -> dict[str, Any]:  # noqa: N802 - reads like the constants
+    return {"name": "limit", "in": "query", "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": high}}
+
+
 def DAY_PARAM(name: str, description: str) -> dict[str, Any]:  # noqa: N802 - reads like the constants
     return {"name": name, "in": "query", "required": False, "description": description,
             "schema": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}}
+
+
+TASK_FILTERS = [KEY_PARAM, DAY_PARAM("since", "Submitted on or after this UTC day"),
+                DAY_PARAM("until", "Submitted on or before this UTC day"),
+                {"name": "status", "in": "query", "required": False,
+                 "schema": {"enum": ["submitted", "completed", "failed", "expired"]}},
+                {"name": "before", "in": "query", "required": False, "description": "The previous page's next_before",
+                 "schema": {"type": "number"}}]
 
 
 HEADERS = {
@@ -375,11 +402,23 @@ def operations() -> dict[str, Any]:
                        DAY_PARAM("until", "Last UTC day (default: today)"), KEY_PARAM],
         "responses": {"200": json_response("Usage per key and day", ref("UsageList")),
                       **ADMIN_ERRORS}}},
+    "/admin/usage.csv": {"get": {
+        "security": [{"bearer": []}],
+        "parameters": [DAY_PARAM("since", "First UTC day (default: 29 days before until)"),
+                       DAY_PARAM("until", "Last UTC day (default: today)"), KEY_PARAM],
+        "responses": {"200": CSV_RESPONSE, **ADMIN_ERRORS}}},
     "/admin/tasks": {"get": {
         "security": [{"bearer": []}],
-        "parameters": [KEY_PARAM, {"name": "limit", "in": "query", "required": False,
-                                   "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
-        "responses": {"200": json_response("The most recent tasks, newest first", ref("TaskList")),
+        "parameters": TASK_FILTERS + [LIMIT_PARAM(1000)],
+        "responses": {"200": json_response("Recorded tasks, newest first; next_before pages on", ref("TaskList")),
+                      **ADMIN_ERRORS}}},
+    "/admin/tasks.csv": {"get": {
+        "security": [{"bearer": []}],
+        "parameters": TASK_FILTERS + [LIMIT_PARAM(10000)],
+        "responses": {"200": CSV_RESPONSE, **ADMIN_ERRORS}}},
+    "/admin/keys": {"get": {
+        "security": [{"bearer": []}],
+        "responses": {"200": json_response("Every key's limits, today's use and last submit", ref("KeyList")),
                       **ADMIN_ERRORS}}},
     "/admin": {"get": {"responses": {
         "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},

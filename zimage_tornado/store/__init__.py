@@ -98,6 +98,18 @@ class TaskRecord:
 
 
 @dataclass(frozen=True)
+class TaskQuery:
+    """Which recorded tasks: filters (None: any), newest first, a page at a time."""
+
+    key: str | None = None
+    status: str | None = None
+    since: str | None = None  # first UTC day, YYYY-MM-DD
+    until: str | None = None  # last UTC day, included
+    before: float | None = None  # only tasks submitted before this (the previous page's last)
+    limit: int = 50
+
+
+@dataclass(frozen=True)
 class UsageRow:
     key: str
     day: str
@@ -222,8 +234,16 @@ class Store(abc.ABC):
         """Per key and UTC day (YYYY-MM-DD, both ends included)."""
 
     @abc.abstractmethod
+    async def find_tasks(self, query: TaskQuery) -> list[TaskRecord]:
+        """Recorded tasks that match `query`, newest first."""
+
     async def recent_tasks(self, key: str | None, limit: int) -> list[TaskRecord]:
         """The most recent tasks, newest first."""
+        return await self.find_tasks(TaskQuery(key=key, limit=limit))
+
+    @abc.abstractmethod
+    async def last_seen(self, keys: list[str]) -> dict[str, float]:
+        """When each of `keys` last submitted a task that is still recorded."""
 
     async def healthy(self) -> str | None:
         """None when usable, else why not (for /health/ready)."""

@@ -30,8 +30,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from zimage_tornado.domain import Task
-from zimage_tornado.store import (DAY, SUBMITTED, Admission, Claim, Store, StoreUnavailable, TaskRecord, UsageRow,
-                                  day_start, decide, utc_day)
+from zimage_tornado.store import (DAY, SUBMITTED, Admission, Claim, Store, StoreUnavailable, TaskQuery, TaskRecord,
+                                  UsageRow, day_start, decide, utc_day)
 from zimage_tornado.tenants import Plan
 from zimage_tornado.watcher import Coordination
 
@@ -304,7 +304,7 @@ class RedisStore(Store):
             client=pipe))
 
     async def unfinished(self, limit: int) -> list[tuple[str, float]]:
-        records = await self.recent_tasks(None, RECENT_KEPT)
+        records = await self.find_tasks(TaskQuery(status=SUBMITTED, limit=RECENT_KEPT))
         waiting = sorted((r.submitted_at, r.uuid) for r in records if r.status == SUBMITTED)
         return [(uuid, at) for at, uuid in waiting[:limit]]
 
@@ -326,19 +326,38 @@ class RedisStore(Store):
             pipe.hgetall(PREFIX + "usage:" + day)
         return usage_rows(days, await self._do(pipe.execute()), key)
 
-    async def recent_tasks(self, key: str | None, limit: int) -> list[TaskRecord]:
-        uuids: list[str] = await self._do(self.redis.zrevrange(  # type: ignore[arg-type]
-            PREFIX + "recent" + (":" + key if key else ""), 0, limit - 1))
-        if not uuids:
-            return []
-        values = await self._do(self.redis.mget([PREFIX + "task:" + u for u in uuids]))
-        records = []
-        for value in values:
-            if value is not None:
+    async def find_tasks(self, query: TaskQuery) -> list[TaskRecord]:
+        """From the recent sorted sets (the last RECENT_KEPT tasks, overall and per key), a page of
+        candidates at a time, filtered here."""
+        name = PREFIX + "recent" + (":" + query.key if query.key else "")
+        high = "(%r" % query.before if query.before is not None else "+inf"
+        low = repr(day_start(query.since)) if query.since else "-inf"
+        until = day_start(query.until) + DAY if query.until else None
+        found: list[TaskRecord] = []
+        offset, chunk = 0, max(query.limit, 100)
+        while len(found) < query.limit and offset < RECENT_KEPT:
+            uuids: list[str] = await self._do(self.redis.zrevrangebyscore(  # type: ignore[arg-type]
+                name, high, low, start=offset, num=chunk))
+            if not uuids:
+                break
+            offset += len(uuids)
+            for value in await self._do(self.redis.mget([PREFIX + "task:" + u for u in uuids])):
+                if value is None:
+                    continue
                 row = json.loads(value)
                 row.pop("day", None)
-                records.append(TaskRecord(**row))
-        return records
+                task = TaskRecord(**row)
+                if (query.status is None or task.status == query.status) and (
+                        until is None or task.submitted_at < until):
+                    found.append(task)
+        return found[:query.limit]
+
+    async def last_seen(self, keys: list[str]) -> dict[str, float]:
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.zrevrange(PREFIX + "recent:" + key, 0, 0, withscores=True)
+        answers = await self._do(pipe.execute())
+        return {key: float(answer[0][1]) for key, answer in zip(keys, answers) if answer}
 
 
 def day_list(since: str, until: str) -> list[str]:

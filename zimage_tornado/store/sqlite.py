@@ -40,7 +40,7 @@ from collections import deque
 from typing import Any, Callable
 
 from zimage_tornado.store import (DAY, EXPIRED, MINUTE, SUBMITTED, Admission, Claim, Store, StoreUnavailable,
-                                  TaskRecord, UsageRow, day_start, decide, utc_day)
+                                  TaskQuery, TaskRecord, UsageRow, day_start, decide, utc_day)
 from zimage_tornado.tenants import Plan
 
 log = logging.getLogger("zimage_tornado.store")
@@ -425,13 +425,32 @@ class SqliteStore(Store):
     async def usage(self, since: str, until: str, key: str | None = None) -> list[UsageRow]:
         return await self._call(lambda conn: usage(conn, since, until, key))
 
-    async def recent_tasks(self, key: str | None, limit: int) -> list[TaskRecord]:
-        def recent(conn: sqlite3.Connection) -> list[TaskRecord]:
-            where, args = ("WHERE key = ?", (key,)) if key else ("", ())
+    async def find_tasks(self, query: TaskQuery) -> list[TaskRecord]:
+        where, args = task_filter(query)
+
+        def find(conn: sqlite3.Connection) -> list[TaskRecord]:
             rows = conn.execute("SELECT %s FROM tasks %s ORDER BY submitted_at DESC LIMIT ?"
-                                % (", ".join(TASK_COLUMNS), where), (*args, limit)).fetchall()
+                                % (", ".join(TASK_COLUMNS), where), (*args, query.limit)).fetchall()
             return [record(dict(zip(TASK_COLUMNS, row))) for row in rows]
-        return await self._call(recent)
+        return await self._call(find)
+
+    async def last_seen(self, keys: list[str]) -> dict[str, float]:
+        wanted = set(keys)
+        return await self._call(lambda conn: {str(key): float(at) for key, at in conn.execute(
+            "SELECT key, MAX(submitted_at) FROM tasks GROUP BY key") if key in wanted})
+
+
+def task_filter(query: TaskQuery) -> tuple[str, tuple[Any, ...]]:
+    """The WHERE clause of a task query (values as parameters, never in the text)."""
+    clauses, args = [], []
+    for clause, value in (("key = ?", query.key), ("status = ?", query.status),
+                          ("submitted_at >= ?", day_start(query.since) if query.since else None),
+                          ("submitted_at < ?", day_start(query.until) + DAY if query.until else None),
+                          ("submitted_at < ?", query.before)):
+        if value is not None:
+            clauses.append(clause)
+            args.append(value)
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(args)
 
 
 def probe(conn: sqlite3.Connection) -> None:

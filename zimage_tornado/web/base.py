@@ -190,6 +190,14 @@ class BaseHandler(RequestHandler):
             self.set_header(name, value)
         self.finish(json_text(body))
 
+    def send_csv(self, text: str, filename: str) -> None:
+        self.set_header("Content-Type", "text/csv; charset=UTF-8")
+        self.set_header("Content-Disposition", 'attachment; filename="%s"' % filename)
+        self.finish(text)
+
+    def query_argument(self, name: str) -> str | None:
+        return self.get_query_argument(name, None)
+
     def api_error(self, cause: BaseException | None, status_code: int = 500) -> ApiError:
         return statuses.api_error(cause, statuses.Context(
             self.request.method or "GET", self.request.path, self.gateway.settings.poll_interval,

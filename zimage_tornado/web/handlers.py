@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zimage_tornado import SERVICE_NAME, __version__, logs, openai_api, openapi, validation
+from zimage_tornado import SERVICE_NAME, __version__, logs, openai_api, openapi, reports, validation
 from zimage_tornado.domain import COMPLETED
 from zimage_tornado.errors import ApiError
 from zimage_tornado.metrics import CONTENT_TYPE
@@ -82,10 +82,31 @@ class AdminUsageHandler(BaseHandler):
 class AdminTasksHandler(BaseHandler):
     async def get(self) -> None:
         self.require_admin()
-        key = validation.key_name(self.get_query_argument("key", None))
-        limit = validation.count(self.get_query_argument("limit", None), "limit", default=50, high=1000)
-        tasks = await self.gateway.store.recent_tasks(key, limit)
-        self.send({"object": "list", "data": [task.as_dict() for task in tasks]})
+        query = reports.task_query(self.query_argument)
+        self.send(reports.task_page(await self.gateway.store.find_tasks(query), query))
+
+
+class AdminKeysHandler(BaseHandler):
+    async def get(self) -> None:
+        self.require_admin()
+        summaries = await reports.key_summaries(self.gateway.keys, self.gateway.store, utc_day(self.gateway.clock()))
+        self.send({"object": "list", "data": summaries})
+
+
+class AdminUsageCsvHandler(BaseHandler):
+    async def get(self) -> None:
+        self.require_admin()
+        since, until = validation.day_range(self.query_argument("since"), self.query_argument("until"),
+                                            utc_day(self.gateway.clock()))
+        rows = await self.gateway.store.usage(since, until, validation.key_name(self.query_argument("key")))
+        self.send_csv(reports.usage_csv(rows), "usage-%s-%s.csv" % (since, until))
+
+
+class AdminTasksCsvHandler(BaseHandler):
+    async def get(self) -> None:
+        self.require_admin()
+        query = reports.task_query(self.query_argument, high=reports.MAX_CSV_ROWS)
+        self.send_csv(reports.tasks_csv(await self.gateway.store.find_tasks(query)), "tasks.csv")
 
 
 class HealthHandler(BaseHandler):

@@ -47,8 +47,15 @@ ROUTES = (
     Route("/playground", handlers.PlaygroundHandler, ("GET",), "A page to try it in a browser: prompt to pictures"),
     Route("/admin/usage", handlers.AdminUsageHandler, ("GET",),
           "Admin keys: tasks, images, failed and refused per key and UTC day (?since=, ?until=, ?key=)"),
+    Route("/admin/usage.csv", handlers.AdminUsageCsvHandler, ("GET",),
+          "Admin keys: the usage table as CSV (?since=, ?until=, ?key=)"),
     Route("/admin/tasks", handlers.AdminTasksHandler, ("GET",),
-          "Admin keys: the most recent tasks with their usage fields (?key=, ?limit=)"),
+          "Admin keys: recorded tasks, newest first, a page at a time (?key=, ?status=, ?since=, ?until=, "
+          "?limit=, ?before=)"),
+    Route("/admin/tasks.csv", handlers.AdminTasksCsvHandler, ("GET",),
+          "Admin keys: the filtered tasks as CSV (the same filters; up to 10,000 rows)"),
+    Route("/admin/keys", handlers.AdminKeysHandler, ("GET",),
+          "Admin keys: every key's limits, today's use and when it last submitted (never a secret)"),
     Route("/admin", handlers.AdminPageHandler, ("GET",), "A page for admins: usage per key over 30 days, recent tasks"),
     Route("/", handlers.InfoHandler, ("GET",), "This service description (browsers are sent to the playground)"),
 )

@@ -1,0 +1,80 @@
+"""What the admin endpoints answer: the task query from its query-string arguments, key summaries
+(limits, today's use, last seen) and CSV renderings of usage and tasks. No HTTP here."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any, Callable
+
+from zimage_tornado import validation
+from zimage_tornado.errors import invalid
+from zimage_tornado.store import Store, TaskQuery, TaskRecord, UsageRow
+from zimage_tornado.tenants import PLAN_FIELDS, KeyRing
+
+TASK_STATUSES = ("submitted", "completed", "failed", "expired")
+USAGE_CSV = ("day", "key", "tasks", "images", "failed", "refused")
+TASK_CSV = ("submitted_at", "uuid", "key", "client", "model", "width", "height", "batch_size", "steps", "status",
+            "finished_at", "image_count", "error", "prompt", "negative_prompt", "image_urls")
+MAX_PAGE = 1000
+MAX_CSV_ROWS = 10_000
+
+
+def task_query(argument: Callable[[str], str | None], *, high: int = MAX_PAGE) -> TaskQuery:
+    """?key=&status=&since=&until=&before=&limit= as a TaskQuery, each checked (a 400 names it)."""
+    status = argument("status")
+    if status is not None and status not in TASK_STATUSES:
+        raise invalid("status must be one of %s" % ", ".join(TASK_STATUSES), param="status")
+    since, until = (validation.day(value, name) if value is not None else None
+                    for name, value in (("since", argument("since")), ("until", argument("until"))))
+    if since is not None and until is not None and since > until:
+        raise invalid("since must not be after until", param="since")
+    before = argument("before")
+    try:
+        cursor = float(before) if before is not None else None
+    except ValueError:
+        cursor = None
+    if before is not None and (cursor is None or not 0 < cursor < 1e11):
+        raise invalid("before must be a time in seconds, as next_before gave it", param="before")
+    return TaskQuery(key=validation.key_name(argument("key")), status=status, since=since, until=until,
+                     before=cursor, limit=validation.count(argument("limit"), "limit", default=50, high=high))
+
+
+def task_page(tasks: list[TaskRecord], query: TaskQuery) -> dict[str, Any]:
+    full = len(tasks) == query.limit
+    return {"object": "list", "data": [task.as_dict() for task in tasks], "has_more": full,
+            "next_before": tasks[-1].submitted_at if full else None}
+
+
+async def key_summaries(keys: KeyRing, store: Store, today: str) -> list[dict[str, Any]]:
+    """Each key's limits, today's use and when it last submitted; never a secret."""
+    used = {row.key: row for row in await store.usage(today, today)}
+    seen = await store.last_seen(list(keys.names))
+    summaries = []
+    for tenant in keys.tenants:
+        row = used.get(tenant.name)
+        summaries.append({"name": tenant.name, "admin": tenant.admin,
+                          **{field: getattr(tenant.plan, field) for field in PLAN_FIELDS},
+                          "tasks_today": row.tasks if row else 0, "images_today": row.images if row else 0,
+                          "refused_today": row.refused if row else 0, "last_seen": seen.get(tenant.name)})
+    return summaries
+
+
+def csv_text(header: tuple[str, ...], rows: list[list[Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(header)
+    for row in rows:
+        # A cell starting with = + - @ would run as a formula in a spreadsheet (prompts are client text).
+        writer.writerow(["'" + cell if isinstance(cell, str) and cell[:1] in ("=", "+", "-", "@") else cell
+                         for cell in row])
+    return out.getvalue()
+
+
+def usage_csv(rows: list[UsageRow]) -> str:
+    return csv_text(USAGE_CSV, [[row.day, row.key, row.tasks, row.images, row.failed, row.refused] for row in rows])
+
+
+def tasks_csv(tasks: list[TaskRecord]) -> str:
+    return csv_text(TASK_CSV, [[" ".join(task.image_urls) if column == "image_urls" else getattr(task, column)
+                                for column in TASK_CSV] for task in tasks])
