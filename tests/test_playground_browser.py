@@ -155,9 +155,9 @@ def test_api_key_is_asked_for_and_kept_in_the_browser(browser, gateways):
     assert browser.find_element(By.ID, "apikey").get_attribute("value") == "s3cret"
 
 
-def test_admin_page_charts_usage_and_lists_recent_tasks(browser, gateways, tmp_path):
+def test_admin_page_charts_usage_lists_keys_filters_pages_and_downloads_csv(browser, gateways, tmp_path):
     keys = tmp_path / "keys.toml"
-    keys.write_text('[keys.ops]\nkey = "sk-ops"\nadmin = true\n[keys.alice]\nkey = "sk-alice"\n'
+    keys.write_text('[keys.ops]\nkey = "sk-ops"\nadmin = true\n[keys.alice]\nkey = "sk-alice"\nimages_per_day = 3\n'
                     '[keys.bob]\nkey = "sk-bob"\n')
     url = gateways("--demo", "--demo-seconds=0.5", "--poll_interval=0.3", "--api_keys_file=%s" % keys)
     for key, prompt, n in (("sk-alice", "a red fox", 2), ("sk-bob", "a blue whale", 1), ("sk-alice", "a moth", 1)):
@@ -166,6 +166,14 @@ def test_admin_page_charts_usage_and_lists_recent_tasks(browser, gateways, tmp_p
             data=json.dumps({"prompt": prompt, "n": n, "size": "256x256"}).encode())
         with urllib.request.urlopen(request, timeout=20) as answer:
             assert answer.status == 200
+    for i in range(52):  # more than a page of bob's tasks, answered at once (no wait)
+        request = urllib.request.Request(url + "/v1/chat/completions", method="POST", headers={
+            "Authorization": "Bearer sk-bob", "Content-Type": "application/json"},
+            data=json.dumps({"model": "zimage-turbo", "prompt": "page filler %d" % i, "width": 256,
+                             "height": 256}).encode())
+        with urllib.request.urlopen(request, timeout=20) as answer:
+            assert answer.status == 200
+    browser.set_window_size(1366, 900)
     browser.get(url + "/admin")
     browser.execute_script("localStorage.clear()")
     browser.get(url + "/admin")
@@ -176,21 +184,52 @@ def test_admin_page_charts_usage_and_lists_recent_tasks(browser, gateways, tmp_p
     browser.find_element(By.ID, "load").click()
     WebDriverWait(browser, 10).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded"))
     assert error_text(browser) == ""
-    bars = browser.find_elements(By.CSS_SELECTOR, "#chart rect")
-    assert len(bars) == 2  # today's images, one bar segment per key
     assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#legend span")] == ["alice", "bob"]
-    totals = [[c.text for c in row.find_elements(By.TAG_NAME, "td")]
-              for row in browser.find_elements(By.CSS_SELECTOR, "#totals tbody tr")]
-    assert totals == [["alice", "2", "3", "0", "0"], ["bob", "1", "1", "0", "0"]]
-    rows = browser.find_elements(By.CSS_SELECTOR, "#tasks tbody tr")
-    assert [r.find_elements(By.TAG_NAME, "td")[6].text for r in rows] == ["a moth", "a blue whale", "a red fox"]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#chart rect")) == 2  # one day with data, a segment per key
+    keys_table = {row.find_elements(By.TAG_NAME, "td")[0].text: [c.text for c in row.find_elements(By.TAG_NAME, "td")]
+                  for row in browser.find_elements(By.CSS_SELECTOR, "#keys tbody tr")}
+    assert keys_table["alice"][3:6] == ["3 / 3", "2", "0"]  # today's images against the quota, tasks, refused
+    assert keys_table["ops"][1] == "yes" and keys_table["bob"][4] == "53" and keys_table["ops"][-1] == "never"
+    # numbers sit under their headings: both right-aligned
+    aligned = browser.execute_script(
+        "const h = document.querySelectorAll('#keys th')[4], c = document.querySelector('#keys tbody td:nth-child(5)');"
+        "return [getComputedStyle(h).textAlign, getComputedStyle(c).textAlign]")
+    assert aligned == ["right", "right"]
+    # paging through every task
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#tasks tbody tr")) == 50
+    browser.find_element(By.ID, "next").click()
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-page") == "2")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#tasks tbody tr")) == 5
+    assert browser.find_element(By.ID, "next").get_attribute("disabled")
+    # filters
+    from selenium.webdriver.support.ui import Select
+    Select(browser.find_element(By.ID, "f-key")).select_by_value("alice")
+    browser.find_element(By.ID, "apply").click()
+    WebDriverWait(browser, 10).until(lambda d: [r.find_elements(By.TAG_NAME, "td")[6].text for r in d.find_elements(
+        By.CSS_SELECTOR, "#tasks tbody tr")] == ["a moth", "a red fox"])
     WebDriverWait(browser, 10).until(lambda d: d.execute_script(
         "return [...document.querySelectorAll('#tasks img')].every(i => i.complete && i.naturalWidth === 256)"))
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#tasks img")) == 4  # a thumbnail per picture
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#tasks img")) == 3  # a thumbnail per picture
+    # the filtered tasks as CSV
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    browser.find_element(By.ID, "tasks-csv").click()
+    WebDriverWait(browser, 10).until(lambda d: (downloads / "tasks.csv").exists())
+    lines = (downloads / "tasks.csv").read_text().splitlines()
+    assert lines[0].startswith("submitted_at,uuid,key,") and len(lines) == 3
+    assert all(",alice," in line for line in lines[1:])
     ADMIN_SCREENSHOT.parent.mkdir(exist_ok=True)
+    browser.execute_script("window.scrollTo(0, 0)")
     browser.save_screenshot(str(ADMIN_SCREENSHOT))
+    # a phone: one column, nothing scrolls sideways
+    browser.set_window_size(390, 844)
     browser.get(url + "/admin")  # the key is kept, and the page loads with it
     WebDriverWait(browser, 10).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded"))
+    widths = browser.execute_script("const e = document.documentElement; return [e.scrollWidth, e.clientWidth]")
+    assert widths[0] == widths[1], widths
+    browser.save_screenshot(str(ROOT / "artifacts" / "admin-phone.png"))
+    browser.set_window_size(1280, 900)
 
 
 PHONE_SCREENSHOT = ROOT / "artifacts" / "playground-phone.png"
