@@ -3,6 +3,7 @@ envelope, a healthy proxy afterwards, and nothing left behind in the engine.
 
 MATRIX is the table in the README ("Fault matrix"); tests/test_readme.py keeps the two equal."""
 
+import asyncio
 import json
 import socket
 
@@ -130,6 +131,8 @@ async def test_fault_matrix(make_proxy, fake, fake_url, upstream_port, fault, co
 
     # healthy afterwards, once the upstream is back, and nothing left behind
     await settle(proxy)
+    if fake_fault == "429":
+        await asyncio.sleep(1.1)  # it asked every read to wait its Retry-After (1 s), and they do
     fake.always("task", None)
     fake.outcome = "complete"
     if blackhole is not None:

@@ -95,7 +95,7 @@ async def test_api_keys_guard_v1_only(make_proxy, fake, tmp_path):
     code, _ = await proxy.json("/v1/chat/completions", "POST", {"model": "zimage-turbo", "prompt": "x"})
     assert code == 401 and fake.calls["generate"] == 0
     assert (await proxy.request("/health")).code == 200
-    assert (await proxy.request("/metrics")).code == 200
+    assert (await proxy.request("/metrics")).code == 401  # with keys, for admins only (or metrics_public)
 
 
 @pytest.mark.gen_test(timeout=10)
@@ -109,10 +109,15 @@ async def test_sdk_with_a_wrong_key_gets_authentication_error(make_proxy, io_loo
 
 
 @pytest.mark.gen_test
-async def test_metrics_can_require_a_key(make_proxy):
-    proxy = make_proxy(api_keys="k1", metrics_require_key=True)
-    assert (await proxy.request("/metrics")).code == 401
-    assert (await proxy.request("/metrics", headers={"Authorization": "Bearer k1"})).code == 200
+async def test_with_keys_metrics_need_an_admin_key_unless_public(make_proxy, tmp_path):
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[keys.ops]\nkey = "sk-ops"\nadmin = true\n[keys.user]\nkey = "sk-user"\n')
+    proxy = make_proxy(api_keys_file=str(keys))
+    assert (await proxy.request("/metrics")).code == 401  # it names every key and its use
+    assert (await proxy.request("/metrics", headers={"Authorization": "Bearer sk-user"})).code == 403
+    assert (await proxy.request("/metrics", headers={"Authorization": "Bearer sk-ops"})).code == 200
+    assert (await make_proxy(api_keys_file=str(keys), metrics_public=True).request("/metrics")).code == 200
+    assert (await make_proxy().request("/metrics")).code == 200  # no keys: nobody to hide from
 
 
 @pytest.mark.gen_test

@@ -158,7 +158,7 @@ async def test_a_keys_waiter_cap_refuses_its_next_waiter_while_other_keys_wait(g
     assert second.code == 429 and body_of(second)["error"]["code"] == "too_many_waiters"
     assert [r.code for r in await asyncio.gather(waiting, *bobs)] == [504] * 4  # they all waited to the end
     assert (await gateway.fetch("/v1/images/%s?timeout=0.2" % alice_task, headers=ALICE)).code == 504  # free again
-    metrics = (await gateway.fetch("/metrics")).body.decode()
+    metrics = (await gateway.fetch("/metrics", headers=OPS)).body.decode()
     assert 'zimage_refused_total{key="alice",reason="too_many_waiters"} 1.0' in metrics
 
 
@@ -251,7 +251,7 @@ async def test_the_usage_endpoints_and_the_cli_agree_with_what_was_submitted(gat
     assert [t["uuid"] for t in tasks] == [failed, done[1]]  # newest first
     assert tasks[0]["status"] == "failed" and tasks[0]["error"] and tasks[0]["negative_prompt"] == "blur"
     assert tasks[1]["status"] == "completed" and tasks[1]["image_count"] == 1 and tasks[1]["client"] == "127.0.0.1"
-    metrics = (await gateway.fetch("/metrics")).body.decode()
+    metrics = (await gateway.fetch("/metrics", headers=OPS)).body.decode()
     assert 'zimage_submits_total{key="bob"} 2.0' in metrics and 'zimage_images_total{key="alice"} 2.0' in metrics
     assert 'zimage_refused_total{key="alice",reason="insufficient_quota"} 1.0' in metrics
     assert await gateway.stopped() == 0

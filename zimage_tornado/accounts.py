@@ -20,9 +20,10 @@ log = logging.getLogger("zimage_tornado.accounts")
 class Refused(Exception):
     """A submit refused by the caller's limits before anything reached the upstream."""
 
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, kind: str = "requests") -> None:
         super().__init__(admission.reason)
         self.admission = admission
+        self.kind = kind  # "requests" (submits) or "reads" (task reads and picture downloads)
 
 
 class TooManyCallerWaiters(Exception):
@@ -51,6 +52,19 @@ class Accounts:
         if not admission.allowed:
             await self.refused(caller, admission.reason or "refused")
             raise Refused(admission)
+        return admission
+
+    async def admit_read(self, caller: Caller, default_limit: int) -> Admission:
+        """Counts one task read or picture download; raises Refused (kind "reads") over the limit."""
+        try:
+            admission = await self.store.admit_read(caller.scope, caller.plan.reads_limit(default_limit),
+                                                    self.clock())
+        except StoreUnavailable as e:  # reads cost no money: while the fleet's store is away, they go on
+            log.warning("reads of %s are not counted: %s", caller.name, e)
+            return Admission(True)
+        if not admission.allowed:
+            await self.refused(caller, "read_limit_exceeded")
+            raise Refused(admission, kind="reads")
         return admission
 
     async def refused(self, caller: Caller, reason: str) -> None:

@@ -46,3 +46,12 @@ def make_app(settings: Settings, gateway: Gateway | None = None) -> Application:
     )
     app.gateway = gateway  # type: ignore[attr-defined]
     return app
+
+
+def make_metrics_app(gateway: Gateway) -> Application:
+    """metrics_port: GET /metrics alone, without keys, for a listener the operator keeps private."""
+    from zimage_tornado.web.handlers import MetricsHandler
+
+    return Application([("/metrics", MetricsHandler, {"gateway": gateway, "route": "/metrics"})],
+                       default_handler_class=NotFoundHandler, default_handler_args={"gateway": gateway},
+                       endpoints=ENDPOINTS, cors_origins=frozenset(), metrics_listener=True)

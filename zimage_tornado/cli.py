@@ -64,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         # Bound before any fork, so that every worker accepts on the same socket.
         sockets = bind_sockets(settings.port, settings.address, backlog=settings.listen_backlog)
+        metrics_sockets = bind_sockets(settings.metrics_port, settings.metrics_address) if settings.metrics_port else []
     except OSError as e:  # typically the port is taken
         log.error("cannot listen on %s:%d: %s", settings.address, settings.port, e)
         sys.exit(1)
@@ -73,11 +74,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.warning("--demo runs one process: the simulated service keeps its tasks in that process")
         processes = 1
     if processes == 1:
-        code = asyncio.run(serve(settings, sockets, notifier))
+        code = asyncio.run(serve(settings, sockets, notifier, metrics_sockets))
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)  # stopped cleanly: a late signal changes nothing
     else:
-        code = supervise(settings, sockets, processes, notifier)
+        code = supervise(settings, sockets, processes, notifier, metrics_sockets)
     if metrics_dir is not None:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     sys.exit(code)
@@ -113,10 +114,10 @@ async def start_demo_upstream(settings: Settings) -> Settings:
     return dataclasses.replace(settings, upstream_url=url)
 
 
-async def serve(settings: Settings, sockets: list, notifier: Notifier) -> int:
+async def serve(settings: Settings, sockets: list, notifier: Notifier, metrics_sockets: Sequence = ()) -> int:
     if settings.demo:
         settings = await start_demo_upstream(settings)
-    from zimage_tornado.app import make_app  # here: after group_metrics_dir(), see there
+    from zimage_tornado.app import make_app, make_metrics_app  # here: after group_metrics_dir(), see there
 
     app = make_app(settings)
     gateway: Gateway = app.gateway  # type: ignore[attr-defined]
@@ -131,6 +132,10 @@ async def serve(settings: Settings, sockets: list, notifier: Notifier) -> int:
     # gateway.bodies its body): a slow-loris client cannot hold a connection forever.
     server = HTTPServer(app, idle_connection_timeout=settings.idle_timeout)
     server.add_sockets(sockets)
+    if metrics_sockets:
+        HTTPServer(make_metrics_app(gateway), idle_connection_timeout=settings.idle_timeout).add_sockets(
+            metrics_sockets)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_address, settings.metrics_port)
     port = sockets[0].getsockname()[1]
     log.info("zimage-tornado %s listening on http://%s:%d, upstream %s; playground at /playground",
              __version__, settings.address, port, redact_url(settings.upstream_url))
@@ -187,7 +192,8 @@ async def shutdown(server: HTTPServer, gateway: Gateway, notifier: Notifier, tim
     return 0
 
 
-def supervise(settings: Settings, sockets: list, processes: int, notifier: Notifier) -> int:
+def supervise(settings: Settings, sockets: list, processes: int, notifier: Notifier,
+              metrics_sockets: Sequence = ()) -> int:
     """Forks `processes` workers on the shared sockets, restarts one that dies, passes SIGTERM
     and SIGINT on to all of them, and exits when they have all stopped."""
     children: dict[int, int] = {}  # pid -> worker number
@@ -202,7 +208,8 @@ def supervise(settings: Settings, sockets: list, processes: int, notifier: Notif
                 signal.signal(signum, signal.SIG_DFL)
             code = 1
             try:
-                code = asyncio.run(serve(settings, sockets, Notifier({})))  # only the main process notifies
+                # only the main process notifies systemd
+                code = asyncio.run(serve(settings, sockets, Notifier({}), metrics_sockets))
             except BaseException:  # noqa: BLE001 - a worker reports its end and exits, whatever it was
                 log.exception("worker %d crashed", number)
             finally:

@@ -90,7 +90,21 @@ class Settings:
     redis_timeout: float = setting(1.0, "Seconds any one Redis call may take, waiting for a connection included")
     redis_connections: int = setting(32, "Redis connections per instance for the store, and as many for polling "
                                          "(plus one for pub/sub); more calls wait for one")
-    metrics_require_key: bool = setting(False, "GET /metrics needs an API key too")
+    metrics_public: bool = setting(False, "With keys configured, GET /metrics answers anyone (by default it needs "
+                                          "an admin key)")
+    metrics_port: int = setting(0, "Serve GET /metrics on a listener of its own, without keys (0: none; "
+                                   "then the main port serves it)")
+    metrics_address: str = setting("127.0.0.1", "Address of the metrics_port listener")
+    reads_per_minute: int = setting(600, "Task reads and picture downloads per minute per key, unless the keys file "
+                                         "says otherwise (0: unlimited)")
+    ip_reads_per_minute: int = setting(600, "Without keys: task reads and picture downloads per minute per client "
+                                            "network (0: unlimited)")
+    ip_v4_prefix: int = setting(32, "Per-address limits count IPv4 clients by this network prefix")
+    ip_v6_prefix: int = setting(64, "Per-address limits count IPv6 clients by this network prefix (a host has a "
+                                    "/64 to rotate addresses in)")
+    upstream_reads_per_second: int = setting(20, "Status reads of the upstream per second, for all tasks of this "
+                                                 "instance (of the fleet with redis_url); more wait their turn "
+                                                 "(0: unlimited)")
     trusted_proxies: str = setting("", "Comma-separated IPs/CIDRs whose X-Forwarded-For / X-Real-IP is believed")
     cors_origins: str = setting("", "Comma-separated browser origins allowed by CORS, or '*' (default: none)")
     demo: bool = setting(False, "Start a built-in simulated Z-Image service on loopback and use it as the upstream")
@@ -130,6 +144,12 @@ class Settings:
             raise ValueError("upstream_client must be curl or simple")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must be a redis://, rediss:// or unix:// URL")
+        if not 0 <= self.ip_v4_prefix <= 32 or not 0 <= self.ip_v6_prefix <= 128:
+            raise ValueError("ip_v4_prefix must be 0 to 32, ip_v6_prefix 0 to 128")
+        if min(self.reads_per_minute, self.ip_reads_per_minute, self.upstream_reads_per_second) < 0:
+            raise ValueError("reads_per_minute, ip_reads_per_minute and upstream_reads_per_second must be 0 or more")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError("metrics_port must be between 0 and 65535")
         if not self.database.strip():
             raise ValueError("database must name a file (or :memory:)")
         if self.task_visibility not in ("owner", "any"):
@@ -251,6 +271,7 @@ def server_settings(config: str | None = None, env_file: str | None = None,
 # The settings by concern: --help and docs/configuration.md list them this way.
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Upstream", ("upstream_url", "upstream_api_key", "upstream_timeout", "upstream_connect_timeout",
+                  "upstream_reads_per_second",
                   "upstream_max_clients", "upstream_client", "upstream_ca_certs", "model_aliases", "image_hosts",
                   "image_fetches", "max_image_bytes", "image_cache_bytes")),
     ("Listening", ("address", "port", "backlog", "processes", "shutdown_timeout", "idle_timeout", "body_timeout",
@@ -259,8 +280,10 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
                                      "follow_budget", "follow_interval", "chat_wait")),
     ("Requests and limits", ("max_batch_size", "min_size", "max_size", "size_multiple", "max_steps",
                              "max_cfg_scale", "max_prompt_length", "max_body_bytes", "idempotency_ttl",
-                             "ip_requests_per_minute", "ip_images_per_day", "ip_max_waiters")),
-    ("Keys", ("api_keys", "api_keys_file", "task_visibility", "metrics_require_key")),
+                             "ip_requests_per_minute", "ip_images_per_day", "ip_max_waiters", "ip_reads_per_minute",
+                             "ip_v4_prefix", "ip_v6_prefix")),
+    ("Keys", ("api_keys", "api_keys_file", "task_visibility", "reads_per_minute", "metrics_public", "metrics_port",
+              "metrics_address")),
     ("Store", ("database", "record_prompts", "record_ttl")),
     ("Fleet", ("redis_url", "redis_timeout", "redis_connections")),
     ("Logs and demo", ("log_level", "log_format", "demo", "demo_seconds")),

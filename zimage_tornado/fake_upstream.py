@@ -66,6 +66,8 @@ class FakeZImage:
         self.result_urls: dict[str, list[str]] = {}  # prompt -> the result URLs its tasks list
         self.error_message = "The model could not draw this prompt"  # a failed task's errorMessage
         self.image_bytes_sent = 0
+        self.images_served = 0
+        self.image_override: bytes | None = None  # every picture is these bytes (a large one, say)
         self.redirects = 0
         self.request_headers: list[dict[str, str]] = []  # of every call, in order
         self._faults: dict[str, deque[str]] = defaultdict(deque)
@@ -272,8 +274,9 @@ class _ImageHandler(_FakeHandler):
         if task is None or int(index) >= task["batch_size"]:
             return self.reply({"success": False, "error": "Image not found"}, 404)
         self.set_header("Content-Type", "image/png")
-        png = render_png(task["prompt"], int(index), task["width"], task["height"])
+        png = self.fake.image_override or render_png(task["prompt"], int(index), task["width"], task["height"])
         self.fake.image_bytes_sent += len(png)
+        self.fake.images_served += 1
         self.finish(png)
 
     async def endless(self) -> None:

@@ -62,7 +62,7 @@ class Gateway:
         self.clock = clock  # wall-clock seconds: UTC days and the usage record (tests move it)
         self.live_keys = LiveKeys(settings.api_keys, settings.api_keys_file)
         self.anonymous_plan = Plan(settings.ip_requests_per_minute, settings.ip_images_per_day,
-                                   settings.ip_max_waiters)
+                                   settings.ip_max_waiters, settings.ip_reads_per_minute)
         self.http = make_http_client(
             settings.upstream_client,
             max_clients=settings.upstream_max_clients,
@@ -97,6 +97,7 @@ class Gateway:
             follow_budget=settings.follow_budget,
             follow_interval=settings.follow_interval,
             on_expired=self.accounts.expired,
+            reads_per_second=settings.upstream_reads_per_second,
         )
         self.metrics.watch(self.watcher, self.idempotency, self.store)
         self.images = ImageFetcher(self.upstream, max_bytes=settings.max_image_bytes,

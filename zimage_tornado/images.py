@@ -18,7 +18,7 @@ import base64
 import ipaddress
 import socket
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Hashable
 from urllib.parse import urlsplit
 
 from tornado.netutil import DefaultLoopResolver, Resolver
@@ -91,28 +91,30 @@ def media_type(image: bytes) -> str:
 
 
 class ByteBoundedCache:
-    """Encoded images by task uuid, least recently used first out, at most `max_bytes` in all."""
+    """Pictures (raw, or a task's base64 answers), least recently used first out, at most
+    `max_bytes` in all."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.size = 0
-        self._entries: OrderedDict[str, list[str]] = OrderedDict()
+        self._entries: OrderedDict[Hashable, tuple[int, Any]] = OrderedDict()
 
-    def get(self, key: str) -> list[str] | None:
+    def get(self, key: Hashable) -> Any:
         entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-        return entry
+        if entry is None:
+            return None
+        self._entries.move_to_end(key)
+        return entry[1]
 
-    def put(self, key: str, value: list[str]) -> None:
-        size = sum(len(item) for item in value)
+    def put(self, key: Hashable, value: bytes | list[str]) -> None:
+        size = len(value) if isinstance(value, bytes) else sum(len(item) for item in value)
         if size > self.max_bytes or key in self._entries:
             return
-        self._entries[key] = value
+        self._entries[key] = (size, value)
         self.size += size
         while self.size > self.max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self.size -= sum(len(item) for item in evicted)
+            _, (evicted, _) = self._entries.popitem(last=False)
+            self.size -= evicted
 
 
 class ImageFetcher:
@@ -121,6 +123,7 @@ class ImageFetcher:
         self.max_bytes = max_bytes
         self.cache = ByteBoundedCache(cache_bytes)
         self._pending: dict[str, asyncio.Future[list[str]]] = {}
+        self._pictures: dict[tuple[str, str, int], asyncio.Future[bytes]] = {}
         self._slots = asyncio.Semaphore(at_once)  # downloads in flight, over all tasks
 
     async def b64(self, task: Task, batch_size: int) -> list[str]:
@@ -157,9 +160,24 @@ class ImageFetcher:
         return [base64.b64encode(image).decode("ascii") for image in images]
 
     async def picture(self, task: Task, index: int) -> tuple[bytes, str]:
-        """One of the task's pictures and its media type, fetched under the same rules."""
-        image = await self._one(task.image_urls[index], asyncio.Event())
+        """One of the task's pictures and its media type, fetched under the same rules, once
+        however many clients ask at the same time (they join the download in flight) and kept in
+        the byte-bounded cache: every client is then written from the same bytes."""
+        key = ("picture", task.uuid, index)
+        image = self.cache.get(key)
+        if image is None:
+            pending = self._pictures.get(key)
+            if pending is None:
+                pending = asyncio.ensure_future(self._one(task.image_urls[index], asyncio.Event()))
+                self._pictures[key] = pending
+                pending.add_done_callback(lambda done: self._fetched(key, done))
+            image = await asyncio.shield(pending)
         return image, media_type(image)
+
+    def _fetched(self, key: tuple[str, str, int], done: asyncio.Future[bytes]) -> None:
+        self._pictures.pop(key, None)
+        if not done.cancelled() and done.exception() is None:
+            self.cache.put(key, done.result())
 
     async def _one(self, url: str, aborted: asyncio.Event) -> bytes:
         async with self._slots:

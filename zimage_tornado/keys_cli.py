@@ -122,7 +122,8 @@ def list_keys(path: str, settings: Settings, as_json: bool) -> int:
         for record in records:
             print(json.dumps(record, sort_keys=True))
         return 0
-    print(table(["name", "admin", "requests/min", "images/day", "max waiters", "tasks today", "images today"],
+    print(table(["name", "admin", "requests/min", "images/day", "max waiters", "reads/min", "tasks today",
+                 "images today"],
                 [[r["name"], "yes" if r["admin"] else "", *(r[f] or "-" for f in PLAN_FIELDS), r["tasks_today"],
                   r["images_today"]] for r in records]))
     return 0

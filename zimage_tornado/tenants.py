@@ -10,6 +10,7 @@ key name, so deleting a line must not hand one key's tasks to the next.
     requests_per_minute = 30
     images_per_day = 200
     max_waiters = 50
+    reads_per_minute = 600   # absent: the reads_per_minute setting
     [keys.alice]
     key = "sk-alice-..."     # or key_sha256 = "<hex>", so that the file need not hold the secret
     images_per_day = 500
@@ -34,7 +35,7 @@ log = logging.getLogger("zimage_tornado.keys")
 ANONYMOUS = "anonymous"
 RESERVED_NAMES = frozenset({ANONYMOUS})  # names the gateway gives callers itself
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # key names become metric labels and log words
-PLAN_FIELDS = ("requests_per_minute", "images_per_day", "max_waiters")
+PLAN_FIELDS = ("requests_per_minute", "images_per_day", "max_waiters", "reads_per_minute")
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,14 @@ class Plan:
     requests_per_minute: int = 0
     images_per_day: int = 0
     max_waiters: int = 0
+    reads_per_minute: int | None = None  # None: the server's reads_per_minute setting
 
     @property
     def meters_submits(self) -> bool:
         return bool(self.requests_per_minute or self.images_per_day)
+
+    def reads_limit(self, default: int) -> int:
+        return default if self.reads_per_minute is None else self.reads_per_minute
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
@@ -44,6 +45,20 @@ class TooManyWaiters(Exception):
     pass
 
 
+class ReadDeferred(Exception):
+    """A background read found no free turn in the upstream read bucket; it waits an interval."""
+
+
+def gcra(tat: float, now: float, rate: float, hold: float) -> tuple[float, float]:
+    """The generic cell rate algorithm: (the new theoretical arrival time, the wait for this turn)."""
+    step = 1.0 / rate
+    if hold > 0:  # no read for `hold` seconds, burst allowance included
+        return max(tat, now + hold + 1.0 - step), 0.0
+    tat = max(tat, now)
+    wait = max(0.0, tat - (1.0 - step) - now)  # up to one second's reads at once, then spaced
+    return tat + step, wait
+
+
 class Coordination:
     """How the instances of a fleet share the polling of a task. This one is an instance alone:
     it always reads the upstream and shares nothing. store/redis.py has the fleet's: a lease
@@ -59,6 +74,24 @@ class Coordination:
     async def shared(self, uuid: str) -> Task | None:
         """The task's finished state, if any instance has seen it."""
         return None
+
+    async def recent(self, uuid: str, max_age: float) -> Task | None:
+        """The task's state as another instance read it within `max_age` seconds, if any."""
+        return None
+
+    _tat = 0.0  # pace(): when the next read is due in the instance's own bucket
+
+    async def pace(self, rate: float, hold: float = 0.0, only_free: bool = False) -> float | None:
+        """Takes a turn in the bucket of upstream status reads (`rate` a second, with a burst of one
+        second's worth) and says how long to wait for it; `hold` instead makes every read wait that
+        long (the upstream asked for it: 429 with Retry-After). `only_free`: take a turn only if
+        one is free now, else None (a background read gives way). A fleet shares one bucket."""
+        now = time.time()
+        tat, wait = gcra(self._tat, now, rate, hold)
+        if only_free and wait > 0:
+            return None
+        self._tat = tat
+        return wait
 
     async def follow(self, uuid: str, heard: Callable[[Task], None]) -> None:
         """Call `heard` with each state another instance publishes, until unfollow()."""
@@ -109,13 +142,15 @@ class TaskWatcher:
     def __init__(self, client: ZImageClient, *, interval: float, budget: float, max_waiters: int,
                  cache: ResultCache[Task, str], on_final: Callable[[Task], Awaitable[None]] | None = None,
                  coordination: Coordination | None = None, follow_budget: float = 0.0,
-                 follow_interval: float = 60.0, on_expired: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 follow_interval: float = 60.0, on_expired: Callable[[str], Awaitable[None]] | None = None,
+                 reads_per_second: float = 0.0) -> None:
         self.client = client
         self.interval = interval
         self.budget = budget  # a wait's default length (Settings.wait_budget)
         self.follow_budget = follow_budget  # 0: tasks nobody waits on are not followed
         self.follow_interval = max(follow_interval, interval)
         self.on_expired = on_expired  # told when a followed task did not end within follow_budget
+        self.reads_per_second = reads_per_second  # upstream_reads_per_second; 0: unpaced
         self.max_waiters = max_waiters
         self.cache = cache
         self.on_final = on_final  # told once a read sees a task finished (the usage record)
@@ -125,6 +160,8 @@ class TaskWatcher:
         self.counters: Counter[str] = Counter()
         self._polls: dict[str, _Poll] = {}
         self._reads: dict[str, asyncio.Future[Task]] = {}
+        # Every state read in the last interval, whoever asked: one upstream read per task per interval.
+        self._fresh: ResultCache[Task, str] = ResultCache(max(cache.max_entries, 1000), interval)
         self.closed = False
 
     @property
@@ -139,36 +176,49 @@ class TaskWatcher:
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def read(self, uuid: str) -> Task:
+    async def read(self, uuid: str, fresh_ok: bool = True, background: bool = False) -> Task:
         """The task now: from the cache when finished, else one upstream read shared by all
         callers asking at the same moment."""
-        cached = self.cache.get(uuid)
+        cached = self.cache.get(uuid) or (self._fresh.get(uuid) if fresh_ok else None)
         if cached is not None:
             self.counters["cache_hits"] += 1
             return cached
         pending = self._reads.get(uuid)
         if pending is None:
-            pending = self._shared_task(self._read_upstream(uuid))
+            pending = self._shared_task(self._read_upstream(uuid, fresh_ok, background))
             self._reads[uuid] = pending
             pending.add_done_callback(functools.partial(self._read_done, uuid))
         else:
             self.counters["coalesced_reads"] += 1
-        # shield: one caller leaving must not cancel the read the others are waiting for
-        return await asyncio.shield(pending)
+        try:
+            # shield: one caller leaving must not cancel the read the others are waiting for
+            return await asyncio.shield(pending)
+        except ReadDeferred:
+            if background:
+                raise
+            return await self.read(uuid, fresh_ok)  # joined a background read that gave way: ask in turn
 
     def _read_done(self, uuid: str, future: asyncio.Future[Task]) -> None:
         self._reads.pop(uuid, None)
         if not future.cancelled():
             future.exception()  # retrieved here so an unawaited failure is not reported as lost
 
-    async def _read_upstream(self, uuid: str) -> Task:
-        shared = await self._shared(uuid)  # finished, and seen by another instance of the fleet
+    async def _read_upstream(self, uuid: str, fresh_ok: bool, background: bool) -> Task:
+        shared = await self._shared(uuid, fresh_ok)  # finished, or read lately, by another instance of the fleet
         if shared is not None:
             self.counters["shared_cache_hits"] += 1
-            self.cache.put(uuid, shared)
+            (self.cache if shared.is_final else self._fresh).put(uuid, shared)
             return shared
+        if not await self._turn(background=background):
+            raise ReadDeferred("The read gave way to reads someone waits for")
         self.counters["upstream_reads"] += 1
-        task = await self.client.get_task(uuid)
+        try:
+            task = await self.client.get_task(uuid)
+        except UpstreamError as e:
+            if e.upstream_status == 429:  # slow down for everyone, as long as it asked
+                await self._turn(hold=e.retry_after or self.interval)
+            raise
+        self._fresh.put(uuid, task)
         if task.is_final:
             self.cache.put(uuid, task)
             if self.on_final is not None:
@@ -179,13 +229,34 @@ class TaskWatcher:
             log.warning("task %s: could not publish its state: %s", uuid, e)
         return task
 
-    async def _shared(self, uuid: str) -> Task | None:
+    async def _turn(self, hold: float = 0.0, background: bool = False) -> bool:
+        """Waits for this read's turn in the upstream_reads_per_second bucket (reads are spread,
+        never refused). A background read (a followed task nobody waits on) takes a turn only when
+        one is free, so that it never delays a read someone waits for: False when it gave way."""
+        if not self.reads_per_second:
+            return True
+        try:
+            wait = await self.coordination.pace(self.reads_per_second, hold, background)
+        except Exception as e:  # noqa: BLE001 - the fleet's bucket is unavailable: pace alone
+            log.warning("the shared read bucket is unavailable (%s); pacing this instance alone", e)
+            wait = await Coordination.pace(self.coordination, self.reads_per_second, hold, background)
+        if wait is None:
+            self.counters["reads_deferred"] += 1
+            return False
+        if wait > 0:
+            self.counters["reads_paced"] += 1
+            await asyncio.sleep(wait)
+        return True
+
+    async def _shared(self, uuid: str, fresh_ok: bool) -> Task | None:
         try:
             shared = await self.coordination.shared(uuid)
+            if shared is not None and shared.is_final:
+                return shared
+            return await self.coordination.recent(uuid, self.interval) if fresh_ok else None
         except Exception as e:  # noqa: BLE001 - without the shared cache, ask the upstream
             log.warning("task %s: the shared cache is unavailable: %s", uuid, e)
             return None
-        return shared if shared is not None and shared.is_final else None
 
     async def _may_read(self, poll: _Poll) -> bool:
         try:
@@ -367,7 +438,10 @@ class TaskWatcher:
                     self.counters["reads_left_to_others"] += 1
                 else:
                     try:
-                        task = await self.read(poll.uuid)
+                        # Its turn to ask the upstream; in the background when nobody waits on it.
+                        task = await self.read(poll.uuid, fresh_ok=False, background=not poll.waiters)
+                    except ReadDeferred:
+                        pass  # asked again an interval on
                     except TaskNotFound as e:
                         self._settle(poll, NOT_FOUND, e)
                         return

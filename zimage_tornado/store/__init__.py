@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import calendar
 import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,6 +145,45 @@ def decide(plan: Plan, images: int, now: float, day: str, recent: int, oldest: f
     return Admission(True, None, requests, quota, None, day)
 
 
+class RateWindows:
+    """Each scope's hits within the last minute, in memory. Scopes are kept in order of their last
+    hit, so the ones that went quiet are swept from the front as they expire: a hit costs the same
+    with 10 or 200,000 scopes seen (no scan), and the map holds only the last minute's scopes."""
+
+    def __init__(self) -> None:
+        self._hits: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._hits)
+
+    def recent(self, scope: str, now: float) -> tuple[int, float | None]:
+        """The scope's hits within the last minute, and the oldest of them."""
+        self._sweep(now)
+        hits = self._hits.get(scope)
+        if not hits:
+            return 0, None
+        while hits and hits[0] <= now - MINUTE:
+            hits.popleft()
+        return len(hits), hits[0] if hits else None
+
+    def add(self, scope: str, now: float) -> None:
+        self._hits.setdefault(scope, deque()).append(now)
+        self._hits.move_to_end(scope)
+
+    def forget(self, scope: str, now: float) -> None:
+        """Takes back a hit that was not committed."""
+        hits = self._hits.get(scope)
+        if hits and now in hits:
+            hits.remove(now)
+
+    def _sweep(self, now: float) -> None:
+        while self._hits:
+            scope, hits = next(iter(self._hits.items()))
+            if hits and hits[-1] > now - MINUTE:
+                return
+            del self._hits[scope]
+
+
 class StoreUnavailable(Exception):
     """The store cannot write (or did not answer in time): nothing may be submitted unmetered."""
 
@@ -168,6 +208,7 @@ class Store(abc.ABC):
 
     name = "store"
     dropped = 0  # writes made after an answer and lost to an overflow of the retry queue
+    _reads: RateWindows | None = None  # admit_read's windows, made on first use
     @abc.abstractmethod
     def open(self) -> None:
         """Starts opening (and creating or migrating) what it needs; operations wait for it."""
@@ -244,6 +285,22 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def last_seen(self, keys: list[str]) -> dict[str, float]:
         """When each of `keys` last submitted a task that is still recorded."""
+
+    async def admit_read(self, scope: str, per_minute: int, now: float) -> Admission:
+        """One task read or picture download against `per_minute` (0: unlimited). Not durable, and
+        counted per process here (a fleet's store counts for the whole fleet): reads cost the
+        upstream nothing past the engine's one read per task per interval, so this limit guards
+        the gateway and the fairness between keys, not money."""
+        if not per_minute:
+            return Admission(True)
+        if self._reads is None:
+            self._reads = RateWindows()
+        windows = self._reads
+        count, oldest = windows.recent(scope, now)
+        admission = decide(Plan(requests_per_minute=per_minute), 0, now, utc_day(now), count, oldest, 0)
+        if admission.allowed:
+            windows.add(scope, now)
+        return admission
 
     async def healthy(self) -> str | None:
         """None when usable, else why not (for /health/ready)."""

@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 import uuid as uuidlib
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -107,6 +108,22 @@ redis.call('HINCRBY', KEYS[4], ARGV[5] .. '\ttasks', 1)
 redis.call('HINCRBY', KEYS[4], ARGV[5] .. '\timages', tonumber(ARGV[6]))
 redis.call('EXPIRE', KEYS[4], ARGV[2])
 return 1
+"""
+PACE = """
+-- The fleet's bucket of upstream status reads (GCRA): ARGV now, seconds a read, burst window, hold.
+local now, step, hold, only_free = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == '1'
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local wait = 0
+if hold > 0 then
+  tat = math.max(tat, now + hold + 1 - step)
+else
+  tat = math.max(tat, now)
+  wait = math.max(0, tat - (1 - step) - now)
+  if only_free and wait > 0 then return '-1' end
+  tat = tat + step
+end
+redis.call('SET', KEYS[1], tostring(tat), 'PX', math.ceil((tat - now) * 1000) + 1000)
+return tostring(wait)
 """
 LEASE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
@@ -248,6 +265,12 @@ class RedisStore(Store):
                   "%r:%s" % (now, uuidlib.uuid4().hex[:8])]))
         return decide(plan, images, now, day, int(count), float(oldest) if oldest else None, int(used))
 
+    async def admit_read(self, scope: str, per_minute: int, now: float) -> Admission:
+        """The fleet's count: the same rate window script as submits, on a scope of its own."""
+        if not per_minute:
+            return Admission(True)
+        return await self.admit("reads:" + scope, Plan(requests_per_minute=per_minute), 0, now)
+
     async def refund(self, scope: str, day: str, images: int, ticket: int | None = None) -> None:
         async def write(pipe: Any) -> Any:
             return pipe.decrby(PREFIX + "quota:%s:%s" % (scope, day), images)
@@ -388,7 +411,7 @@ def usage_rows(days: list[str], hashes: list[dict[str, str]], key: str | None) -
 # -- the fleet's polling ---------------------------------------------------------------------------
 
 def task_json(task: Task) -> str:
-    return json.dumps({"uuid": task.uuid, "status": task.status, "progress": task.progress,
+    return json.dumps({"uuid": task.uuid, "status": task.status, "progress": task.progress, "at": time.time(),
                        "image_urls": list(task.image_urls), "error": task.error,
                        "queue_position": task.queue_position, "raw": task.raw, "document": task.document})
 
@@ -415,6 +438,7 @@ class RedisCoordination(Coordination):
         self.cache_ttl = int(cache_ttl)
         self.instance = "%s:%d:%s" % (os.uname().nodename, os.getpid(), uuidlib.uuid4().hex[:8])
         self._lease = self.redis.register_script(LEASE)
+        self._pace = self.redis.register_script(PACE)
         self._followers: dict[str, Callable[[Task], None]] = {}
         self._pubsub: Any = None
         self._listener: asyncio.Task[None] | None = None
@@ -425,6 +449,11 @@ class RedisCoordination(Coordination):
     async def lease(self, uuid: str) -> bool:
         return bool(await self._do(self._lease(keys=[PREFIX + "lease:" + uuid],
                                                args=[self.instance, self.lease_ms])))
+
+    async def pace(self, rate: float, hold: float = 0.0, only_free: bool = False) -> float | None:
+        wait = float(await self._do(self._pace(keys=[PREFIX + "pace"], args=[
+            repr(time.time()), repr(1.0 / rate), repr(hold), int(only_free)])))
+        return None if wait < 0 else wait
 
     async def publish(self, task: Task) -> None:
         value = task_json(task)
@@ -439,6 +468,12 @@ class RedisCoordination(Coordination):
     async def shared(self, uuid: str) -> Task | None:
         value = await self._do(self.redis.get(PREFIX + "final:" + uuid))
         return None if value is None else task_from_json(str(value))
+
+    async def recent(self, uuid: str, max_age: float) -> Task | None:
+        value = await self._do(self.redis.get(PREFIX + "state:" + uuid))
+        if value is None or json.loads(value).get("at", 0) < time.time() - max_age:
+            return None
+        return task_from_json(str(value))
 
     async def follow(self, uuid: str, heard: Callable[[Task], None]) -> None:
         self._followers[uuid] = heard

@@ -39,7 +39,8 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from zimage_tornado.store import (DAY, EXPIRED, MINUTE, SUBMITTED, Admission, Claim, Store, StoreUnavailable,
+from zimage_tornado.store import (DAY, EXPIRED, MINUTE, SUBMITTED, Admission, Claim, RateWindows, Store,
+                                  StoreUnavailable,
                                   TaskQuery, TaskRecord, UsageRow, day_start, decide, utc_day)
 from zimage_tornado.tenants import Plan
 
@@ -77,7 +78,6 @@ MIGRATIONS = (
 MAX_QUEUED = 100_000  # operations waiting for the writer: past this, the disk is not keeping up
 MAX_KEPT = 100_000  # writes nobody waits for, kept across failed commits: past this one is dropped
 RETRY_SECONDS = 1.0  # while failing: how often kept writes (or a probe) are tried again
-MAX_SCOPES = 10_000  # rate windows kept in memory before the expired ones are swept
 BATCH = 1000
 SWITCH_INTERVAL = 0.0002  # seconds a thread may hold the GIL while another waits (Python's default: 0.005)
 TASK_COLUMNS = ("uuid", "key", "client", "model", "width", "height", "batch_size", "steps", "prompt",
@@ -136,9 +136,9 @@ class SqliteStore(Store):
         self.clock = clock
         self.exclusive = exclusive
         self._queue: queue.Queue[Item | None] = queue.Queue(MAX_QUEUED)
-        self._hits: dict[str, deque[float]] = {}  # exclusive: each scope's requests within the last minute
-        self._used: dict[tuple[str, str], int] = {}  # exclusive: images counted per (scope, day)
-        self._swept_at = 0.0
+        self._hits = RateWindows()  # exclusive: each scope's requests within the last minute
+        self._used: dict[str, int] = {}  # exclusive: images counted per scope on `_used_day`
+        self._used_day = ""
         self._thread: threading.Thread | None = None
         self._migrated: concurrent.futures.Future[int] = concurrent.futures.Future()
         self.failing: str | None = None  # why the last commit failed, until one succeeds
@@ -320,45 +320,34 @@ class SqliteStore(Store):
         if not self.exclusive:
             return await self._call(lambda conn: admit(conn, scope, plan, images, now))
         day = utc_day(now)
-        if plan.images_per_day and (scope, day) not in self._used:
+        if day != self._used_day:  # a new UTC day: yesterday's counts go at once, no scan
+            self._used, self._used_day = {}, day
+        if plan.images_per_day and scope not in self._used:
             used = await self._call(lambda conn: images_used(conn, scope, day))
-            if len(self._used) > 100_000 or any(d != day for _, d in self._used):
-                self._used = {k: v for k, v in self._used.items() if k[1] == day}  # a new day: old ones go
-            self._used.setdefault((scope, day), used)  # setdefault: another admit may have loaded it
-        if len(self._hits) > MAX_SCOPES and now >= self._swept_at + 1:
-            # Scopes that never came back (many client addresses) go; at most once a second, since
-            # while that many are live a sweep finds little and would cost each admission its length.
-            self._hits = {k: v for k, v in self._hits.items() if v and v[-1] > now - MINUTE}
-            self._swept_at = now
-        hits = self._hits.setdefault(scope, deque())
-        while hits and hits[0] <= now - MINUTE:
-            hits.popleft()
-        admission = decide(plan, images, now, day, len(hits), hits[0] if hits else None,
-                           self._used.get((scope, day), 0))
-        counted = images if plan.images_per_day else 0
-        if admission.allowed:
-            # Counted in memory first (a concurrent admit sees it), committed before the submit goes on.
-            if plan.requests_per_minute:
-                hits.append(now)
-            if counted:
-                self._used[(scope, day)] += counted
-        if not hits:
-            del self._hits[scope]  # bounded by the scopes active within a minute
+            if day == self._used_day:
+                self._used.setdefault(scope, used)  # setdefault: another admit may have loaded it
+        count, oldest = self._hits.recent(scope, now)
+        admission = decide(plan, images, now, day, count, oldest, self._used.get(scope, 0))
         if not admission.allowed:
             return admission
+        # Counted in memory first (a concurrent admit sees it), committed before the submit goes on.
+        counted = images if plan.images_per_day else 0
+        if plan.requests_per_minute:
+            self._hits.add(scope, now)
+        if counted:
+            self._used[scope] = self._used.get(scope, 0) + counted
         try:
             ticket = await self._call(lambda conn: begin_submit(conn, scope, day, counted, now))
         except StoreUnavailable:  # not committed: not counted
-            if plan.requests_per_minute and now in self._hits.get(scope, ()):
-                self._hits[scope].remove(now)
-            if counted and (scope, day) in self._used:
-                self._used[(scope, day)] -= counted
+            self._hits.forget(scope, now)
+            if counted and day == self._used_day and scope in self._used:
+                self._used[scope] -= counted
             raise
         return dataclasses.replace(admission, ticket=ticket)
 
     async def refund(self, scope: str, day: str, images: int, ticket: int | None = None) -> None:
-        if (scope, day) in self._used:
-            self._used[(scope, day)] = max(0, self._used[(scope, day)] - images)
+        if day == self._used_day and scope in self._used:
+            self._used[scope] = max(0, self._used[scope] - images)
 
         def refund(conn: sqlite3.Connection) -> None:
             conn.execute("UPDATE quota SET images = MAX(0, images - ?) WHERE scope = ? AND day = ?",

@@ -4,6 +4,7 @@ what to answer."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 import os
@@ -20,7 +21,8 @@ REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, Idempotency-Key, X-Request-ID"
 CORS_EXPOSE_HEADERS = ("X-Request-ID, x-should-retry, Retry-After, x-ratelimit-limit-requests, "
                        "x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-images, "
-                       "x-ratelimit-remaining-images, x-ratelimit-reset-images")
+                       "x-ratelimit-remaining-images, x-ratelimit-reset-images, x-ratelimit-limit-reads, "
+                       "x-ratelimit-remaining-reads, x-ratelimit-reset-reads")
 _request_ids = {"prefix": uuidlib.uuid4().hex[:16], "counter": itertools.count()}
 
 
@@ -47,23 +49,39 @@ def cors_headers(origin: str | None, allowed: frozenset[str]) -> dict[str, str]:
             "Access-Control-Expose-Headers": CORS_EXPOSE_HEADERS, "Vary": "Origin"}
 
 
-def caller(keys: KeyRing, authorization: str, client: str, anonymous: Plan) -> Caller | None:
+def caller(keys: KeyRing, authorization: str, client: str, anonymous: Plan,
+           prefixes: tuple[int, int] = (32, 128)) -> Caller | None:
     """The caller of a request: the key's tenant when keys are configured (None for a missing or
-    unknown key), else an anonymous caller counted by its address."""
+    unknown key), else an anonymous caller counted by its network (`prefixes`: IPv4's, IPv6's)."""
     if not keys:
-        return Caller(ANONYMOUS, "ip:" + client, False, anonymous, client)
+        return Caller(ANONYMOUS, "ip:" + network_of(client, prefixes), False, anonymous, client)
     tenant = keys.identify(authorization)
     if tenant is None:
         return None
     return Caller(tenant.name, "key:" + tenant.name, tenant.admin, tenant.plan, client)
 
 
-def rate_limit_headers(admission: Admission | None) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* headers for the limits that apply to a submit."""
+@functools.lru_cache(maxsize=4096)
+def network_of(address: str, prefixes: tuple[int, int]) -> str:
+    """The network a client's limits count against: one host rotating addresses inside its IPv6
+    /64 is one client. An address that does not parse is counted as itself."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    prefix = prefixes[0] if ip.version == 4 else prefixes[1]
+    if prefix >= ip.max_prefixlen:
+        return address
+    return str(ipaddress.ip_network("%s/%d" % (ip, prefix), strict=False))
+
+
+def rate_limit_headers(admission: Admission | None, kinds: tuple[str, str] = ("requests", "images")) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers for the limits that apply (submits: requests and images;
+    task reads: reads)."""
     headers: dict[str, str] = {}
     if admission is None:
         return headers
-    for kind, window in (("requests", admission.requests), ("images", admission.images)):
+    for kind, window in ((kinds[0], admission.requests), (kinds[1], admission.images)):
         if window is not None:
             headers["x-ratelimit-limit-%s" % kind] = str(window.limit)
             headers["x-ratelimit-remaining-%s" % kind] = str(window.remaining)

@@ -25,6 +25,8 @@ from zimage_tornado.watcher import Outcome
 from zimage_tornado.web import access, statuses
 
 log = logging.getLogger("zimage_tornado.handlers")
+READ_HEADERS = ("reads", "images")  # x-ratelimit-*-reads (a read counts no images)
+STREAM_CHUNK = 64 * 1024  # a large answer is written (and waited for) this much at a time
 
 
 def json_text(value: Any) -> str:
@@ -61,6 +63,7 @@ class BaseHandler(RequestHandler):
         # Also called when an error clears the response: these survive into error answers. It runs
         # before initialize(), so what it needs comes from the application's settings.
         self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.set_header("X-Content-Type-Options", "nosniff")  # a picture or a JSON body is never run as a page
         self.set_header("X-Request-ID", self.request_id)
         for name, value in access.cors_headers(self.request.headers.get("Origin"),
                                                self.settings["cors_origins"]).items():
@@ -86,15 +89,19 @@ class BaseHandler(RequestHandler):
             return  # a CORS preflight: browsers send it without credentials
         if self.gateway.shutting_down and not self.open_during_shutdown:
             raise statuses.ShuttingDown()
-        if self.request.path.startswith(("/v1/", "/admin/")) or (
-                self.route == "/metrics" and settings.metrics_require_key):
+        if self.request.path.startswith(("/v1/", "/admin/")):
             self.identify()
+        elif self.route == "/metrics" and self.gateway.keys and not (settings.metrics_public
+                                                                     or self.settings.get("metrics_listener")):
+            self.identify()  # it names every key and its use: for admins, or on a listener of its own
+            self.require_admin()
 
     def identify(self) -> Caller:
         """The caller, from its API key; no keys configured: anonymous, by address (any bearer,
         as the spec's "zimage-free" examples expect). A missing or unknown key is a 401."""
+        settings = self.gateway.settings
         caller = access.caller(self.gateway.keys, self.request.headers.get("Authorization", ""), self.client_ip,
-                               self.gateway.anonymous_plan)
+                               self.gateway.anonymous_plan, (settings.ip_v4_prefix, settings.ip_v6_prefix))
         if caller is None:
             raise ApiError(401, "Invalid or missing API key: send Authorization: Bearer <key>",
                            code="invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="zimage-tornado"'})
@@ -104,6 +111,15 @@ class BaseHandler(RequestHandler):
     def require_admin(self) -> None:
         if not self.caller.admin:
             raise ApiError(403, "This needs an admin key", code="admin_only")
+
+    async def read_allowed(self) -> None:
+        """A task read or picture download within the caller's reads_per_minute (429 past it)."""
+        try:
+            admission = await self.gateway.accounts.admit_read(self.caller, self.gateway.settings.reads_per_minute)
+        except Refused as refused:
+            self.answer_headers.update(access.rate_limit_headers(refused.admission, READ_HEADERS))
+            raise
+        self.answer_headers.update(access.rate_limit_headers(admission, READ_HEADERS))
 
     async def require_readable(self, uuid: str) -> None:
         """Another key's task is answered exactly like a task that does not exist."""
@@ -190,6 +206,17 @@ class BaseHandler(RequestHandler):
             self.set_header(name, value)
         self.finish(json_text(body))
 
+    async def stream_bytes(self, data: bytes) -> None:
+        """A large answer (a picture) written a chunk at a time, each flushed before the next: a
+        client that does not read holds one chunk of it, never a copy of the whole (the bytes are
+        shared with every other client of the picture)."""
+        self.set_header("Content-Length", len(data))
+        view = memoryview(data)
+        for start in range(0, len(data), STREAM_CHUNK):
+            self.write(bytes(view[start:start + STREAM_CHUNK]))
+            await self.within_write_timeout(self.flush())
+        await self.finish()
+
     def send_csv(self, text: str, filename: str) -> None:
         self.set_header("Content-Type", "text/csv; charset=UTF-8")
         self.set_header("Content-Disposition", 'attachment; filename="%s"' % filename)
@@ -210,6 +237,10 @@ class BaseHandler(RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
         error = self.api_error(exc, status_code)
+        if self._prepared_future is not None and not self._prepared_future.done():
+            # Refused before its body was read (401, 404, 405, 413, ...): Tornado closes the connection
+            # after such an answer, so say so, or the client's next request meets a dead socket.
+            error.headers["Connection"] = "close"
         if error.status in (400, 413) and self._body_size > self.gateway.settings.max_body_bytes:
             error.headers["Connection"] = "close"  # the rest of the body is not worth reading
         self.send(error.body(), error.status, error.headers)

@@ -250,6 +250,7 @@ class PictureHandler(BaseHandler):
 
     async def get(self, uuid: str, index: str) -> None:
         self.task_uuid = validation.task_id(uuid)
+        await self.read_allowed()
         await self.require_readable(self.task_uuid)
         number = validation.picture_index(index)
         task = await self.gateway.watcher.peek(self.task_uuid)
@@ -261,7 +262,7 @@ class PictureHandler(BaseHandler):
         self.set_header("Content-Disposition", 'attachment; filename="%s_%d.%s"' % (task.uuid, number,
                                                                                    kind.rpartition("/")[2]))
         self.set_header("Cache-Control", "private, max-age=3600")
-        self.finish(image)
+        await self.stream_bytes(image)
 
 
 class ModelsHandler(BaseHandler):
@@ -279,6 +280,7 @@ class ModelHandler(BaseHandler):
 class TaskHandler(BaseHandler):
     async def get(self, uuid: str) -> None:
         self.task_uuid = validation.task_id(uuid)
+        await self.read_allowed()
         await self.require_readable(self.task_uuid)
         task = await self.gateway.watcher.peek(self.task_uuid)
         self.send(task.document)  # passed through as the upstream sent it
@@ -289,6 +291,7 @@ class ImagesHandler(BaseHandler):
 
     async def get(self, uuid: str) -> None:
         self.task_uuid = validation.task_id(uuid)
+        await self.read_allowed()  # a wait counts once, when it starts
         await self.require_readable(self.task_uuid)
         budget = validation.wait_budget(self.get_query_argument("timeout", None),
                                         self.get_query_argument("wait", None), self.gateway.settings.wait_budget)

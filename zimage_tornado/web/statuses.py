@@ -86,7 +86,7 @@ def _map(cause: BaseException | None, context: Context) -> ApiError:
         return ApiError(503, "Too many clients are waiting on tasks; retry shortly", type="server_error",
                         code="too_many_waiters", headers=retry_after)
     if isinstance(cause, Refused):
-        return refused(cause.admission)
+        return refused(cause.admission, cause.kind)
     if isinstance(cause, TooManyCallerWaiters):
         return ApiError(429, "Too many of this key's clients are waiting on tasks; retry when one is answered",
                         type="rate_limit_error", code="too_many_waiters", headers=retry_after)
@@ -110,8 +110,8 @@ def _map(cause: BaseException | None, context: Context) -> ApiError:
     return ApiError(500, "Internal server error", type="server_error", code="internal_error")
 
 
-def refused(admission: Admission) -> ApiError:
-    """A submit over the caller's limits: nothing reached the upstream."""
+def refused(admission: Admission, kind: str = "requests") -> ApiError:
+    """A submit (or, `kind` "reads", a task read) over the caller's limits: nothing reached the upstream."""
     wait = math.ceil(admission.retry_after or 1)
     headers = {"Retry-After": str(wait)}
     if admission.reason == "insufficient_quota" and admission.images is not None:
@@ -120,7 +120,8 @@ def refused(admission: Admission) -> ApiError:
                         % (admission.images.limit, admission.images.remaining, wait), type="insufficient_quota",
                         code="insufficient_quota", headers=headers)
     limit = admission.requests.limit if admission.requests else 0
-    return ApiError(429, "Rate limit reached: %d requests per minute; retry in %ds" % (limit, wait),
+    what = "task reads and picture downloads" if kind == "reads" else "requests"
+    return ApiError(429, "Rate limit reached: %d %s per minute; retry in %ds" % (limit, what, wait),
                     type="rate_limit_error", code="rate_limit_exceeded", headers=headers)
 
 
