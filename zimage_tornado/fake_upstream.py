@@ -345,12 +345,15 @@ def main() -> None:
     parser.add_argument("--completion-spread", type=float, default=0.0)
     parser.add_argument("--fault-rate", type=float, default=0.0, help="share of calls that fail at random")
     parser.add_argument("--hang-seconds", type=float, default=5.0)
+    parser.add_argument("--image-bytes", type=int, default=0, help="serve every picture as this many bytes")
     args = parser.parse_args()
 
     async def run() -> None:
         fake = FakeZImage(reads_to_complete=args.reads_to_complete, seconds_to_complete=args.seconds_to_complete,
                           completion_spread=args.completion_spread, fault_rate=args.fault_rate,
                           hang_seconds=args.hang_seconds)
+        if args.image_bytes:
+            fake.image_override = b"\x89PNG\r\n\x1a\n" + random.Random(0).randbytes(args.image_bytes - 8)
         HTTPServer(fake.make_app()).listen(args.port, args.address)
         print("fake Z-Image listening on http://%s:%d" % (args.address, args.port), flush=True)
         await asyncio.Event().wait()

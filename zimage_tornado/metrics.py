@@ -37,6 +37,9 @@ ENGINE_COUNTERS = (
     ("zimage_reads_left_to_others", "reads_left_to_others",
      "Polling ticks that left the upstream read to the instance holding the task's lease"),
     ("zimage_follow_expired", "follow_expired", "Followed tasks recorded as expired: not ended within follow_budget"),
+    ("zimage_upstream_reads_paced", "reads_paced", "Status reads that waited for a turn in upstream_reads_per_second"),
+    ("zimage_upstream_reads_deferred", "reads_deferred",
+     "Background reads (of tasks nobody waits on) that gave way to reads someone waits for"),
     ("zimage_store_dropped", "store_dropped",
      "Store writes made after an answer and dropped because the retry queue was full"),
 )
