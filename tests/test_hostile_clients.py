@@ -66,7 +66,7 @@ async def in_flight(gateway):
     return json.loads((await gateway.fetch("/health/ready")).body)["requests_in_flight"]
 
 
-async def drained(gateway, timeout=5.0):
+async def drained(gateway, timeout=10.0):
     async def none_in_flight():
         return await in_flight(gateway) == 0
     await eventually(none_in_flight, timeout, 0.05, "requests still in flight")
@@ -102,7 +102,9 @@ async def test_hostile_clients_do_not_hurt_normal_ones_or_leak(gateways):
 
     usual = statistics.median(quiet)
     for during in samples:
-        assert statistics.median(during) < max(10 * usual, 0.05), (usual, statistics.median(during))
+        # A blocked IOLoop shows as seconds; the floor leaves room for a busy 2-core machine
+        # (0.05 s failed on untouched code there: a timing flake, not a regression).
+        assert statistics.median(during) < max(10 * usual, 0.25), (usual, statistics.median(during))
         assert max(during) < 1.0
     assert after <= baseline * 1.10 + 2048, (baseline, after)  # KiB
     assert await gateway.stopped() == 0

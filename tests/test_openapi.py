@@ -123,6 +123,12 @@ async def test_real_answers_match_the_document(make_proxy, fake, tmp_path):
     contract.check("/admin/usage.csv", "GET", await admin.request("/admin/usage.csv", headers=ops))
     contract.check("/admin/keys", "GET", await admin.request("/admin/keys", headers=ops))
     contract.check("/admin", "GET", await admin.request("/admin"))
+    contract.check("/v1/tasks", "GET", await admin.request("/v1/tasks?limit=2", headers=ops))
+    contract.check("/v1/tasks", "GET", await admin.request("/v1/tasks?status=nope", headers=ops))
+    mine = json.loads((await admin.request("/v1/tasks", headers=ops)).body)["data"][0]["id"]
+    contract.check("/v1/tasks/{uuid}/events", "GET", await admin.request("/v1/tasks/%s/events" % mine, headers=ops))
+    contract.check("/v1/images/generations", "POST", await admin.request(
+        "/v1/images/generations", "POST", {"prompt": "soon"}, headers={**ops, "Prefer": "wait=0"}))
     assert {template for template, _, _ in SEEN} == set(contract.document["paths"])  # every path exercised
     assert len(SEEN) >= 30
 

@@ -290,3 +290,25 @@ def task_progress(task: Task) -> dict[str, Any]:
     if task.queue_position is not None:
         body["queue_position"] = task.queue_position
     return body
+
+
+def task_object(record: Any) -> dict[str, Any]:
+    """A recorded task (store.TaskRecord) as GET /v1/tasks lists it."""
+    return {"id": record.uuid, "object": "task", "status": record.status, "model": record.model,
+            "created_at": int(record.submitted_at),
+            "finished_at": None if record.finished_at is None else int(record.finished_at),
+            "prompt": record.prompt, "size": "%dx%d" % (record.width, record.height), "n": record.batch_size,
+            "image_urls": list(record.image_urls), "error": record.error}
+
+
+def task_list(records: list[Any], has_more: bool) -> dict[str, Any]:
+    """OpenAI's list shape."""
+    data = [task_object(record) for record in records]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": has_more}
+
+
+def task_pending(task: Task | None, uuid: str) -> dict[str, Any]:
+    """A task still running when a `Prefer: wait` ran out (202)."""
+    return {"id": uuid, "object": "task", "status": task.status if task else "pending",
+            "progress": task.progress if task else None}

@@ -41,6 +41,11 @@ ACCEPTED_ERRORS = {
                  "Retry-After", "x-should-retry"),
     "504": error("Still running when the wait ended (x-should-retry: false)", "x-should-retry"),
 }
+PREFER = {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"},
+          "description": "RFC 7240 wait=N: answer within N seconds; 202 and Location if the task still runs"}
+PREFERRED_WAIT_RAN_OUT = {"202": {
+    "description": "Prefer: wait=N ran out: the task runs on (Location: /v1/tasks/{uuid})",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TaskPending"}}}}}
 TASK_UUID = {"name": "uuid", "in": "path", "required": True,
              "description": "A task uuid: 1 to 64 letters, digits or '-'", "schema": {"type": "string"}}
 IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False,
@@ -219,6 +224,19 @@ SCHEMAS: dict[str, Any] = {
                                           "failed": {"type": "integer"}, "refused": {"type": "integer"},
                                           "refused_by_reason": {"type": "object"}}}}},
     },
+    "TaskPending": {
+        "type": "object", "required": ["id", "object", "status"],
+        "properties": {"id": {"type": "string"}, "object": {"const": "task"}, "status": {"type": "string"},
+                       "progress": NUMBER_OR_NULL},
+    },
+    "TaskObjectList": {
+        "type": "object", "required": ["object", "data", "first_id", "last_id", "has_more"],
+        "properties": {"object": {"const": "list"}, "first_id": NULLABLE_STRING, "last_id": NULLABLE_STRING,
+                       "has_more": {"type": "boolean"}, "data": {"type": "array", "items": {
+                           "type": "object", "required": ["id", "object", "status", "created_at"],
+                           "properties": {"id": {"type": "string"}, "object": {"const": "task"},
+                                          "status": {"type": "string"}, "created_at": {"type": "integer"}}}}},
+    },
     "KeyList": {
         "type": "object", "required": ["object", "data"],
         "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
@@ -316,7 +334,7 @@ def operations() -> dict[str, Any]:
     return {
         "/v1/chat/completions": {"post": {
             "security": [{"bearer": []}, {}],
-            "parameters": [IDEMPOTENCY_KEY],
+            "parameters": [IDEMPOTENCY_KEY, PREFER],
             "requestBody": {"required": True, "content": {"application/json": {
                 "schema": ref("ChatCompletionRequest")}}},
             "responses": {
@@ -324,25 +342,25 @@ def operations() -> dict[str, Any]:
                                        "chat.completion.chunk objects ending with data: [DONE]",
                         "content": {"application/json": {"schema": ref("ChatCompletion")},
                                     "text/event-stream": {"schema": {"type": "string"}}}},
-                **submit_errors, **ACCEPTED_ERRORS},
+                **PREFERRED_WAIT_RAN_OUT, **submit_errors, **ACCEPTED_ERRORS},
         }},
         "/v1/completions": {"post": {
         "security": [{"bearer": []}, {}],
-        "parameters": [IDEMPOTENCY_KEY],
+        "parameters": [IDEMPOTENCY_KEY, PREFER],
         "requestBody": {"required": True, "content": {"application/json": {"schema": ref("CompletionRequest")}}},
         "responses": {
             "200": {"description": "The text completion, or with stream=true Server-Sent Events of "
                                    "text_completion objects ending with data: [DONE]",
                     "content": {"application/json": {"schema": ref("TextCompletion")},
                                 "text/event-stream": {"schema": {"type": "string"}}}},
-            **submit_errors, **ACCEPTED_ERRORS},
+            **PREFERRED_WAIT_RAN_OUT, **submit_errors, **ACCEPTED_ERRORS},
     }},
     "/v1/images/generations": {"post": {
             "security": [{"bearer": []}, {}],
-            "parameters": [IDEMPOTENCY_KEY],
+            "parameters": [IDEMPOTENCY_KEY, PREFER],
             "requestBody": {"required": True, "content": {"application/json": {"schema": ref("ImagesRequest")}}},
             "responses": {"200": json_response("The pictures", ref("ImagesResponse")),
-                          **submit_errors, **ACCEPTED_ERRORS},
+                          **PREFERRED_WAIT_RAN_OUT, **submit_errors, **ACCEPTED_ERRORS},
         }},
         "/v1/models": {"get": {"security": [{"bearer": []}, {}],
             "responses": {"200": json_response("The list", ref("ModelList")), **v1_errors}}},
@@ -350,6 +368,23 @@ def operations() -> dict[str, Any]:
             "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": json_response("The model", ref("Model")),
                           "404": error("Unknown model"), **v1_errors}}},
+        "/v1/tasks": {"get": {"security": [{"bearer": []}, {}],
+            "parameters": [{"name": "limit", "in": "query", "required": False,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                           {"name": "after", "in": "query", "required": False, "schema": {"type": "string"},
+                            "description": "The last id of the previous page"},
+                           {"name": "status", "in": "query", "required": False,
+                            "schema": {"enum": ["submitted", "completed", "failed", "expired"]}},
+                           {"name": "key", "in": "query", "required": False, "schema": {"type": "string"},
+                            "description": "Admin keys: another key's tasks"}],
+            "responses": {"200": json_response("Your tasks, newest first", ref("TaskObjectList")),
+                          "400": error("A malformed filter or cursor"), **v1_errors}}},
+        "/v1/tasks/{uuid}/events": {"get": {"security": [{"bearer": []}, {}],
+            "parameters": [TASK_UUID],
+            "responses": {"200": {"description": "text/event-stream: event: progress, then completed, failed, "
+                                                 "expired or error",
+                                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                          "400": error("Malformed uuid"), "404": error("Unknown task"), **v1_errors}}},
         "/v1/tasks/{uuid}": {"get": {"security": [{"bearer": []}, {}],
             "parameters": [TASK_UUID],
             "responses": {"200": json_response("The upstream's answer", ref("UpstreamTask")),

@@ -20,7 +20,7 @@ MAX_PAGE = 1000
 MAX_CSV_ROWS = 10_000
 
 
-def task_query(argument: Callable[[str], str | None], *, high: int = MAX_PAGE) -> TaskQuery:
+def task_query(argument: Callable[[str], str | None], *, high: int = MAX_PAGE, default: int = 50) -> TaskQuery:
     """?key=&status=&since=&until=&before=&limit= as a TaskQuery, each checked (a 400 names it)."""
     status = argument("status")
     if status is not None and status not in TASK_STATUSES:
@@ -37,7 +37,7 @@ def task_query(argument: Callable[[str], str | None], *, high: int = MAX_PAGE) -
     if before is not None and (cursor is None or not 0 < cursor < 1e11):
         raise invalid("before must be a time in seconds, as next_before gave it", param="before")
     return TaskQuery(key=validation.key_name(argument("key")), status=status, since=since, until=until,
-                     before=cursor, limit=validation.count(argument("limit"), "limit", default=50, high=high))
+                     before=cursor, limit=validation.count(argument("limit"), "limit", default=default, high=high))
 
 
 def task_page(tasks: list[TaskRecord], query: TaskQuery) -> dict[str, Any]:

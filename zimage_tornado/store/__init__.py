@@ -278,6 +278,10 @@ class Store(abc.ABC):
     async def find_tasks(self, query: TaskQuery) -> list[TaskRecord]:
         """Recorded tasks that match `query`, newest first."""
 
+    @abc.abstractmethod
+    async def get_task(self, uuid: str) -> TaskRecord | None:
+        """One recorded task."""
+
     async def recent_tasks(self, key: str | None, limit: int) -> list[TaskRecord]:
         """The most recent tasks, newest first."""
         return await self.find_tasks(TaskQuery(key=key, limit=limit))

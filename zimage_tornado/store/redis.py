@@ -375,6 +375,14 @@ class RedisStore(Store):
                     found.append(task)
         return found[:query.limit]
 
+    async def get_task(self, uuid: str) -> TaskRecord | None:
+        value = await self._do(self.redis.get(PREFIX + "task:" + uuid))
+        if value is None:
+            return None
+        row = json.loads(value)
+        row.pop("day", None)
+        return TaskRecord(**row)
+
     async def last_seen(self, keys: list[str]) -> dict[str, float]:
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:

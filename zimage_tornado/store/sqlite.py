@@ -423,6 +423,12 @@ class SqliteStore(Store):
             return [record(dict(zip(TASK_COLUMNS, row))) for row in rows]
         return await self._call(find)
 
+    async def get_task(self, uuid: str) -> TaskRecord | None:
+        def get(conn: sqlite3.Connection) -> TaskRecord | None:
+            row = conn.execute("SELECT %s FROM tasks WHERE uuid = ?" % ", ".join(TASK_COLUMNS), (uuid,)).fetchone()
+            return None if row is None else record(dict(zip(TASK_COLUMNS, row)))
+        return await self._call(get)
+
     async def last_seen(self, keys: list[str]) -> dict[str, float]:
         wanted = set(keys)
         return await self._call(lambda conn: {str(key): float(at) for key, at in conn.execute(

@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable
 from tornado.iostream import StreamClosedError
 from tornado.web import RequestHandler, stream_request_body
 
-from zimage_tornado import logs, validation
+from zimage_tornado import logs, openai_api, validation
 from zimage_tornado.accounts import Refused, TooManyCallerWaiters
 from zimage_tornado.domain import COMPLETED, GenerationRequest, Task
 from zimage_tornado.errors import ApiError, invalid
@@ -111,6 +111,23 @@ class BaseHandler(RequestHandler):
     def require_admin(self) -> None:
         if not self.caller.admin:
             raise ApiError(403, "This needs an admin key", code="admin_only")
+
+    def prefer_wait(self) -> float | None:
+        """RFC 7240 `Prefer: wait=N`: answer within N seconds (capped by the wait budget), with
+        the pictures if the task is done by then, else 202 and where to find it. None without it
+        (a malformed preference is ignored, as preferences may be)."""
+        for preference in self.request.headers.get_list("Prefer"):
+            for token in preference.split(","):
+                name, _, value = token.strip().partition("=")
+                if name.strip().lower() == "wait" and value.strip().isascii() and value.strip().isdigit():
+                    return min(float(value.strip()), self.gateway.settings.wait_budget)
+        return None
+
+    def accepted(self, outcome: Outcome, waited: float) -> None:
+        """202 for a `Prefer: wait` that ran out while the task runs."""
+        self.send(openai_api.task_pending(outcome.task, outcome.uuid), 202, {
+            "Location": "/v1/tasks/%s" % outcome.uuid, "Preference-Applied": "wait=%d" % waited,
+            "Retry-After": self.retry_after})
 
     async def read_allowed(self) -> None:
         """A task read or picture download within the caller's reads_per_minute (429 past it)."""

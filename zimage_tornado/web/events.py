@@ -38,6 +38,32 @@ class EventStream:
         await self.handler.within_write_timeout(self.handler.flush())
 
 
+class TaskEvents(EventStream):
+    """One task's life as named events: `progress` when its status or progress changes (a comment
+    after every other read, so proxies keep the stream open), then `completed`, `failed` or
+    `expired` with the task, or `error`."""
+
+    def __init__(self, handler: BaseHandler) -> None:
+        super().__init__(handler)
+        self._last: tuple[Any, ...] | None = None
+
+    async def named(self, name: str, data: Any) -> None:
+        await self._emit("event: %s\ndata: %s\n\n" % (name, json_text(data)))
+
+    async def progress(self, task: Task | None) -> None:
+        state = None if task is None else (task.status, task.progress, task.queue_position)
+        if task is not None and state != self._last:
+            self._last = state
+            await self.named("progress", {"id": task.uuid, "status": task.status, "progress": task.progress,
+                                          "queue_position": task.queue_position})
+        else:
+            await self.keepalive()
+
+    async def end(self, name: str, data: Any) -> None:
+        await self.named(name, data)
+        self.handler.finish()
+
+
 class CompletionStream(EventStream):
     """A chat completion as `chat.completion.chunk` events (or a legacy completion as
     `text_completion` ones) ending with `data: [DONE]`; with stream_options.include_usage, a

@@ -3,19 +3,21 @@ which status an error gets is web/statuses.py's; the routes are web/routes.py's.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from zimage_tornado import SERVICE_NAME, __version__, logs, openai_api, openapi, reports, validation
-from zimage_tornado.domain import COMPLETED
+from zimage_tornado.domain import COMPLETED, FAILED
 from zimage_tornado.errors import ApiError
 from zimage_tornado.metrics import CONTENT_TYPE
 from zimage_tornado.store import utc_day
-from zimage_tornado.watcher import INTERRUPTED, RUNNING, Outcome
+from zimage_tornado.watcher import INTERRUPTED, RUNNING, TIMEOUT, Outcome
 from zimage_tornado.web.base import BaseHandler
-from zimage_tornado.web.events import CompletionStream
+from zimage_tornado.web import statuses
+from zimage_tornado.web.events import CompletionStream, TaskEvents
 from zimage_tornado.web.statuses import OutcomeError
 
 STATIC = Path(__file__).parent.parent / "static"
@@ -168,7 +170,8 @@ class ChatCompletionsHandler(BaseHandler):
 
     async def post(self) -> None:
         request = self.parse(self.json_body(), self.gateway.settings.limits, self.gateway.models)
-        wait = self.gateway.settings.chat_wait if request.wait is None else request.wait
+        prefer = None if request.stream else self.prefer_wait()
+        wait = prefer is not None or (self.gateway.settings.chat_wait if request.wait is None else request.wait)
         if wait and request.background:  # a chat app's housekeeping prompt: no image job for it
             return await self.reply(request, None, openai_api.background_reply(request.generation.prompt))
         task = await self.submit(request.generation, request.model)
@@ -176,9 +179,12 @@ class ChatCompletionsHandler(BaseHandler):
             return await self.reply(request, task.uuid, task.uuid)
         if request.stream:
             return await self.stream_pictures(request)
-        outcome = await self.wait_for_task()
-        if outcome is not None:
-            await self.reply(request, task.uuid, openai_api.markdown_images(self.pictures(outcome).image_urls))
+        outcome = await self.wait_for_task(prefer)
+        if outcome is None:
+            return
+        if prefer is not None and outcome.state == TIMEOUT:
+            return self.accepted(outcome, prefer)
+        await self.reply(request, task.uuid, openai_api.markdown_images(self.pictures(outcome).image_urls))
 
     async def reply(self, request: openai_api.ChatRequest, task_uuid: str | None, content: str) -> None:
         if not request.stream:
@@ -233,10 +239,13 @@ class ImagesGenerationsHandler(BaseHandler):
 
     async def post(self) -> None:
         request = openai_api.parse_images_request(self.json_body(), self.gateway.settings.limits, self.gateway.models)
+        prefer = self.prefer_wait()
         await self.submit(request.generation, request.model)
-        outcome = await self.wait_for_task()
+        outcome = await self.wait_for_task(prefer)
         if outcome is None:
             return
+        if prefer is not None and outcome.state == TIMEOUT:
+            return self.accepted(outcome, prefer)
         done = self.pictures(outcome)
         b64 = None
         if request.response_format == "b64_json":
@@ -275,6 +284,50 @@ class ModelHandler(BaseHandler):
         if not self.gateway.models.knows(model_id):
             raise ApiError(404, "The model %r does not exist" % model_id[:200], param="model", code="model_not_found")
         self.send(openai_api.model_object(model_id))
+
+
+class TaskListHandler(BaseHandler):
+    """The caller's own tasks from the store (admins: anyone's with ?key=), newest first."""
+
+    async def get(self) -> None:
+        key = validation.key_name(self.query_argument("key"))
+        if not self.caller.admin:
+            key = self.caller.name
+        query = reports.task_query(lambda name: None if name in ("key", "before", "since", "until")
+                                   else self.query_argument(name), high=100, default=20)
+        before = None
+        after = self.query_argument("after")
+        if after is not None:
+            record = await self.gateway.store.get_task(validation.task_id(after))
+            if record is None or (not self.caller.admin and record.key != self.caller.name):
+                raise ApiError(400, "after must be the id of one of your tasks", param="after", code="invalid_value")
+            before = record.submitted_at
+        query = dataclasses.replace(query, key=key, before=before, limit=query.limit + 1)
+        records = await self.gateway.store.find_tasks(query)
+        self.send(openai_api.task_list(records[:query.limit - 1], len(records) == query.limit))
+
+
+class TaskEventsHandler(BaseHandler):
+    """One task's progress as server-sent events, for a browser or a tool, until it ends."""
+
+    async def get(self, uuid: str) -> None:
+        self.task_uuid = validation.task_id(uuid)
+        await self.read_allowed()
+        await self.require_readable(self.task_uuid)
+        stream = TaskEvents(self)
+        stream.start()
+        await stream.keepalive()  # the headers go now: a client knows it is connected
+        settings = self.gateway.settings
+        outcome = await self.wait_for_task(max(settings.wait_budget, settings.follow_budget), on_tick=stream.progress)
+        if outcome is None:
+            return
+        if outcome.state in (COMPLETED, FAILED):
+            assert outcome.task is not None
+            return await stream.end(outcome.state, openai_api.images_ready(outcome.task))
+        if outcome.state == TIMEOUT:
+            return await stream.end("expired", {"uuid": outcome.uuid, "status": "expired"})
+        error = self.api_error(statuses.OutcomeError(outcome))
+        await stream.end("error", error.body())
 
 
 class TaskHandler(BaseHandler):
