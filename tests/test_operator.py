@@ -141,3 +141,17 @@ def test_a_mistyped_flag_gets_one_line_naming_the_right_one():
     shown = cli("--prot=9000")
     assert shown.returncode == 2
     assert shown.stderr.strip().count("\n") == 0 and "--port" in shown.stderr and not shown.stdout
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_every_worker_takes_a_new_key_on_sighup(gateways, fake, tmp_path):
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[keys.alice]\nkey = "sk-alice"\n')
+    gateway = gateways("--api_keys_file=%s" % keys, "--processes=2")
+    await gateway.started()
+    await eventually(lambda: gateway.log().count(" listening on ") == 2, timeout=10)
+    keys.write_text('[keys.alice]\nkey = "sk-alice"\n[keys.erin]\nkey = "sk-erin"\n')
+    gateway.proc.send_signal(signal.SIGHUP)  # to the supervisor, which passes it on
+    await eventually(lambda: gateway.log().count("keys: reloaded (SIGHUP)") == 2, timeout=10)
+    codes = [(await gateway.fetch("/v1/models", headers=bearer("sk-erin"))).code for _ in range(20)]
+    assert codes == [200] * 20  # whichever worker answers
