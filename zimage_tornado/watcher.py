@@ -45,8 +45,7 @@ class TooManyWaiters(Exception):
     pass
 
 
-class ReadDeferred(Exception):
-    """A background read found no free turn in the upstream read bucket; it waits an interval."""
+
 
 
 def gcra(tat: float, now: float, rate: float, hold: float) -> tuple[float, float]:
@@ -117,7 +116,7 @@ MAX_FOLLOWED = 100_000  # tasks followed with nobody waiting: past this, new one
 
 class _Poll:
     __slots__ = ("uuid", "waiters", "task", "task_at", "error", "wakeup", "runner", "tick", "leased", "heard_at",
-                 "lease_errors", "read_at", "not_before", "follow_from", "follow_until", "final")
+                 "lease_errors", "read_at", "not_before", "follow_from", "follow_until", "final", "deferrals")
 
     def __init__(self, uuid: str) -> None:
         self.uuid = uuid
@@ -136,6 +135,7 @@ class _Poll:
         self.follow_from = 0.0  # followed: when the task was submitted (loop time)
         self.follow_until: float | None = None  # followed: when to give up on it
         self.final = False  # another instance told us it ended
+        self.deferrals = 0  # background reads in a row that gave way to others
 
 
 class TaskWatcher:
@@ -176,7 +176,7 @@ class TaskWatcher:
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def read(self, uuid: str, fresh_ok: bool = True, background: bool = False) -> Task:
+    async def read(self, uuid: str, fresh_ok: bool = True, turn_taken: bool = False) -> Task:
         """The task now: from the cache when finished, else one upstream read shared by all
         callers asking at the same moment."""
         cached = self.cache.get(uuid) or (self._fresh.get(uuid) if fresh_ok else None)
@@ -185,32 +185,27 @@ class TaskWatcher:
             return cached
         pending = self._reads.get(uuid)
         if pending is None:
-            pending = self._shared_task(self._read_upstream(uuid, fresh_ok, background))
+            pending = self._shared_task(self._read_upstream(uuid, fresh_ok, turn_taken))
             self._reads[uuid] = pending
             pending.add_done_callback(functools.partial(self._read_done, uuid))
         else:
             self.counters["coalesced_reads"] += 1
-        try:
-            # shield: one caller leaving must not cancel the read the others are waiting for
-            return await asyncio.shield(pending)
-        except ReadDeferred:
-            if background:
-                raise
-            return await self.read(uuid, fresh_ok)  # joined a background read that gave way: ask in turn
+        # shield: one caller leaving must not cancel the read the others are waiting for
+        return await asyncio.shield(pending)
 
     def _read_done(self, uuid: str, future: asyncio.Future[Task]) -> None:
         self._reads.pop(uuid, None)
         if not future.cancelled():
             future.exception()  # retrieved here so an unawaited failure is not reported as lost
 
-    async def _read_upstream(self, uuid: str, fresh_ok: bool, background: bool) -> Task:
+    async def _read_upstream(self, uuid: str, fresh_ok: bool, turn_taken: bool) -> Task:
         shared = await self._shared(uuid, fresh_ok)  # finished, or read lately, by another instance of the fleet
         if shared is not None:
             self.counters["shared_cache_hits"] += 1
             (self.cache if shared.is_final else self._fresh).put(uuid, shared)
             return shared
-        if not await self._turn(background=background):
-            raise ReadDeferred("The read gave way to reads someone waits for")
+        if not turn_taken:
+            await self._turn()
         self.counters["upstream_reads"] += 1
         try:
             task = await self.client.get_task(uuid)
@@ -323,6 +318,8 @@ class TaskWatcher:
             if not poll.waiters:
                 if poll.task is None and poll.error is None:
                     poll.read_at = float("-inf")  # never read since its submit: the first waiter's check is now
+                if poll.deferrals:
+                    poll.not_before, poll.deferrals = 0.0, 0  # no longer in the background: no backing off
                 self._wake(poll)  # a followed task may be read a minute apart: a waiter wants every interval
         timer = loop.call_later(budget, self._expire, poll, future, budget)
         poll.waiters[future] = budget
@@ -437,11 +434,20 @@ class TaskWatcher:
                 if not poll.leased:  # another instance reads it: we hear its states
                     self.counters["reads_left_to_others"] += 1
                 else:
+                    background = not poll.waiters
+                    if background and not await self._turn(background=True):
+                        # No free turn: reads someone waits for go first. Back off, up to
+                        # follow_interval, so that a backlog of followed tasks costs few wake-ups.
+                        poll.deferrals += 1
+                        poll.not_before = loop.time() + min(self.follow_interval,
+                                                            self.interval * 2 ** min(poll.deferrals, 10))
+                        poll.read_at = loop.time()
+                        await self._pause(poll)
+                        continue
+                    poll.deferrals = 0
                     try:
-                        # Its turn to ask the upstream; in the background when nobody waits on it.
-                        task = await self.read(poll.uuid, fresh_ok=False, background=not poll.waiters)
-                    except ReadDeferred:
-                        pass  # asked again an interval on
+                        # Its turn to ask the upstream (taken above when nobody waits on it).
+                        task = await self.read(poll.uuid, fresh_ok=False, turn_taken=background)
                     except TaskNotFound as e:
                         self._settle(poll, NOT_FOUND, e)
                         return
