@@ -83,6 +83,8 @@ def fake_upstream(port: int, **options: Any) -> list[str]:
 def proxy(port: int, upstream_port: int, **settings: Any) -> list[str]:
     """A gateway on its default (file-backed) store, in a temporary directory of this run."""
     settings.setdefault("database", os.path.join(SCRATCH.name, "gateway-%d.sqlite3" % port))
+    # Every client of a benchmark is 127.0.0.1: a per-address read limit would measure itself.
+    settings.setdefault("ip_reads_per_minute", 0)
     args = ["-m", "zimage_tornado", "--port=%d" % port, "--upstream-url=http://%s:%d" % (HOST, upstream_port),
             "--log-level=warning"]
     return args + ["--%s=%s" % (name, value) for name, value in settings.items()]
