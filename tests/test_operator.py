@@ -149,9 +149,9 @@ async def test_every_worker_takes_a_new_key_on_sighup(gateways, fake, tmp_path):
     keys.write_text('[keys.alice]\nkey = "sk-alice"\n')
     gateway = gateways("--api_keys_file=%s" % keys, "--processes=2")
     await gateway.started()
-    await eventually(lambda: gateway.log().count(" listening on ") == 2, timeout=10)
+    await eventually(lambda: gateway.log().count(" listening on ") == 2, timeout=30)
     keys.write_text('[keys.alice]\nkey = "sk-alice"\n[keys.erin]\nkey = "sk-erin"\n')
     gateway.proc.send_signal(signal.SIGHUP)  # to the supervisor, which passes it on
-    await eventually(lambda: gateway.log().count("keys: reloaded (SIGHUP)") == 2, timeout=10)
+    await eventually(lambda: gateway.log().count("keys: reloaded (SIGHUP)") == 2, timeout=30)
     codes = [(await gateway.fetch("/v1/models", headers=bearer("sk-erin"))).code for _ in range(20)]
     assert codes == [200] * 20  # whichever worker answers

@@ -62,15 +62,19 @@ def test_nested_wins_over_top_level():
 
 
 def test_prompt_falls_back_to_the_last_user_message():
-    g = parse({"model": "m", "messages": [
+    body = {"model": "m", "messages": [
         {"role": "system", "content": "be nice"},
         {"role": "user", "content": "first"},
         {"role": "assistant", "content": "uuid"},
         {"role": "user", "content": [{"type": "text", "text": "a red"},
                                      {"type": "image_url", "image_url": {"url": "http://x"}},
                                      {"type": "text", "text": "bicycle"}]},
-    ]}).generation
-    assert g.prompt == "a red\nbicycle"
+    ]}
+    with pytest.raises(ApiError) as refused:  # an image part would be dropped silently: refused instead
+        parse(body)
+    assert refused.value.code == "unsupported_content"
+    lenient = dataclasses.replace(LIMITS, ignore_image_parts=True)
+    assert parse_chat_request(body, lenient, MODELS).generation.prompt == "a red\nbicycle"
 
 
 @pytest.mark.parametrize("name,expected", [

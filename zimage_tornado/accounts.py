@@ -77,7 +77,7 @@ class Accounts:
                                 admission.ticket)
 
     async def submitted(self, caller: Caller, request: GenerationRequest, task: Task, model: str,
-                        admission: Admission) -> None:
+                        admission: Admission, end_user: str | None = None) -> None:
         """The upstream accepted `task`: its owner and usage row, committed before the answer.
         Raises NotRecorded if the store cannot commit it (it keeps the row and retries)."""
         self.owners.put(task.uuid, caller.name)
@@ -88,7 +88,7 @@ class Accounts:
                 uuid=task.uuid, key=caller.name, client=caller.client, model=model, width=request.width,
                 height=request.height, batch_size=request.batch_size, steps=request.steps,
                 prompt=request.prompt if keep else None, negative_prompt=request.negative_prompt if keep else None,
-                submitted_at=self.clock()), admission.ticket)
+                submitted_at=self.clock(), end_user=end_user), admission.ticket)
         except StoreUnavailable as e:
             log.error("task %s of %s: its record could not be committed yet (%s); retrying", task.uuid,
                       caller.name, e)

@@ -57,6 +57,8 @@ class Settings:
                                            "learns how it ended; then it is recorded as expired (0: not followed)")
     follow_interval: float = setting(60.0, "Seconds between status reads of a followed task nobody waits on, once "
                                            "a full wait budget has passed since its submit")
+    ignore_image_parts: bool = setting(False, "Chat: drop a message's image parts instead of refusing them with 400 "
+                                              "(for front-ends that attach images by habit)")
     chat_wait: bool = setting(False, "Chat completions wait for the pictures and answer markdown images")
     model_aliases: str = setting("", "Model name aliases, e.g. 'dall-e-3=turbo,gpt-image-1=turbo'")
     idempotency_ttl: float = setting(86400.0, "Seconds an Idempotency-Key keeps returning the same task")
@@ -277,7 +279,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Listening", ("address", "port", "backlog", "processes", "shutdown_timeout", "idle_timeout", "body_timeout",
                    "write_timeout", "trusted_proxies", "cors_origins")),
     ("Waiting and following tasks", ("poll_interval", "max_attempts", "max_waiters", "cache_size", "cache_ttl",
-                                     "follow_budget", "follow_interval", "chat_wait")),
+                                     "follow_budget", "follow_interval", "chat_wait", "ignore_image_parts")),
     ("Requests and limits", ("max_batch_size", "min_size", "max_size", "size_multiple", "max_steps",
                              "max_cfg_scale", "max_prompt_length", "max_body_bytes", "idempotency_ttl",
                              "ip_requests_per_minute", "ip_images_per_day", "ip_max_waiters", "ip_reads_per_minute",

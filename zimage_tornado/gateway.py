@@ -113,7 +113,8 @@ class Gateway:
         return self.live_keys.ring
 
     async def submit(self, request: GenerationRequest, caller: Caller, model: str,
-                     idempotency_key: str | None = None, retry: bool = False) -> Submitted:
+                     idempotency_key: str | None = None, retry: bool = False,
+                     end_user: str | None = None) -> Submitted:
         """A new upstream task within the caller's limits, or the one the caller already made
         with `idempotency_key`, or (`retry`: an SDK's retry, without a key) for the same request
         within the last wait budget. A replay counts against no limit.
@@ -134,7 +135,7 @@ class Gateway:
                 await self.accounts.refund(caller, admission, request.batch_size)
                 raise
             try:
-                await self.accounts.submitted(caller, request, task, model, admission)
+                await self.accounts.submitted(caller, request, task, model, admission, end_user)
             finally:
                 self.watcher.follow_up(task.uuid)  # the record learns how it ends, recorded yet or not
             submitted = Submitted(task, admission)

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from zimage_tornado import validation
 from zimage_tornado.domain import GenerationRequest, Task
-from zimage_tornado.errors import invalid
+from zimage_tornado.errors import ApiError, invalid
 from zimage_tornado.validation import Limits
 
 # Chat front-ends (Open WebUI and its kin) send their housekeeping prompts (titles, tags,
@@ -56,6 +56,7 @@ class ChatRequest:
     background: bool = False  # a chat app's housekeeping prompt, not a picture request
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
     text: bool = False  # POST /v1/completions
+    end_user: str | None = None  # OpenAI's `user`, recorded with the task
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,67 @@ class ImagesRequest:
     generation: GenerationRequest
     model: str
     response_format: str = "url"
+    quality: str = "auto"
+    background: str = "auto"
+    gpt_image: bool = False  # answer as gpt-image does: size, quality, output_format, background, usage
+    end_user: str | None = None
+
+
+# quality (gpt-image's and DALL·E 3's words) -> steps, unless `steps` is given
+QUALITY_STEPS = {"low": 4, "medium": 8, "standard": 8, "auto": 8, "high": 12, "hd": 12}
+# gpt-image's output tokens for a 1024x1024 picture, by quality; other sizes in proportion to their area
+IMAGE_TOKENS = {"low": 272, "medium": 1056, "standard": 1056, "auto": 1056, "high": 4160, "hd": 4160}
+END_USER_MAX = 256
+
+
+def end_user(params: dict[str, Any]) -> str | None:
+    """OpenAI's `user`: an id of the caller's own end user, recorded with the task."""
+    value = params.get("user")
+    if value is None:
+        return None
+    user = validation.string(value, "user", max_length=END_USER_MAX, allow_empty=False)
+    if not user.isprintable():
+        raise invalid("user must not contain control characters", param="user")
+    return user
+
+
+def unsupported(message: str, param: str) -> ApiError:
+    return ApiError(400, message, param=param, code="unsupported_value")
+
+
+def image_options(params: dict[str, Any], fields: dict[str, Any], limits: Limits) -> tuple[str, str]:
+    """The Images API's knobs, honoured or refused (never accepted and ignored): (quality, background)."""
+    background = validation.choice(params.get("background") or "auto", "background", ("auto", "opaque", "transparent"))
+    if background == "transparent":
+        raise unsupported("Z-Image cannot draw a transparent background; use auto or opaque", "background")
+    quality = validation.choice(params.get("quality") or "auto", "quality", tuple(QUALITY_STEPS))
+    if params.get("quality") is not None and "steps" not in fields:
+        fields["steps"] = min(QUALITY_STEPS[quality], limits.max_steps)
+    if params.get("style") is not None:
+        validation.choice(params["style"], "style", ("vivid", "natural"))  # accepted: it changes nothing here
+    if params.get("moderation") is not None:
+        validation.choice(params["moderation"], "moderation", ("auto", "low"))
+    output_format = validation.choice(params.get("output_format") or "png", "output_format", ("png", "jpeg", "webp"))
+    if output_format != "png":
+        raise unsupported("output_format %s is not available yet: this gateway answers PNG" % output_format,
+                          "output_format")
+    if params.get("output_compression") is not None:
+        raise unsupported("output_compression applies to jpeg and webp, which are not available yet",
+                          "output_compression")
+    if params.get("partial_images") not in (None, 0):
+        validation.integer(params["partial_images"], "partial_images", 0, 3)
+    return quality, background
+
+
+def image_usage(request: ImagesRequest) -> dict[str, Any]:
+    """gpt-image's usage object: input tokens from the prompt (about four characters a token),
+    output tokens per picture by quality and area (docs/api.md)."""
+    g = request.generation
+    per_image = round(IMAGE_TOKENS[request.quality] * g.width * g.height / (1024 * 1024))
+    prompt_tokens = max(1, -(-len(g.prompt) // 4))
+    output = per_image * g.batch_size
+    return {"input_tokens": prompt_tokens, "output_tokens": output, "total_tokens": prompt_tokens + output,
+            "input_tokens_details": {"text_tokens": prompt_tokens, "image_tokens": 0}}
 
 
 def merged_params(body: Any) -> dict[str, Any]:
@@ -90,14 +152,18 @@ def parse_chat_request(body: Any, limits: Limits, models: ModelTable) -> ChatReq
     stream = validation.boolean(params.get("stream", False), "stream")
     wait = None if params.get("wait") is None else validation.boolean(params["wait"], "wait")
     include_usage = stream_usage(params)
+    if params.get("n") is not None and validation.integer(params["n"], "n", 1, 128) > 1:
+        raise unsupported("One chat completion carries one task: for several pictures, set batch_size (extra_body) "
+                          "instead of n", "n")
     if params.get("prompt") is not None:
         prompt, background = validation.prompt(params["prompt"], limits), False
     else:
-        prompt = validation.prompt(last_user_text(messages or []), limits, param="messages")
+        prompt = validation.prompt(last_user_text(messages or [], limits.ignore_image_parts), limits,
+                                   param="messages")
         background = prompt.startswith(BACKGROUND_PREFIX)
     fields = validation.generation_fields(params, limits)
     generation = GenerationRequest(prompt=prompt, model=models.upstream(model), **fields)
-    return ChatRequest(generation, model, stream, wait, background, include_usage)
+    return ChatRequest(generation, model, stream, wait, background, include_usage, end_user=end_user(params))
 
 
 def parse_completion_request(body: Any, limits: Limits, models: ModelTable) -> ChatRequest:
@@ -115,7 +181,8 @@ def parse_completion_request(body: Any, limits: Limits, models: ModelTable) -> C
     wait = None if params.get("wait") is None else validation.boolean(params["wait"], "wait")
     fields = validation.generation_fields(params, limits)
     generation = GenerationRequest(prompt=prompt, model=models.upstream(model), **fields)
-    return ChatRequest(generation, model, stream, wait, False, stream_usage(params), text=True)
+    return ChatRequest(generation, model, stream, wait, False, stream_usage(params), text=True,
+                       end_user=end_user(params))
 
 
 def stream_usage(params: dict[str, Any]) -> bool:
@@ -155,32 +222,43 @@ def parse_images_request(body: Any, limits: Limits, models: ModelTable) -> Image
     if params.get("stream"):
         raise invalid("Streaming image generation is not supported", param="stream")
     fields = validation.generation_fields(params, limits)
+    quality, background = image_options(params, fields, limits)
     if params.get("n") is not None:
         fields["batch_size"] = validation.integer(params["n"], "n", 1, limits.max_batch_size)
     dimensions = validation.size(params.get("size"), limits)
     if dimensions is not None:
         fields["width"], fields["height"] = dimensions
     # gpt-image models always answer base64 at OpenAI: code written for them reads b64_json.
+    gpt_image = model.lower().startswith("gpt-image") or any(
+        params.get(name) is not None for name in ("output_format", "background", "moderation")) or (
+        params.get("quality") in ("low", "medium", "high"))
     default_format = "b64_json" if model.lower().startswith("gpt-image") else "url"
     response_format = validation.choice(params.get("response_format") or default_format, "response_format",
                                         ("url", "b64_json"))
     generation = GenerationRequest(prompt=prompt, model=models.upstream(model), **fields)
-    return ImagesRequest(generation, model, response_format)
+    return ImagesRequest(generation, model, response_format, quality, background, gpt_image, end_user(params))
 
 
-def last_user_text(messages: list[Any]) -> str:
+def last_user_text(messages: list[Any], ignore_images: bool = False) -> str:
     """The text of the last user message (chat clients send the whole history)."""
     for message in reversed(messages):
         if isinstance(message, dict) and message.get("role") == "user":
-            return message_text(message.get("content"))
+            return message_text(message.get("content"), ignore_images)
     raise invalid("No prompt: give extra_body.prompt, prompt, or a user message", param="messages",
                   code="missing_value")
 
 
-def message_text(content: Any) -> str:
+def message_text(content: Any, ignore_images: bool = False) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
+        if any(isinstance(part, dict) and part.get("type") in ("image_url", "input_image") for part in content) \
+                and not ignore_images:
+            raise ApiError(400, "This model draws from text only: the message's image part would be ignored "
+                                "(remove it, or start the gateway with ignore_image_parts = true)",
+                           param="messages", code="unsupported_content")
+        content = [part for part in content if not (isinstance(part, dict) and part.get("type") in (
+            "image_url", "input_image"))]
         texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
         strings = [text for text in texts if isinstance(text, str)]
         if len(strings) == len(texts):
@@ -266,9 +344,15 @@ def restart_note(task_uuid: str, status: str) -> str:
 
 
 def images_response(urls: list[str] | tuple[str, ...], b64: list[str] | None = None,
-                    created: int | None = None) -> dict[str, Any]:
+                    created: int | None = None, request: ImagesRequest | None = None) -> dict[str, Any]:
     data = [{"b64_json": item} for item in b64] if b64 is not None else [{"url": url} for url in urls]
-    return {"created": int(time.time()) if created is None else created, "data": data}
+    body: dict[str, Any] = {"created": int(time.time()) if created is None else created, "data": data}
+    if request is not None and request.gpt_image:
+        g = request.generation
+        body.update(size="%dx%d" % (g.width, g.height), quality=request.quality, output_format="png",
+                    background="opaque" if request.background == "auto" else request.background,
+                    usage=image_usage(request))
+    return body
 
 
 def model_object(model_id: str) -> dict[str, Any]:

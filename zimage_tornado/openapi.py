@@ -294,7 +294,9 @@ TASK_FILTERS = [KEY_PARAM, DAY_PARAM("since", "Submitted on or after this UTC da
                 {"name": "status", "in": "query", "required": False,
                  "schema": {"enum": ["submitted", "completed", "failed", "expired"]}},
                 {"name": "before", "in": "query", "required": False, "description": "The previous page's next_before",
-                 "schema": {"type": "number"}}]
+                 "schema": {"type": "number"}},
+                {"name": "end_user", "in": "query", "required": False, "description": "OpenAI's user of the submit",
+                 "schema": {"type": "string"}}]
 
 
 HEADERS = {

@@ -14,8 +14,8 @@ from zimage_tornado.tenants import PLAN_FIELDS, KeyRing
 
 TASK_STATUSES = ("submitted", "completed", "failed", "expired")
 USAGE_CSV = ("day", "key", "tasks", "images", "failed", "refused")
-TASK_CSV = ("submitted_at", "uuid", "key", "client", "model", "width", "height", "batch_size", "steps", "status",
-            "finished_at", "image_count", "error", "prompt", "negative_prompt", "image_urls")
+TASK_CSV = ("submitted_at", "uuid", "key", "end_user", "client", "model", "width", "height", "batch_size", "steps",
+            "status", "finished_at", "image_count", "error", "prompt", "negative_prompt", "image_urls")
 MAX_PAGE = 1000
 MAX_CSV_ROWS = 10_000
 
@@ -36,7 +36,11 @@ def task_query(argument: Callable[[str], str | None], *, high: int = MAX_PAGE, d
         cursor = None
     if before is not None and (cursor is None or not 0 < cursor < 1e11):
         raise invalid("before must be a time in seconds, as next_before gave it", param="before")
+    user = argument("end_user")
+    if user is not None and (not user or len(user) > 256 or not user.isprintable()):
+        raise invalid("end_user must be 1 to 256 printable characters", param="end_user")
     return TaskQuery(key=validation.key_name(argument("key")), status=status, since=since, until=until,
+                     end_user=user,
                      before=cursor, limit=validation.count(argument("limit"), "limit", default=default, high=high))
 
 

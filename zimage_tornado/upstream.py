@@ -258,7 +258,10 @@ class ZImageClient:
                                          header_callback=header, headers={"User-Agent": self.headers["User-Agent"]})
         except UpstreamError as e:
             # The image client stops reading at max_bytes by closing the connection.
-            if size >= max_bytes or any(length > max_bytes for length in declared):
+            # (the client may stop reading before the callback has counted the last chunk: its own
+            # "body too large" says so too)
+            too_large = "too large" in str(e.__cause__) or "too long" in str(e.__cause__)
+            if size >= max_bytes or too_large or any(length > max_bytes for length in declared):
                 raise UpstreamBadResponse("An image is larger than %d bytes; not fetched" % max_bytes) from e
             raise
         if response.code != 200:

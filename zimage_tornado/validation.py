@@ -30,6 +30,7 @@ class Limits:
     max_steps: int
     max_cfg_scale: float
     max_prompt_length: int
+    ignore_image_parts: bool = False  # chat: drop image parts instead of refusing them
 
 
 def task_id(value: str) -> str:

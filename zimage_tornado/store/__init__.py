@@ -93,6 +93,7 @@ class TaskRecord:
     image_count: int | None = None
     error: str | None = None
     image_urls: list[str] = field(default_factory=list)
+    end_user: str | None = None  # OpenAI's `user`: the caller's own end user
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -108,6 +109,7 @@ class TaskQuery:
     until: str | None = None  # last UTC day, included
     before: float | None = None  # only tasks submitted before this (the previous page's last)
     limit: int = 50
+    end_user: str | None = None
 
 
 @dataclass(frozen=True)

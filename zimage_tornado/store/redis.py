@@ -371,7 +371,8 @@ class RedisStore(Store):
                 row.pop("day", None)
                 task = TaskRecord(**row)
                 if (query.status is None or task.status == query.status) and (
-                        until is None or task.submitted_at < until):
+                        until is None or task.submitted_at < until) and (
+                        query.end_user is None or task.end_user == query.end_user):
                     found.append(task)
         return found[:query.limit]
 

@@ -74,6 +74,11 @@ MIGRATIONS = (
     CREATE INDEX tasks_by_status ON tasks (status, submitted_at);
     CREATE TABLE health (id INTEGER PRIMARY KEY, at REAL NOT NULL);
     """,
+    # OpenAI's `user` of a submit: who the caller drew for
+    """
+    ALTER TABLE tasks ADD COLUMN end_user TEXT;
+    CREATE INDEX tasks_by_end_user ON tasks (end_user, submitted_at);
+    """,
 )
 MAX_QUEUED = 100_000  # operations waiting for the writer: past this, the disk is not keeping up
 MAX_KEPT = 100_000  # writes nobody waits for, kept across failed commits: past this one is dropped
@@ -81,7 +86,8 @@ RETRY_SECONDS = 1.0  # while failing: how often kept writes (or a probe) are tri
 BATCH = 1000
 SWITCH_INTERVAL = 0.0002  # seconds a thread may hold the GIL while another waits (Python's default: 0.005)
 TASK_COLUMNS = ("uuid", "key", "client", "model", "width", "height", "batch_size", "steps", "prompt",
-                "negative_prompt", "submitted_at", "finished_at", "status", "image_count", "error", "image_urls")
+                "negative_prompt", "submitted_at", "finished_at", "status", "image_count", "error", "image_urls",
+                "end_user")
 # SQLite's primary result codes that mean the database, not one operation, failed: the whole
 # commit is given up (and its writes kept), never half of it.
 DATABASE_FAILURES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 15, 26})  # BUSY LOCKED NOMEM READONLY IOERR
@@ -438,7 +444,7 @@ class SqliteStore(Store):
 def task_filter(query: TaskQuery) -> tuple[str, tuple[Any, ...]]:
     """The WHERE clause of a task query (values as parameters, never in the text)."""
     clauses, args = [], []
-    for clause, value in (("key = ?", query.key), ("status = ?", query.status),
+    for clause, value in (("key = ?", query.key), ("status = ?", query.status), ("end_user = ?", query.end_user),
                           ("submitted_at >= ?", day_start(query.since) if query.since else None),
                           ("submitted_at < ?", day_start(query.until) + DAY if query.until else None),
                           ("submitted_at < ?", query.before)):

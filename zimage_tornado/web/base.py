@@ -282,11 +282,11 @@ class BaseHandler(RequestHandler):
 
     # -- tasks ---------------------------------------------------------------------------------
 
-    async def submit(self, request: GenerationRequest, model: str) -> Task:
+    async def submit(self, request: GenerationRequest, model: str, end_user: str | None = None) -> Task:
         key = validation.idempotency_key(self.request.headers.get("Idempotency-Key"))
         try:
             retry = validation.retry_count(self.request.headers.get("x-stainless-retry-count")) >= 1
-            submitted = await self.gateway.submit(request, self.caller, model, key, retry)
+            submitted = await self.gateway.submit(request, self.caller, model, key, retry, end_user)
         except Refused as refused:
             self.answer_headers.update(access.rate_limit_headers(refused.admission))
             raise

@@ -174,7 +174,7 @@ class ChatCompletionsHandler(BaseHandler):
         wait = prefer is not None or (self.gateway.settings.chat_wait if request.wait is None else request.wait)
         if wait and request.background:  # a chat app's housekeeping prompt: no image job for it
             return await self.reply(request, None, openai_api.background_reply(request.generation.prompt))
-        task = await self.submit(request.generation, request.model)
+        task = await self.submit(request.generation, request.model, request.end_user)
         if not wait:
             return await self.reply(request, task.uuid, task.uuid)
         if request.stream:
@@ -240,7 +240,7 @@ class ImagesGenerationsHandler(BaseHandler):
     async def post(self) -> None:
         request = openai_api.parse_images_request(self.json_body(), self.gateway.settings.limits, self.gateway.models)
         prefer = self.prefer_wait()
-        await self.submit(request.generation, request.model)
+        await self.submit(request.generation, request.model, request.end_user)
         outcome = await self.wait_for_task(prefer)
         if outcome is None:
             return
@@ -250,7 +250,7 @@ class ImagesGenerationsHandler(BaseHandler):
         b64 = None
         if request.response_format == "b64_json":
             b64 = await self.gateway.images.b64(done, request.generation.batch_size)
-        self.send(openai_api.images_response(done.image_urls, b64))
+        self.send(openai_api.images_response(done.image_urls, b64, request=request))
 
 
 class PictureHandler(BaseHandler):

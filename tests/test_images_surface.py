@@ -1,0 +1,71 @@
+"""The OpenAI Images surface, honoured: what is accepted is done, what cannot be done is refused
+with a 400 naming the parameter. With the real OpenAI SDK against a real gateway and the fake."""
+
+import openai
+import pytest
+
+
+def sdk(proxy):
+    return openai.OpenAI(base_url=proxy.url + "/v1", api_key="zimage-free", max_retries=0)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_unsupported_values_are_refused_naming_the_parameter(proxy, fake, io_loop):
+    client = sdk(proxy)
+    for kwargs, param in (({"background": "transparent"}, "background"), ({"style": "bogus"}, "style"),
+                          ({"quality": "ultra"}, "quality"), ({"moderation": "strict"}, "moderation"),
+                          ({"output_format": "webp"}, "output_format"),
+                          ({"extra_body": {"output_compression": 50}}, "output_compression")):
+        with pytest.raises(openai.BadRequestError) as raised:
+            await io_loop.run_in_executor(None, lambda: client.images.generate(prompt="x", **kwargs))  # noqa: B023
+        assert raised.value.body["param"] == param, kwargs
+    assert fake.calls["generate"] == 0  # nothing reached the upstream
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_quality_becomes_steps_and_gpt_image_answers_carry_usage(proxy, fake, io_loop):
+    client = sdk(proxy)
+    answer = await io_loop.run_in_executor(None, lambda: client.images.generate(
+        model="gpt-image-1", prompt="a harbour at night", quality="high", size="1024x1024", n=2))
+    assert fake.generate_bodies[-1]["steps"] == 12  # high -> 12 steps
+    assert answer.output_format == "png" and answer.quality == "high" and answer.size == "1024x1024"
+    assert answer.background == "opaque" and answer.usage.total_tokens > 0
+    assert answer.usage.output_tokens == 2 * 4160 and len(answer.data) == 2 and answer.data[0].b64_json
+    await io_loop.run_in_executor(None, lambda: client.images.generate(prompt="x", quality="low", style="natural"))
+    assert fake.generate_bodies[-1]["steps"] == 4
+    await io_loop.run_in_executor(None, lambda: client.images.generate(prompt="x", quality="hd",
+                                                                        extra_body={"steps": 6}))
+    assert fake.generate_bodies[-1]["steps"] == 6  # given steps win
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_end_user_is_recorded_and_filterable(make_proxy, fake, io_loop, tmp_path):
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[keys.ops]\nkey = "sk-ops"\nadmin = true\n')
+    proxy = make_proxy(api_keys_file=str(keys))
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-ops", max_retries=0)
+    await io_loop.run_in_executor(None, lambda: client.images.generate(prompt="for u-42", user="u-42"))
+    await io_loop.run_in_executor(None, lambda: client.images.generate(prompt="for someone else", user="u-7"))
+    code, body = await proxy.json("/admin/tasks?end_user=u-42", headers={"Authorization": "Bearer sk-ops"})
+    assert code == 200 and [t["prompt"] for t in body["data"]] == ["for u-42"] and body["data"][0]["end_user"] == "u-42"
+    with pytest.raises(openai.BadRequestError) as raised:
+        await io_loop.run_in_executor(None, lambda: client.images.generate(prompt="x", user="a\nb"))
+    assert raised.value.body["param"] == "user"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_chat_refuses_what_it_would_silently_drop(make_proxy, fake, io_loop):
+    proxy = make_proxy()
+    client = sdk(proxy)
+    with pytest.raises(openai.BadRequestError) as raised:
+        await io_loop.run_in_executor(None, lambda: client.chat.completions.create(
+            model="zimage-turbo", n=2, messages=[{"role": "user", "content": "two foxes"}]))
+    assert raised.value.body["param"] == "n" and "batch_size" in raised.value.body["message"]
+    picture = {"role": "user", "content": [{"type": "text", "text": "like this"},
+                                           {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}
+    code, body = await proxy.json("/v1/chat/completions", "POST", {"model": "zimage-turbo", "messages": [picture]})
+    assert code == 400 and body["error"]["code"] == "unsupported_content"
+    assert fake.calls["generate"] == 0
+    lenient = make_proxy(ignore_image_parts=True)
+    code, body = await lenient.json("/v1/chat/completions", "POST", {"model": "zimage-turbo", "messages": [picture]})
+    assert code == 200 and fake.generate_bodies[-1]["prompt"] == "like this" and body["choices"]
