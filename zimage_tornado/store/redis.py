@@ -367,9 +367,7 @@ class RedisStore(Store):
             for value in await self._do(self.redis.mget([PREFIX + "task:" + u for u in uuids])):
                 if value is None:
                     continue
-                row = json.loads(value)
-                row.pop("day", None)
-                task = TaskRecord(**row)
+                task = task_record(value)
                 if (query.status is None or task.status == query.status) and (
                         until is None or task.submitted_at < until) and (
                         query.end_user is None or task.end_user == query.end_user):
@@ -378,11 +376,7 @@ class RedisStore(Store):
 
     async def get_task(self, uuid: str) -> TaskRecord | None:
         value = await self._do(self.redis.get(PREFIX + "task:" + uuid))
-        if value is None:
-            return None
-        row = json.loads(value)
-        row.pop("day", None)
-        return TaskRecord(**row)
+        return None if value is None else task_record(value)
 
     async def last_seen(self, keys: list[str]) -> dict[str, float]:
         pipe = self.redis.pipeline(transaction=False)
@@ -390,6 +384,13 @@ class RedisStore(Store):
             pipe.zrevrange(PREFIX + "recent:" + key, 0, 0, withscores=True)
         answers = await self._do(pipe.execute())
         return {key: float(answer[0][1]) for key, answer in zip(keys, answers) if answer}
+
+
+def task_record(value: str | bytes) -> TaskRecord:
+    """A task's stored JSON (its usage row, with the day it counts on) as a TaskRecord."""
+    row = json.loads(value)
+    row.pop("day", None)
+    return TaskRecord(**row)
 
 
 def day_list(since: str, until: str) -> list[str]:
