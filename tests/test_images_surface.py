@@ -1,6 +1,10 @@
 """The OpenAI Images surface, honoured: what is accepted is done, what cannot be done is refused
 with a 400 naming the parameter. With the real OpenAI SDK against a real gateway and the fake."""
 
+import base64
+import functools
+import io
+
 import openai
 import pytest
 
@@ -14,10 +18,10 @@ async def test_unsupported_values_are_refused_naming_the_parameter(proxy, fake, 
     client = sdk(proxy)
     for kwargs, param in (({"background": "transparent"}, "background"), ({"style": "bogus"}, "style"),
                           ({"quality": "ultra"}, "quality"), ({"moderation": "strict"}, "moderation"),
-                          ({"output_format": "webp"}, "output_format"),
-                          ({"extra_body": {"output_compression": 50}}, "output_compression")):
+                          ({"output_format": "gif"}, "output_format"),
+                          ({"extra_body": {"output_compression": 50}}, "output_compression")):  # png: lossless
         with pytest.raises(openai.BadRequestError) as raised:
-            await io_loop.run_in_executor(None, lambda: client.images.generate(prompt="x", **kwargs))  # noqa: B023
+            await io_loop.run_in_executor(None, functools.partial(client.images.generate, prompt="x", **kwargs))
         assert raised.value.body["param"] == param, kwargs
     assert fake.calls["generate"] == 0  # nothing reached the upstream
 
@@ -69,3 +73,35 @@ async def test_chat_refuses_what_it_would_silently_drop(make_proxy, fake, io_loo
     lenient = make_proxy(ignore_image_parts=True)
     code, body = await lenient.json("/v1/chat/completions", "POST", {"model": "zimage-turbo", "messages": [picture]})
     assert code == 200 and fake.generate_bodies[-1]["prompt"] == "like this" and body["choices"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_jpeg_and_webp_are_real_conversions_of_the_picture(proxy, fake, io_loop):
+    from PIL import Image
+    client = sdk(proxy)
+    for fmt, magic in (("jpeg", b"\xff\xd8\xff"), ("webp", b"RIFF")):
+        answer = await io_loop.run_in_executor(None, functools.partial(
+            client.images.generate, prompt="a fox", size="512x384", response_format="b64_json", output_format=fmt,
+            output_compression=80))
+        data = base64.b64decode(answer.data[0].b64_json)
+        assert data.startswith(magic) and (fmt != "webp" or data[8:12] == b"WEBP")
+        with Image.open(io.BytesIO(data)) as picture:
+            assert picture.size == (512, 384) and picture.format == fmt.upper()
+        assert answer.output_format == fmt
+    answer = await io_loop.run_in_executor(None, lambda: client.images.generate(prompt="a fox", output_format="webp"))
+    url = answer.data[0].url
+    assert url.startswith(proxy.url + "/v1/images/") and "format=webp" in url  # the gateway's own, converting
+    download = await proxy.request(url[len(proxy.url):])
+    assert download.code == 200 and download.headers["Content-Type"] == "image/webp"
+    assert download.body[:4] == b"RIFF" and download.body[8:12] == b"WEBP"
+    assert (await proxy.request(url[len(proxy.url):].replace("webp", "gif"))).code == 400
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_picture_that_cannot_be_converted_is_a_502_naming_it(proxy, fake, io_loop):
+    fake.image_override = b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10
+    client = sdk(proxy)
+    with pytest.raises(openai.APIStatusError) as raised:
+        await io_loop.run_in_executor(None, lambda: client.images.generate(
+            prompt="broken", response_format="b64_json", output_format="jpeg"))
+    assert raised.value.status_code == 502 and "could not be converted to jpeg" in raised.value.message

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import ipaddress
 import socket
 from collections import OrderedDict
-from typing import Any, Hashable
+from typing import Any, Awaitable, Callable, Hashable
 from urllib.parse import urlsplit
 
 from tornado.netutil import DefaultLoopResolver, Resolver
@@ -80,6 +81,26 @@ def make_image_client(*, upstream_url: str, image_hosts: tuple[str, ...], max_cl
                                  resolver=PublicOnlyResolver(allowed=allowed), max_body_size=max_bytes)
 
 
+FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def encode(images: list[bytes]) -> list[str]:
+    return [base64.b64encode(image).decode("ascii") for image in images]
+
+
+def convert(image: bytes, fmt: str, compression: int | None) -> bytes:
+    """The picture in another format, with Pillow (in a worker thread: it is CPU work).
+    `compression` (OpenAI's output_compression, 0-100) is the encoder's quality."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(image)) as opened:
+        opened.load()
+        picture = opened.convert("RGB") if fmt == "jpeg" and opened.mode not in ("RGB", "L") else opened  # no alpha
+        out = io.BytesIO()
+        picture.save(out, format=fmt.upper(), **({"quality": compression} if compression is not None else {}))
+    return out.getvalue()
+
+
 def media_type(image: bytes) -> str:
     """From the picture's first bytes, not from what the image host claims."""
     for magic, kind in ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif")):
@@ -123,11 +144,15 @@ class ImageFetcher:
         self.max_bytes = max_bytes
         self.cache = ByteBoundedCache(cache_bytes)
         self._pending: dict[str, asyncio.Future[list[str]]] = {}
-        self._pictures: dict[tuple[str, str, int], asyncio.Future[bytes]] = {}
+        self._pictures: dict[tuple[Any, ...], asyncio.Future[bytes]] = {}
         self._slots = asyncio.Semaphore(at_once)  # downloads in flight, over all tasks
 
-    async def b64(self, task: Task, batch_size: int) -> list[str]:
-        """The task's first `batch_size` images, base64-encoded, in order."""
+    async def b64(self, task: Task, batch_size: int, fmt: str = "png", compression: int | None = None) -> list[str]:
+        """The task's first `batch_size` images, base64-encoded, in order (converted to `fmt`)."""
+        if fmt != "png":
+            pictures = await asyncio.gather(*(self.picture(task, i, fmt, compression)
+                                              for i in range(min(batch_size, len(task.image_urls)))))
+            return await asyncio.get_running_loop().run_in_executor(None, encode, [p for p, _ in pictures])
         cached = self.cache.get(task.uuid)
         if cached is not None:
             return cached
@@ -157,24 +182,42 @@ class ImageFetcher:
                 fetch.cancel()
             await asyncio.gather(*fetches, return_exceptions=True)
             raise
-        return [base64.b64encode(image).decode("ascii") for image in images]
+        return encode(images)
 
-    async def picture(self, task: Task, index: int) -> tuple[bytes, str]:
+    async def picture(self, task: Task, index: int, fmt: str = "png",
+                      compression: int | None = None) -> tuple[bytes, str]:
         """One of the task's pictures and its media type, fetched under the same rules, once
         however many clients ask at the same time (they join the download in flight) and kept in
-        the byte-bounded cache: every client is then written from the same bytes."""
-        key = ("picture", task.uuid, index)
-        image = self.cache.get(key)
-        if image is None:
-            pending = self._pictures.get(key)
-            if pending is None:
-                pending = asyncio.ensure_future(self._one(task.image_urls[index], asyncio.Event()))
-                self._pictures[key] = pending
-                pending.add_done_callback(lambda done: self._fetched(key, done))
-            image = await asyncio.shield(pending)
-        return image, media_type(image)
+        the byte-bounded cache: every client is then written from the same bytes. Another `fmt`
+        (jpeg, webp) is converted once per picture, format and compression, in a worker thread."""
+        image = await self._once(("picture", task.uuid, index),
+                                 lambda: self._one(task.image_urls[index], asyncio.Event()))
+        kind = media_type(image)
+        if fmt == "png" and kind == "image/png":
+            return image, kind
 
-    def _fetched(self, key: tuple[str, str, int], done: asyncio.Future[bytes]) -> None:
+        async def converted() -> bytes:
+            try:
+                return await asyncio.get_running_loop().run_in_executor(None, convert, image, fmt, compression)
+            except Exception as e:  # noqa: BLE001 - any decoder failure: the picture is not what it claims
+                raise UpstreamBadResponse("Picture %d of task %s could not be converted to %s" % (
+                    index, task.uuid, fmt)) from e
+        return await self._once(("converted", task.uuid, index, fmt, compression), converted), FORMATS[fmt]
+
+    async def _once(self, key: tuple[Any, ...], make: Callable[[], Awaitable[bytes]]) -> bytes:
+        """`make()`'s bytes for `key`: from the cache, or one computation shared by every caller."""
+        cached = self.cache.get(key)
+        if cached is not None:
+            return bytes(cached)
+        pending = self._pictures.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(make())
+            self._pictures[key] = pending
+            pending.add_done_callback(lambda done: self._fetched(key, done))
+        # shield: one client leaving must not cancel the work the others wait for
+        return await asyncio.shield(pending)
+
+    def _fetched(self, key: tuple[Any, ...], done: asyncio.Future[bytes]) -> None:
         self._pictures.pop(key, None)
         if not done.cancelled() and done.exception() is None:
             self.cache.put(key, done.result())

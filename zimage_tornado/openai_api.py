@@ -68,6 +68,8 @@ class ImagesRequest:
     background: str = "auto"
     gpt_image: bool = False  # answer as gpt-image does: size, quality, output_format, background, usage
     end_user: str | None = None
+    output_format: str = "png"
+    output_compression: int | None = None
 
 
 # quality (gpt-image's and DALL·E 3's words) -> steps, unless `steps` is given
@@ -104,16 +106,21 @@ def image_options(params: dict[str, Any], fields: dict[str, Any], limits: Limits
         validation.choice(params["style"], "style", ("vivid", "natural"))  # accepted: it changes nothing here
     if params.get("moderation") is not None:
         validation.choice(params["moderation"], "moderation", ("auto", "low"))
-    output_format = validation.choice(params.get("output_format") or "png", "output_format", ("png", "jpeg", "webp"))
-    if output_format != "png":
-        raise unsupported("output_format %s is not available yet: this gateway answers PNG" % output_format,
-                          "output_format")
-    if params.get("output_compression") is not None:
-        raise unsupported("output_compression applies to jpeg and webp, which are not available yet",
-                          "output_compression")
     if params.get("partial_images") not in (None, 0):
         validation.integer(params["partial_images"], "partial_images", 0, 3)
     return quality, background
+
+
+def output_options(params: dict[str, Any]) -> tuple[str, int | None]:
+    """output_format (png, jpeg, webp: converted by the gateway) and output_compression (0-100, for
+    the lossy two only)."""
+    output_format = validation.choice(params.get("output_format") or "png", "output_format", ("png", "jpeg", "webp"))
+    compression = None
+    if params.get("output_compression") is not None:
+        compression = validation.integer(params["output_compression"], "output_compression", 0, 100)
+        if output_format == "png":
+            raise unsupported("output_compression applies to jpeg and webp, not png", "output_compression")
+    return output_format, compression
 
 
 def image_usage(request: ImagesRequest) -> dict[str, Any]:
@@ -223,6 +230,7 @@ def parse_images_request(body: Any, limits: Limits, models: ModelTable) -> Image
         raise invalid("Streaming image generation is not supported", param="stream")
     fields = validation.generation_fields(params, limits)
     quality, background = image_options(params, fields, limits)
+    output_format, compression = output_options(params)
     if params.get("n") is not None:
         fields["batch_size"] = validation.integer(params["n"], "n", 1, limits.max_batch_size)
     dimensions = validation.size(params.get("size"), limits)
@@ -236,7 +244,8 @@ def parse_images_request(body: Any, limits: Limits, models: ModelTable) -> Image
     response_format = validation.choice(params.get("response_format") or default_format, "response_format",
                                         ("url", "b64_json"))
     generation = GenerationRequest(prompt=prompt, model=models.upstream(model), **fields)
-    return ImagesRequest(generation, model, response_format, quality, background, gpt_image, end_user(params))
+    return ImagesRequest(generation, model, response_format, quality, background, gpt_image, end_user(params),
+                         output_format, compression)
 
 
 def last_user_text(messages: list[Any], ignore_images: bool = False) -> str:
@@ -349,7 +358,7 @@ def images_response(urls: list[str] | tuple[str, ...], b64: list[str] | None = N
     body: dict[str, Any] = {"created": int(time.time()) if created is None else created, "data": data}
     if request is not None and request.gpt_image:
         g = request.generation
-        body.update(size="%dx%d" % (g.width, g.height), quality=request.quality, output_format="png",
+        body.update(size="%dx%d" % (g.width, g.height), quality=request.quality, output_format=request.output_format,
                     background="opaque" if request.background == "auto" else request.background,
                     usage=image_usage(request))
     return body

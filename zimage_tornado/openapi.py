@@ -413,7 +413,12 @@ def operations() -> dict[str, Any]:
         "/v1/images/{uuid}/{index}": {"get": {
         "security": [{"bearer": []}, {}],
         "parameters": [TASK_UUID, {"name": "index", "in": "path", "required": True,
-                                   "schema": {"type": "integer", "minimum": 0}}],
+                                   "schema": {"type": "integer", "minimum": 0}},
+                       {"name": "format", "in": "query", "required": False, "schema": {"enum": ["png", "jpeg", "webp"]},
+                        "description": "Converted by the gateway (png: as the image host has it)"},
+                       {"name": "compression", "in": "query", "required": False,
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 100},
+                        "description": "jpeg and webp: the encoder's quality"}],
         "responses": {
             "200": {"description": "The picture (Content-Disposition: attachment)",
                     "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},

@@ -234,6 +234,11 @@ class BaseHandler(RequestHandler):
             await self.within_write_timeout(self.flush())
         await self.finish()
 
+    def picture_url(self, uuid: str, index: int, fmt: str, compression: int | None) -> str:
+        """This gateway's URL of a task's picture in another format (the same ownership rules)."""
+        query = "format=%s" % fmt + ("" if compression is None else "&compression=%d" % compression)
+        return "%s://%s/v1/images/%s/%d?%s" % (self.request.protocol, self.request.host, uuid, index, query)
+
     def send_csv(self, text: str, filename: str) -> None:
         self.set_header("Content-Type", "text/csv; charset=UTF-8")
         self.set_header("Content-Disposition", 'attachment; filename="%s"' % filename)

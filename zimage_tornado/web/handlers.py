@@ -12,6 +12,7 @@ from typing import Any
 from zimage_tornado import SERVICE_NAME, __version__, logs, openai_api, openapi, reports, validation
 from zimage_tornado.domain import COMPLETED, FAILED
 from zimage_tornado.errors import ApiError
+from zimage_tornado.images import FORMATS
 from zimage_tornado.metrics import CONTENT_TYPE
 from zimage_tornado.store import utc_day
 from zimage_tornado.watcher import INTERRUPTED, RUNNING, TIMEOUT, Outcome
@@ -247,10 +248,14 @@ class ImagesGenerationsHandler(BaseHandler):
         if prefer is not None and outcome.state == TIMEOUT:
             return self.accepted(outcome, prefer)
         done = self.pictures(outcome)
-        b64 = None
+        b64, urls = None, list(done.image_urls)
         if request.response_format == "b64_json":
-            b64 = await self.gateway.images.b64(done, request.generation.batch_size)
-        self.send(openai_api.images_response(done.image_urls, b64, request=request))
+            b64 = await self.gateway.images.b64(done, request.generation.batch_size, request.output_format,
+                                                request.output_compression)
+        elif request.output_format != "png":  # the image host has PNGs: the gateway's own picture URLs convert
+            urls = [self.picture_url(done.uuid, i, request.output_format, request.output_compression)
+                    for i in range(len(urls))]
+        self.send(openai_api.images_response(urls, b64, request=request))
 
 
 class PictureHandler(BaseHandler):
@@ -262,11 +267,15 @@ class PictureHandler(BaseHandler):
         await self.read_allowed()
         await self.require_readable(self.task_uuid)
         number = validation.picture_index(index)
+        fmt = validation.choice(self.query_argument("format") or "png", "format", tuple(FORMATS))
+        compression = self.query_argument("compression")
+        quality = None if compression is None else validation.integer(
+            int(compression) if compression.isascii() and compression.isdigit() else -1, "compression", 0, 100)
         task = await self.gateway.watcher.peek(self.task_uuid)
         if task.status != COMPLETED or number >= len(task.image_urls):
             raise ApiError(404, "Task %s has no picture %d (it is %s)" % (task.uuid, number, task.status),
                            param="index", code="picture_not_found")
-        image, kind = await self.gateway.images.picture(task, number)
+        image, kind = await self.gateway.images.picture(task, number, fmt, quality)
         self.set_header("Content-Type", kind)
         self.set_header("Content-Disposition", 'attachment; filename="%s_%d.%s"' % (task.uuid, number,
                                                                                    kind.rpartition("/")[2]))
