@@ -108,3 +108,31 @@ async def test_rate_windows_of_scopes_that_never_return_do_not_pile_up(tmp_path)
     await store.admit("ip:192.0.2.1", plan, 1, started + 61)  # a minute on, the expired windows are gone
     assert len(store._hits) == 1
     await store.close()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_tasks_are_found_by_filters_a_page_at_a_time_and_learn_their_end(make_store):
+    from zimage_tornado.store import TaskQuery
+    store = make_store()
+    await store.ready()
+    for i in range(5):
+        await store.record_task(TaskRecord("t%d" % i, "alice" if i % 2 else "bob", "127.0.0.1", "zimage-turbo", 512,
+                                           512, 1, 8, "p%d" % i, "", NOW + i, end_user="u%d" % (i % 2)))
+    first = await store.find_tasks(TaskQuery(limit=2))
+    assert [t.uuid for t in first] == ["t4", "t3"]
+    rest = await store.find_tasks(TaskQuery(before=first[-1].submitted_at, limit=10))
+    assert [t.uuid for t in rest] == ["t2", "t1", "t0"]
+    assert [t.uuid for t in await store.find_tasks(TaskQuery(key="alice"))] == ["t3", "t1"]
+    assert [t.uuid for t in await store.find_tasks(TaskQuery(end_user="u0"))] == ["t4", "t2", "t0"]
+    assert (await store.get_task("t2")).prompt == "p2" and await store.get_task("nope") is None
+    assert await store.last_seen(["alice", "bob", "carol"]) == {"alice": NOW + 3, "bob": NOW + 4}
+    assert sorted(uuid for uuid, _ in await store.unfinished(10)) == ["t0", "t1", "t2", "t3", "t4"]
+    await store.finish_task("t0", "expired", NOW + 10, 0, "not finished", [])
+    await store.finish_task("t1", "completed", NOW + 10, 1, None, ["https://img/1.png"])
+    await asyncio.sleep(0.2)
+    await store.finish_task("t0", "completed", NOW + 20, 1, None, ["https://img/0.png"])  # its real end, later
+    await store.finish_task("t1", "failed", NOW + 20, 0, "late news", [])  # a final state stays final
+    await asyncio.sleep(0.2)
+    assert (await store.get_task("t0")).status == "completed" and (await store.get_task("t1")).status == "completed"
+    assert [t.uuid for t in await store.find_tasks(TaskQuery(status="submitted"))] == ["t4", "t3", "t2"]
+    await settled(store)
