@@ -105,3 +105,23 @@ async def test_a_picture_that_cannot_be_converted_is_a_502_naming_it(proxy, fake
         await io_loop.run_in_executor(None, lambda: client.images.generate(
             prompt="broken", response_format="b64_json", output_format="jpeg"))
     assert raised.value.status_code == 502 and "could not be converted to jpeg" in raised.value.message
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_streamed_image_generation_yields_one_completed_event_per_picture(make_proxy, fake, io_loop):
+    from PIL import Image
+    fake.seconds_to_complete = 1.0
+    proxy = make_proxy(poll_interval=0.2, max_attempts=100)
+    client = sdk(proxy)
+
+    def stream():
+        return [event for event in client.images.generate(model="gpt-image-1", prompt="three foxes", n=3,
+                                                           size="256x256", stream=True, partial_images=2)]
+    events = await io_loop.run_in_executor(None, stream)
+    assert [event.type for event in events] == ["image_generation.completed"] * 3
+    for event in events:
+        with Image.open(io.BytesIO(base64.b64decode(event.b64_json))) as picture:
+            assert picture.format == "PNG" and picture.size == (256, 256)
+        assert event.size == "256x256" and event.output_format == "png" and event.usage.total_tokens > 0
+    raw = await proxy.request("/v1/images/generations", "POST", {"prompt": "a slow one", "stream": True})
+    assert raw.body.decode().count(": waiting\n\n") >= 3  # a heartbeat after every status read while it ran

@@ -70,6 +70,7 @@ class ImagesRequest:
     end_user: str | None = None
     output_format: str = "png"
     output_compression: int | None = None
+    stream: bool = False  # image_generation.completed events (b64_json), after heartbeats while it runs
 
 
 # quality (gpt-image's and DALL·E 3's words) -> steps, unless `steps` is given
@@ -121,6 +122,15 @@ def output_options(params: dict[str, Any]) -> tuple[str, int | None]:
         if output_format == "png":
             raise unsupported("output_compression applies to jpeg and webp, not png", "output_compression")
     return output_format, compression
+
+
+def image_completed_event(request: ImagesRequest, b64: str, per_image: dict[str, Any]) -> dict[str, Any]:
+    """One picture of a streamed images.generate, as OpenAI's `image_generation.completed`."""
+    g = request.generation
+    return {"type": "image_generation.completed", "b64_json": b64, "created_at": int(time.time()),
+            "size": "%dx%d" % (g.width, g.height), "quality": request.quality,
+            "background": "opaque" if request.background == "auto" else request.background,
+            "output_format": request.output_format, "usage": per_image}
 
 
 def image_usage(request: ImagesRequest) -> dict[str, Any]:
@@ -226,8 +236,7 @@ def parse_images_request(body: Any, limits: Limits, models: ModelTable) -> Image
     prompt = validation.prompt(params.get("prompt"), limits) if params.get("prompt") is not None else None
     if prompt is None:
         raise invalid("prompt is required", param="prompt", code="missing_value")
-    if params.get("stream"):
-        raise invalid("Streaming image generation is not supported", param="stream")
+    stream = validation.boolean(params.get("stream", False), "stream")
     fields = validation.generation_fields(params, limits)
     quality, background = image_options(params, fields, limits)
     output_format, compression = output_options(params)
@@ -245,7 +254,7 @@ def parse_images_request(body: Any, limits: Limits, models: ModelTable) -> Image
                                         ("url", "b64_json"))
     generation = GenerationRequest(prompt=prompt, model=models.upstream(model), **fields)
     return ImagesRequest(generation, model, response_format, quality, background, gpt_image, end_user(params),
-                         output_format, compression)
+                         output_format, compression, stream)
 
 
 def last_user_text(messages: list[Any], ignore_images: bool = False) -> str:

@@ -361,7 +361,11 @@ def operations() -> dict[str, Any]:
             "security": [{"bearer": []}, {}],
             "parameters": [IDEMPOTENCY_KEY, PREFER],
             "requestBody": {"required": True, "content": {"application/json": {"schema": ref("ImagesRequest")}}},
-            "responses": {"200": json_response("The pictures", ref("ImagesResponse")),
+            "responses": {"200": {
+                "description": "The pictures, or with stream=true Server-Sent Events: a comment after every status "
+                               "read, then one image_generation.completed per picture",
+                "content": {"application/json": {"schema": ref("ImagesResponse")},
+                            "text/event-stream": {"schema": {"type": "string"}}}},
                           **PREFERRED_WAIT_RAN_OUT, **submit_errors, **ACCEPTED_ERRORS},
         }},
         "/v1/models": {"get": {"security": [{"bearer": []}, {}],

@@ -30,6 +30,9 @@ class EventStream:
     async def keepalive(self) -> None:
         await self._emit(": waiting\n\n")  # an SSE comment: keeps idle-timeout proxies from cutting us
 
+    async def named(self, name: str, data: Any) -> None:
+        await self._emit("event: %s\ndata: %s\n\n" % (name, json_text(data)))
+
     async def error(self, error: ApiError) -> None:
         await self.event({"error": envelope(error.message, error.type, error.param, error.code)})
 
@@ -46,9 +49,6 @@ class TaskEvents(EventStream):
     def __init__(self, handler: BaseHandler) -> None:
         super().__init__(handler)
         self._last: tuple[Any, ...] | None = None
-
-    async def named(self, name: str, data: Any) -> None:
-        await self._emit("event: %s\ndata: %s\n\n" % (name, json_text(data)))
 
     async def progress(self, task: Task | None) -> None:
         state = None if task is None else (task.status, task.progress, task.queue_position)

@@ -18,7 +18,8 @@ from zimage_tornado.store import utc_day
 from zimage_tornado.watcher import INTERRUPTED, RUNNING, TIMEOUT, Outcome
 from zimage_tornado.web.base import BaseHandler
 from zimage_tornado.web import statuses
-from zimage_tornado.web.events import CompletionStream, TaskEvents
+from zimage_tornado.upstream import UpstreamError
+from zimage_tornado.web.events import CompletionStream, EventStream, TaskEvents
 from zimage_tornado.web.statuses import OutcomeError
 
 STATIC = Path(__file__).parent.parent / "static"
@@ -240,8 +241,10 @@ class ImagesGenerationsHandler(BaseHandler):
 
     async def post(self) -> None:
         request = openai_api.parse_images_request(self.json_body(), self.gateway.settings.limits, self.gateway.models)
-        prefer = self.prefer_wait()
+        prefer = None if request.stream else self.prefer_wait()
         await self.submit(request.generation, request.model, request.end_user)
+        if request.stream:
+            return await self.stream_images(request)
         outcome = await self.wait_for_task(prefer)
         if outcome is None:
             return
@@ -256,6 +259,33 @@ class ImagesGenerationsHandler(BaseHandler):
             urls = [self.picture_url(done.uuid, i, request.output_format, request.output_compression)
                     for i in range(len(urls))]
         self.send(openai_api.images_response(urls, b64, request=request))
+
+
+    async def stream_images(self, request: openai_api.ImagesRequest) -> None:
+        """stream=true: a comment after every status read while the task runs (proxies and SDK
+        timeouts see a live stream), then one image_generation.completed event per picture. The
+        upstream sends no partial pictures, so partial_images sends none."""
+        stream = EventStream(self)
+        stream.start()
+        await stream.keepalive()
+        outcome = await self.wait_for_task(on_tick=lambda _: stream.keepalive())
+        if outcome is None:
+            return
+        try:
+            done = self.pictures(outcome)
+            pictures = await self.gateway.images.b64(done, request.generation.batch_size, request.output_format,
+                                                     request.output_compression)
+        except (statuses.OutcomeError, UpstreamError) as e:  # the 200 is sent: the error is an event
+            error = self.api_error(e)
+            self.log_error(error)
+            await stream.named("error", {"type": "error", "error": error.body()["error"]})
+            self.finish()
+            return
+        usage = openai_api.image_usage(dataclasses.replace(request, generation=dataclasses.replace(
+            request.generation, batch_size=1)))
+        for b64 in pictures:
+            await stream.named("image_generation.completed", openai_api.image_completed_event(request, b64, usage))
+        self.finish()
 
 
 class PictureHandler(BaseHandler):
