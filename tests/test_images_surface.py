@@ -4,6 +4,9 @@ with a 400 naming the parameter. With the real OpenAI SDK against a real gateway
 import base64
 import functools
 import io
+import json
+import subprocess
+import sys
 
 import openai
 import pytest
@@ -46,7 +49,8 @@ async def test_quality_becomes_steps_and_gpt_image_answers_carry_usage(proxy, fa
 async def test_the_end_user_is_recorded_and_filterable(make_proxy, fake, io_loop, tmp_path):
     keys = tmp_path / "keys.toml"
     keys.write_text('[keys.ops]\nkey = "sk-ops"\nadmin = true\n')
-    proxy = make_proxy(api_keys_file=str(keys))
+    database = tmp_path / "db.sqlite3"
+    proxy = make_proxy(api_keys_file=str(keys), database=str(database))
     client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-ops", max_retries=0)
     await io_loop.run_in_executor(None, lambda: client.images.generate(prompt="for u-42", user="u-42"))
     await io_loop.run_in_executor(None, lambda: client.images.generate(prompt="for someone else", user="u-7"))
@@ -55,6 +59,13 @@ async def test_the_end_user_is_recorded_and_filterable(make_proxy, fake, io_loop
     with pytest.raises(openai.BadRequestError) as raised:
         await io_loop.run_in_executor(None, lambda: client.images.generate(prompt="x", user="a\nb"))
     assert raised.value.body["param"] == "user"
+    code, usage = await proxy.json("/admin/usage?group_by=end_user", headers={"Authorization": "Bearer sk-ops"})
+    assert code == 200 and {(r["end_user"], r["tasks"]) for r in usage["data"]} == {("u-42", 1), ("u-7", 1)}
+    shown = await io_loop.run_in_executor(None, functools.partial(
+        subprocess.run, [sys.executable, "-m", "zimage_tornado", "usage", "--database", str(database), "--by",
+                         "end_user", "--json"], capture_output=True, text=True, timeout=30))
+    assert shown.returncode == 0, shown.stderr
+    assert sorted(json.loads(line)["end_user"] for line in shown.stdout.splitlines()) == ["u-42", "u-7"]
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -182,7 +182,7 @@ class ImageFetcher:
                 fetch.cancel()
             await asyncio.gather(*fetches, return_exceptions=True)
             raise
-        return encode(images)
+        return await asyncio.get_running_loop().run_in_executor(None, encode, images)  # big pictures: off the loop
 
     async def picture(self, task: Task, index: int, fmt: str = "png",
                       compression: int | None = None) -> tuple[bytes, str]:

@@ -10,7 +10,7 @@ import os
 import sqlite3
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 from zimage_tornado import validation
 from zimage_tornado.config import server_settings
@@ -18,7 +18,7 @@ from zimage_tornado.errors import ApiError
 from zimage_tornado.logs import redact_url
 from zimage_tornado.store import StoreUnavailable, UsageRow, utc_day
 from zimage_tornado.store.redis import RedisStore
-from zimage_tornado.store.sqlite import usage
+from zimage_tornado.store.sqlite import end_user_usage, usage
 
 
 def main(argv: Sequence[str]) -> int:
@@ -32,6 +32,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--key", help="one key's rows only")
     parser.add_argument("--redis-url", help="read the fleet's usage from this Redis instead of a database file")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    parser.add_argument("--by", choices=("key", "end_user"), default="key",
+                        help="rows per key (default) or per end user (OpenAI's user of each submit)")
     args = parser.parse_args(argv)
     try:
         since, until = validation.day_range(args.since, args.until, utc_day(time.time()))
@@ -49,6 +51,8 @@ def main(argv: Sequence[str]) -> int:
     try:
         if not redis_url and not os.path.exists(database):
             raise sqlite3.OperationalError("no such file (give the server's --config, --env-file or --database)")
+        if args.by == "end_user":
+            return print_end_users(where, redis_url, database, since, until, key, args.json)
         rows = redis_usage(redis_url, since, until, key) if redis_url else file_usage(database, since, until, key)
     except (sqlite3.Error, StoreUnavailable) as e:
         print("zimage-tornado usage: %s: %s" % (where, e), file=sys.stderr)
@@ -60,6 +64,32 @@ def main(argv: Sequence[str]) -> int:
         return 0
     print(table(["key", "day", "tasks", "images", "failed", "refused"],
                 [[r.key, r.day, r.tasks, r.images, r.failed, r.refused] for r in rows]))
+    return 0
+
+
+def print_end_users(where: str, redis_url: str | None, database: str, since: str, until: str, key: str | None,
+                    as_json: bool) -> int:
+    if redis_url:
+        async def read() -> list[dict[str, Any]]:
+            store = RedisStore(redis_url, timeout=5.0, record_ttl=0)
+            try:
+                return await store.end_user_usage(since, until, key)
+            finally:
+                await store.close()
+        rows = asyncio.run(read())
+    else:
+        conn = sqlite3.connect("file:%s?mode=ro" % database, uri=True)
+        try:
+            rows = end_user_usage(conn, since, until, key)
+        finally:
+            conn.close()
+    print("usage from %s" % where, file=sys.stderr)
+    if as_json:
+        for row in rows:
+            print(json.dumps(row, sort_keys=True))
+        return 0
+    print(table(["end user", "day", "tasks", "images", "failed"],
+                [[r["end_user"] or "-", r["day"], r["tasks"], r["images"], r["failed"]] for r in rows]))
     return 0
 
 

@@ -29,6 +29,7 @@ from zimage_tornado.tenants import Plan
 
 DAY = 86400.0
 MINUTE = 60.0
+END_USER_SCAN = 100_000  # task rows read at most for a usage table by end user
 
 
 def utc_day(now: float) -> str:
@@ -275,6 +276,20 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def usage(self, since: str, until: str, key: str | None = None) -> list[UsageRow]:
         """Per key and UTC day (YYYY-MM-DD, both ends included)."""
+
+    async def end_user_usage(self, since: str, until: str, key: str | None = None) -> list[dict[str, Any]]:
+        """Tasks, images and failures per end user (OpenAI's `user`) and UTC day, from the task
+        rows (tasks submitted without a `user` are under null)."""
+        rows: dict[tuple[str | None, str], dict[str, Any]] = {}
+        page = await self.find_tasks(TaskQuery(key=key, since=since, until=until, limit=END_USER_SCAN))
+        for task in page:
+            day = utc_day(task.submitted_at)
+            row = rows.setdefault((task.end_user, day), {"end_user": task.end_user, "day": day, "tasks": 0,
+                                                         "images": 0, "failed": 0})
+            row["tasks"] += 1
+            row["images"] += task.batch_size
+            row["failed"] += task.status == "failed"
+        return sorted(rows.values(), key=lambda r: (r["end_user"] or "", r["day"]))
 
     @abc.abstractmethod
     async def find_tasks(self, query: TaskQuery) -> list[TaskRecord]:

@@ -429,6 +429,9 @@ class SqliteStore(Store):
             return [record(dict(zip(TASK_COLUMNS, row))) for row in rows]
         return await self._call(find)
 
+    async def end_user_usage(self, since: str, until: str, key: str | None = None) -> list[dict[str, Any]]:
+        return await self._call(lambda conn: end_user_usage(conn, since, until, key))
+
     async def get_task(self, uuid: str) -> TaskRecord | None:
         def get(conn: sqlite3.Connection) -> TaskRecord | None:
             row = conn.execute("SELECT %s FROM tasks WHERE uuid = ?" % ", ".join(TASK_COLUMNS), (uuid,)).fetchone()
@@ -516,6 +519,16 @@ def admit(conn: sqlite3.Connection, scope: str, plan: Plan, images: int, now: fl
         conn.execute("INSERT INTO hits (scope, at) VALUES (?, ?)", (scope, now))
     counted = images if plan.images_per_day else 0
     return dataclasses.replace(admission, ticket=begin_submit(conn, scope, day, counted, now))
+
+
+def end_user_usage(conn: sqlite3.Connection, since: str, until: str, key: str | None) -> list[dict[str, Any]]:
+    """Tasks, images and failures per end user and UTC day, in SQL."""
+    where, args = ("AND key = ?", (key,)) if key else ("", ())
+    return [{"end_user": user, "day": day, "tasks": tasks, "images": images or 0, "failed": failed or 0}
+            for user, day, tasks, images, failed in conn.execute(
+                "SELECT end_user, date(submitted_at, 'unixepoch'), COUNT(*), SUM(batch_size), SUM(status = 'failed') "
+                "FROM tasks WHERE submitted_at >= ? AND submitted_at < ? %s GROUP BY 1, 2 ORDER BY 1, 2" % where,
+                (day_start(since), day_start(until) + DAY, *args))]
 
 
 def usage(conn: sqlite3.Connection, since: str, until: str, key: str | None) -> list[UsageRow]:

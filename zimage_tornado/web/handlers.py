@@ -79,8 +79,12 @@ class AdminUsageHandler(BaseHandler):
         since, until = validation.day_range(self.get_query_argument("since", None),
                                             self.get_query_argument("until", None), today)
         key = validation.key_name(self.get_query_argument("key", None))
-        rows = await self.gateway.store.usage(since, until, key)
-        self.send({"object": "list", "since": since, "until": until, "data": [row.as_dict() for row in rows]})
+        group_by = validation.choice(self.query_argument("group_by") or "key", "group_by", ("key", "end_user"))
+        if group_by == "end_user":
+            data = await self.gateway.store.end_user_usage(since, until, key)
+        else:
+            data = [row.as_dict() for row in await self.gateway.store.usage(since, until, key)]
+        self.send({"object": "list", "since": since, "until": until, "group_by": group_by, "data": data})
 
 
 class AdminTasksHandler(BaseHandler):
