@@ -114,6 +114,7 @@ def test_prompt_to_pictures_in_the_demo(browser, gateways):
     assert "completed" in browser.find_element(By.ID, "status").text
     assert browser.find_element(By.ID, "progress").get_attribute("style").find("100%") >= 0
     assert error_text(browser) == ""
+    assert "127.0.0.1:" not in browser.find_element(By.TAG_NAME, "body").text  # no upstream URL for visitors
     SCREENSHOT.parent.mkdir(exist_ok=True)
     browser.save_screenshot(str(SCREENSHOT))
 
@@ -349,6 +350,7 @@ def test_errors_are_shown_where_they_help(browser, gateways):
     assert browser.find_element(By.ID, "steps-error").text == ""
     generate(browser)  # a second submit within the minute: the limit, and when to try again
     assert "Rate limit reached" in error_text(browser) and "try again in" in error_text(browser)
+    assert "retry in" not in error_text(browser)  # when to try again is said once
 
 
 def test_the_page_fits_a_phone(browser, gateways):

@@ -20,7 +20,7 @@ from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
 from zimage_tornado import __version__, database, keys_cli, usage_cli
-from zimage_tornado.config import Settings, help_text, load_settings
+from zimage_tornado.config import SETTING_DEFAULTS, Settings, help_text, load_settings
 from zimage_tornado.fake_upstream import FakeZImage
 from zimage_tornado.logs import redact_url, setup_logging
 from zimage_tornado.sdnotify import Notifier
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zimage_tornado")
 KEYS_CHECK_SECONDS = 2.0  # how soon an edited keys file is in force
+DEMO_POLL_INTERVAL = 0.5  # --demo's poll_interval, unless one is given
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -111,7 +112,10 @@ async def start_demo_upstream(settings: Settings) -> Settings:
     url = "http://127.0.0.1:%d" % demo_sockets[0].getsockname()[1]
     log.info("demo mode: a simulated Z-Image service on %s answers every task in %gs; no network needed",
              url, settings.demo_seconds)
-    return dataclasses.replace(settings, upstream_url=url)
+    # Quick to watch: a picture shows within half a second of being ready (unless told otherwise).
+    interval = DEMO_POLL_INTERVAL if settings.poll_interval == SETTING_DEFAULTS["poll_interval"] \
+        else settings.poll_interval
+    return dataclasses.replace(settings, upstream_url=url, poll_interval=interval)
 
 
 async def serve(settings: Settings, sockets: list, notifier: Notifier, metrics_sockets: Sequence = ()) -> int:

@@ -262,8 +262,8 @@ SCHEMAS: dict[str, Any] = {
     },
     "Info": {
         "type": "object",
-        "required": ["service", "version", "upstream", "endpoints"],
-        "properties": {"service": {"type": "string"}, "version": {"type": "string"}, "upstream": {"type": "string"},
+        "required": ["service", "version", "endpoints"],
+        "properties": {"service": {"type": "string"}, "version": {"type": "string"},
                        "demo": {"type": "boolean"}, "playground": {"type": "string"},
                        "endpoints": {"type": "array", "items": {"type": "object"}}},
     },

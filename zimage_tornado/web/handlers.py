@@ -44,7 +44,7 @@ class InfoHandler(BaseHandler):
             "service": SERVICE_NAME,
             "version": __version__,
             "description": "OpenAI-compatible gateway for the Z-Image text-to-image service",
-            "upstream": logs.redact_url(self.gateway.settings.upstream_url),
+            # No upstream URL for visitors: operators read it in /health/ready.
             "demo": self.gateway.settings.demo,
             "playground": "/playground",
             "endpoints": [{"method": m, "path": p, "description": d} for m, p, d in self.settings["endpoints"]],
