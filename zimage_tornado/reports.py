@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from typing import Any, Callable
 
@@ -42,6 +43,23 @@ def task_query(argument: Callable[[str], str | None], *, high: int = MAX_PAGE, d
     return TaskQuery(key=validation.key_name(argument("key")), status=status, since=since, until=until,
                      end_user=user,
                      before=cursor, limit=validation.count(argument("limit"), "limit", default=default, high=high))
+
+
+async def own_tasks(store: Store, argument: Callable[[str], str | None],
+                    owner: str | None) -> tuple[list[TaskRecord], bool]:
+    """GET /v1/tasks: ?limit= (20, at most 100), ?status=, ?after=<an id>, newest first; `owner`'s
+    tasks only, unless None (an admin: then ?key= chooses). Also says whether more follow."""
+    query = task_query(lambda name: argument(name) if name in ("status", "limit") else None, high=100, default=20)
+    key = validation.key_name(argument("key")) if owner is None else owner
+    before = None
+    after = argument("after")
+    if after is not None:
+        record = await store.get_task(validation.task_id(after))
+        if record is None or (owner is not None and record.key != owner):
+            raise invalid("after must be the id of one of your tasks", param="after")
+        before = record.submitted_at
+    found = await store.find_tasks(dataclasses.replace(query, key=key, before=before, limit=query.limit + 1))
+    return found[:query.limit], len(found) > query.limit  # one more than asked: whether more follow
 
 
 def task_page(tasks: list[TaskRecord], query: TaskQuery) -> dict[str, Any]:

@@ -333,21 +333,9 @@ class TaskListHandler(BaseHandler):
     """The caller's own tasks from the store (admins: anyone's with ?key=), newest first."""
 
     async def get(self) -> None:
-        key = validation.key_name(self.query_argument("key"))
-        if not self.caller.admin:
-            key = self.caller.name
-        query = reports.task_query(lambda name: None if name in ("key", "before", "since", "until")
-                                   else self.query_argument(name), high=100, default=20)
-        before = None
-        after = self.query_argument("after")
-        if after is not None:
-            record = await self.gateway.store.get_task(validation.task_id(after))
-            if record is None or (not self.caller.admin and record.key != self.caller.name):
-                raise ApiError(400, "after must be the id of one of your tasks", param="after", code="invalid_value")
-            before = record.submitted_at
-        query = dataclasses.replace(query, key=key, before=before, limit=query.limit + 1)
-        records = await self.gateway.store.find_tasks(query)
-        self.send(openai_api.task_list(records[:query.limit - 1], len(records) == query.limit))
+        owner = None if self.caller.admin else self.caller.name
+        records, has_more = await reports.own_tasks(self.gateway.store, self.query_argument, owner)
+        self.send(openai_api.task_list(records, has_more))
 
 
 class TaskEventsHandler(BaseHandler):
