@@ -25,6 +25,15 @@ async def submit(gateway, key, **extra):
                                headers=bearer(key))
 
 
+async def keyed_gateway(gateways, tmp_path, keys_text, *args):
+    """A gateway process started with a TOML keys file of `keys_text`; (the file, the gateway)."""
+    keys = tmp_path / "keys.toml"
+    keys.write_text(keys_text)
+    gateway = gateways("--api_keys_file=%s" % keys, *args)
+    await gateway.started()
+    return keys, gateway
+
+
 def cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "zimage_tornado", *args], capture_output=True, text=True,
                           timeout=30, **kw)
@@ -33,10 +42,8 @@ def cli(*args, **kw):
 @pytest.mark.parametrize("how", ["sighup", "edit"])
 @pytest.mark.gen_test(timeout=60)
 async def test_keys_are_added_and_removed_without_a_restart_while_a_waiter_waits(gateways, fake, tmp_path, how):
-    keys = tmp_path / "keys.toml"
-    keys.write_text('[keys.alice]\nkey = "sk-alice"\n')
-    gateway = gateways("--api_keys_file=%s" % keys, "--max_attempts=300")  # a wait budget of 30 s
-    await gateway.started()
+    keys, gateway = await keyed_gateway(gateways, tmp_path, '[keys.alice]\nkey = "sk-alice"\n',
+                                        "--max_attempts=300")  # a wait budget of 30 s
     fake.outcome = "never"
     uuid = json.loads((await submit(gateway, "sk-alice")).body)["choices"][0]["message"]["content"]
     waiting = asyncio.ensure_future(gateway.fetch("/v1/images/%s?timeout=25" % uuid, headers=bearer("sk-alice")))
@@ -67,10 +74,8 @@ async def _code(response, code):
 
 @pytest.mark.gen_test(timeout=60)
 async def test_keys_add_prints_a_key_that_works_at_once_and_the_file_keeps_only_its_hash(gateways, fake, tmp_path):
-    keys = tmp_path / "keys.toml"
-    keys.write_text("# the team's keys\n[keys.ops]\nkey = \"sk-ops\"\nadmin = true\n")
-    gateway = gateways("--api_keys_file=%s" % keys)
-    await gateway.started()
+    keys, gateway = await keyed_gateway(gateways, tmp_path,
+                                        "# the team's keys\n[keys.ops]\nkey = \"sk-ops\"\nadmin = true\n")
     added = cli("keys", "add", "carol", "--images-per-day", "3", "--file", str(keys))
     assert added.returncode == 0, added.stderr
     key = added.stdout.strip()
@@ -96,10 +101,7 @@ async def test_keys_add_prints_a_key_that_works_at_once_and_the_file_keeps_only_
 
 @pytest.mark.gen_test(timeout=30)
 async def test_refusals_in_the_log_name_the_key_and_the_reason(gateways, fake, tmp_path):
-    keys = tmp_path / "keys.toml"
-    keys.write_text('[keys.dave]\nkey = "sk-dave"\nimages_per_day = 1\n')
-    gateway = gateways("--api_keys_file=%s" % keys)
-    await gateway.started()
+    keys, gateway = await keyed_gateway(gateways, tmp_path, '[keys.dave]\nkey = "sk-dave"\nimages_per_day = 1\n')
     assert (await submit(gateway, "sk-dave")).code == 200
     assert (await submit(gateway, "sk-dave")).code == 429
     await eventually(lambda: "key dave" in gateway.log() and "insufficient_quota" in gateway.log(), timeout=3)
@@ -145,10 +147,7 @@ def test_a_mistyped_flag_gets_one_line_naming_the_right_one():
 
 @pytest.mark.gen_test(timeout=60)
 async def test_every_worker_takes_a_new_key_on_sighup(gateways, fake, tmp_path):
-    keys = tmp_path / "keys.toml"
-    keys.write_text('[keys.alice]\nkey = "sk-alice"\n')
-    gateway = gateways("--api_keys_file=%s" % keys, "--processes=2")
-    await gateway.started()
+    keys, gateway = await keyed_gateway(gateways, tmp_path, '[keys.alice]\nkey = "sk-alice"\n', "--processes=2")
     await eventually(lambda: gateway.log().count(" listening on ") == 2, timeout=30)
     keys.write_text('[keys.alice]\nkey = "sk-alice"\n[keys.erin]\nkey = "sk-erin"\n')
     gateway.proc.send_signal(signal.SIGHUP)  # to the supervisor, which passes it on
