@@ -206,8 +206,10 @@ def test_admin_page_charts_usage_lists_keys_filters_pages_and_downloads_csv(brow
     from selenium.webdriver.support.ui import Select
     Select(browser.find_element(By.ID, "f-key")).select_by_value("alice")
     browser.find_element(By.ID, "apply").click()
-    WebDriverWait(browser, 10).until(lambda d: [r.find_elements(By.TAG_NAME, "td")[6].text for r in d.find_elements(
-        By.CSS_SELECTOR, "#tasks tbody tr")] == ["a moth", "a red fox"])
+    # read in one script: the table is re-rendered while the filter applies, so elements go stale
+    WebDriverWait(browser, 10).until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#tasks tbody tr')].map(r => r.cells[6].innerText.trim())")
+        == ["a moth", "a red fox"])
     WebDriverWait(browser, 10).until(lambda d: d.execute_script(
         "return [...document.querySelectorAll('#tasks img')].every(i => i.complete && i.naturalWidth === 256)"))
     assert len(browser.find_elements(By.CSS_SELECTOR, "#tasks img")) == 3  # a thumbnail per picture
