@@ -165,7 +165,17 @@ class FakeZImage:
             (r"/images/([A-Za-z0-9-]+)_(\d+)\.png", _ImageHandler, {"fake": self}),
             (r"/redirect", _RedirectHandler, {"fake": self}),
             (r"/_fake/stats", _StatsHandler, {"fake": self}),
+            (r"/_fake/complete", _CompleteHandler, {"fake": self}),
         ])
+
+    def complete_all(self) -> int:
+        """Every running task completes now (a benchmark's burst of endings); returns how many."""
+        now, count = time.monotonic(), 0
+        for task in self.tasks.values():
+            if task["completes_at"] is not None and task["completes_at"] > now:
+                task["duration"], task["completes_at"] = now - task["created"], now
+                count += 1
+        return count
 
 
 class _FakeHandler(RequestHandler):
@@ -305,6 +315,11 @@ class _RedirectHandler(_FakeHandler):
 class _StatsHandler(_FakeHandler):
     def get(self) -> None:
         self.reply(self.fake.stats())
+
+
+class _CompleteHandler(_FakeHandler):
+    def post(self) -> None:
+        self.reply({"completed": self.fake.complete_all()})
 
 
 @lru_cache(maxsize=64)
