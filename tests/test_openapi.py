@@ -129,6 +129,11 @@ async def test_real_answers_match_the_document(make_proxy, fake, tmp_path):
     contract.check("/v1/tasks/{uuid}/events", "GET", await admin.request("/v1/tasks/%s/events" % mine, headers=ops))
     contract.check("/v1/images/generations", "POST", await admin.request(
         "/v1/images/generations", "POST", {"prompt": "soon"}, headers={**ops, "Prefer": "wait=0"}))
+    contract.check("/v1/webhooks", "GET", await admin.request("/v1/webhooks", headers=ops))
+    contract.check("/v1/webhooks", "GET", await admin.request("/v1/webhooks?status=lost", headers=ops))  # 400
+    contract.check("/admin/webhooks", "GET", await admin.request("/admin/webhooks?status=failed", headers=ops))
+    contract.check("/admin/webhooks/{id}/retry", "POST", await admin.request("/admin/webhooks/msg_x/retry", "POST",
+                                                                            headers=ops))  # 404
     assert {template for template, _, _ in SEEN} == set(contract.document["paths"])  # every path exercised
     assert len(SEEN) >= 30
 

@@ -136,3 +136,51 @@ async def test_tasks_are_found_by_filters_a_page_at_a_time_and_learn_their_end(m
     assert (await store.get_task("t0")).status == "completed" and (await store.get_task("t1")).status == "completed"
     assert [t.uuid for t in await store.find_tasks(TaskQuery(status="submitted"))] == ["t4", "t3", "t2"]
     await settled(store)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_webhook_messages_are_written_with_the_end_leased_once_and_kept_to_their_end(make_store):
+    from zimage_tornado.store import Notice, WebhookMessage
+
+    store = make_store()
+    await store.ready()
+    url = "https://hooks.example.com/in"
+    await store.record_task(TaskRecord("t-hooked", "alice", "-", "m", 64, 64, 1, 8, "p", None, NOW,
+                                       webhook_url=url, webhook_events=["task.completed"]))
+    await store.record_task(TaskRecord("t-plain", "alice", "-", "m", 64, 64, 1, 8, "p", None, NOW))
+    await store.finish_task("t-hooked", "completed", NOW + 1, 1, None, ["u"], Notice("msg_a", "task.completed", "{}",
+                                                                                      NOW + 1))
+    await store.finish_task("t-plain", "completed", NOW + 1, 1, None, ["u"], Notice("msg_b", "task.completed", "{}",
+                                                                                     NOW + 1))
+    # a second sight of the end (another instance, a resent write) makes no second message
+    await store.finish_task("t-hooked", "completed", NOW + 2, 1, None, ["u"], Notice("msg_c", "task.completed", "{}",
+                                                                                      NOW + 2))
+    await asyncio.sleep(0.2)  # final states leave with the outbox
+    assert [m.id for m in await store.find_webhooks(None, None, 10)] == ["msg_a"]  # only the subscribed task's
+    assert await store.webhook_backlog() == (1, pytest.approx(NOW + 1))
+    claimed = await store.claim_webhooks(NOW + 5, 10, 30)
+    assert [(m.id, m.key, m.url, m.body) for m in claimed] == [("msg_a", "alice", url, "{}")]
+    assert await store.claim_webhooks(NOW + 6, 10, 30) == []  # leased: nobody else takes it meanwhile
+    message = claimed[0]
+    message.attempts, message.next_at, message.last_status, message.last_error = 1, NOW + 40, 500, "HTTP 500"
+    await store.webhook_attempted(message)
+    assert await store.claim_webhooks(NOW + 39, 10, 30) == []
+    assert [m.attempts for m in await store.claim_webhooks(NOW + 41, 10, 30)] == [1]
+    message.status, message.next_at, message.last_status, message.last_error = "delivered", None, 200, None
+    await store.webhook_attempted(message)
+    assert await store.claim_webhooks(NOW + 1000, 10, 30) == []
+    assert (await store.get_webhook("msg_a")).status == "delivered"
+    assert (await store.webhook_backlog())[0] == 0
+    # 410: the URL is disabled for alice, until an admin's retry
+    await store.disable_url("alice", url, NOW)
+    assert await store.url_disabled("alice", url) and not await store.url_disabled("bob", url)
+    retried = await store.retry_webhook("msg_a", NOW + 2000)
+    assert retried.status == "pending" and not await store.url_disabled("alice", url)
+    assert [m.id for m in await store.claim_webhooks(NOW + 2000, 10, 30)] == ["msg_a"]
+    assert await store.retry_webhook("msg_none", NOW) is None
+    await store.add_webhook(WebhookMessage("msg_p", "bob", "t-plain", "task.progress", url, "{}", NOW + 3,
+                                           next_at=NOW + 3))
+    await asyncio.sleep(0.2)
+    assert [m.id for m in await store.find_webhooks("bob", "pending", 10)] == ["msg_p"]
+    assert await store.find_webhooks("bob", "delivered", 10) == []
+    await settled(store)

@@ -13,6 +13,7 @@ from zimage_tornado.domain import GenerationRequest, Task
 from zimage_tornado.metrics import Metrics
 from zimage_tornado.store import EXPIRED, Admission, NotRecorded, Store, StoreUnavailable, TaskRecord
 from zimage_tornado.tenants import ANONYMOUS, Caller
+from zimage_tornado.webhooks import Subscription, expired_notice, final_notice
 
 log = logging.getLogger("zimage_tornado.accounts")
 
@@ -41,6 +42,7 @@ class Accounts:
         self._keys_configured = keys_configured  # keys may be added or removed while running
         self.owner_only = visibility == "owner"
         self.waiting: Counter[str] = Counter()  # by caller scope; an entry lives while it is non-zero
+        self.on_notice: Callable[[], None] = lambda: None  # a webhook message may be waiting (the deliverer)
 
     # -- submits ------------------------------------------------------------------------------
 
@@ -77,7 +79,8 @@ class Accounts:
                                 admission.ticket)
 
     async def submitted(self, caller: Caller, request: GenerationRequest, task: Task, model: str,
-                        admission: Admission, end_user: str | None = None) -> None:
+                        admission: Admission, end_user: str | None = None,
+                        webhook: Subscription | None = None) -> None:
         """The upstream accepted `task`: its owner and usage row, committed before the answer.
         Raises NotRecorded if the store cannot commit it (it keeps the row and retries)."""
         self.owners.put(task.uuid, caller.name)
@@ -88,20 +91,26 @@ class Accounts:
                 uuid=task.uuid, key=caller.name, client=caller.client, model=model, width=request.width,
                 height=request.height, batch_size=request.batch_size, steps=request.steps,
                 prompt=request.prompt if keep else None, negative_prompt=request.negative_prompt if keep else None,
-                submitted_at=self.clock(), end_user=end_user), admission.ticket)
+                submitted_at=self.clock(), end_user=end_user, webhook_url=webhook.url if webhook else None,
+                webhook_events=list(webhook.events) if webhook else None), admission.ticket)
         except StoreUnavailable as e:
             log.error("task %s of %s: its record could not be committed yet (%s); retrying", task.uuid,
                       caller.name, e)
             raise NotRecorded(task.uuid, e) from e
 
     async def finished(self, task: Task) -> None:
-        """The engine saw a task's final state (once per task while it is cached)."""
-        await self.store.finish_task(task.uuid, task.status, self.clock(), len(task.image_urls), task.error,
-                                     list(task.image_urls))
+        """The engine saw a task's final state (once per task while it is cached); its webhook
+        message, if it has a webhook, goes in the same store write."""
+        now = self.clock()
+        await self.store.finish_task(task.uuid, task.status, now, len(task.image_urls), task.error,
+                                     list(task.image_urls), final_notice(task, now))
+        self.on_notice()
 
     async def expired(self, uuid: str) -> None:
         """The gateway stopped following a task before it ended (follow_budget)."""
-        await self.store.finish_task(uuid, EXPIRED, self.clock(), 0, "not finished within follow_budget", [])
+        now, reason = self.clock(), "not finished within follow_budget"
+        await self.store.finish_task(uuid, EXPIRED, now, 0, reason, [], expired_notice(uuid, now, reason))
+        self.on_notice()
 
     # -- reading tasks ------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 from tornado.options import Error as OptionsError
 from tornado.options import OptionParser
 
+from zimage_tornado.signing import parse_secrets
 from zimage_tornado.validation import Limits
 
 ENV_PREFIX = "ZIMAGE_"
@@ -107,6 +108,17 @@ class Settings:
     upstream_reads_per_second: int = setting(20, "Status reads of the upstream per second, for all tasks of this "
                                                  "instance (of the fleet with redis_url); more wait their turn "
                                                  "(0: unlimited)")
+    webhook_secret: str = setting("", "Secret that signs webhooks (whsec_ and base64; several, space-separated, while "
+                                      "rotating); a key's own webhook_secret in the keys file overrides it")
+    webhook_hosts: str = setting("", "Comma-separated hosts (host or host:port) webhooks may be sent to even at "
+                                     "loopback or private addresses (by default only public addresses)")
+    webhook_max_attempts: int = setting(8, "Attempts to deliver a webhook message before it is given up")
+    webhook_retry_delays: str = setting("5,300,1800,7200,18000,36000,36000",
+                                        "Seconds before each retry of a webhook message (the Standard Webhooks "
+                                        "schedule: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h), each with up to "
+                                        "10% jitter; the last one repeats")
+    webhook_timeout: float = setting(15.0, "Seconds one webhook attempt may take (redirects are not followed)")
+    webhook_deliveries: int = setting(64, "Webhook attempts in flight at once (their own connection pool)")
     trusted_proxies: str = setting("", "Comma-separated IPs/CIDRs whose X-Forwarded-For / X-Real-IP is believed")
     cors_origins: str = setting("", "Comma-separated browser origins allowed by CORS, or '*' (default: none)")
     demo: bool = setting(False, "Start a built-in simulated Z-Image service on loopback and use it as the upstream")
@@ -115,7 +127,9 @@ class Settings:
     log_format: str = setting("text", "Log line format: text or json")
 
     def __post_init__(self) -> None:
-        _ = self.aliases, self.proxy_networks, self.image_origins  # parsed now: a bad value raises ValueError at start
+        # parsed now: a bad value raises ValueError at start
+        _ = self.aliases, self.proxy_networks, self.image_origins, self.webhook_secrets, self.retry_delays
+        _ = self.webhook_allowed
         if self.processes < 0 or self.log_format not in ("text", "json"):
             raise ValueError("processes must be 0 or more, log_format text or json")
         if not 1 <= self.port <= 65535:
@@ -127,7 +141,7 @@ class Settings:
                     "size_multiple", "max_steps", "max_prompt_length", "idempotency_ttl", "max_image_bytes",
                     "image_fetches", "record_ttl", "redis_timeout", "redis_connections",
                     "shutdown_timeout", "idle_timeout", "body_timeout", "write_timeout", "max_body_bytes",
-                    "demo_seconds")
+                    "demo_seconds", "webhook_max_attempts", "webhook_timeout", "webhook_deliveries")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError("%s must be positive" % name)
@@ -197,6 +211,29 @@ class Settings:
             if not origin.lower().startswith(("http://", "https://")):
                 raise ValueError("image_hosts: expected origins like https://cdn.example.com, got %r" % origin)
         return origins
+
+    @functools.cached_property
+    def webhook_secrets(self) -> tuple[bytes, ...]:
+        return parse_secrets(self.webhook_secret, "webhook_secret")
+
+    @functools.cached_property
+    def retry_delays(self) -> tuple[float, ...]:
+        try:
+            delays = tuple(float(item) for item in self.webhook_retry_delays.split(",") if item.strip())
+        except ValueError:
+            delays = ()
+        if not delays or min(delays) < 0:
+            raise ValueError("webhook_retry_delays: expected comma-separated seconds, e.g. 5,300,1800")
+        return delays
+
+    @functools.cached_property
+    def webhook_allowed(self) -> frozenset[str]:
+        """webhook_hosts as lowercase `host` and `host:port` words."""
+        hosts = frozenset(item.strip().lower() for item in self.webhook_hosts.split(",") if item.strip())
+        for host in hosts:
+            if "/" in host or " " in host:
+                raise ValueError("webhook_hosts: expected host or host:port, got %r" % host[:100])
+        return hosts
 
     @property
     def workers(self) -> int:
@@ -287,6 +324,8 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Keys", ("api_keys", "api_keys_file", "task_visibility", "reads_per_minute", "metrics_public", "metrics_port",
               "metrics_address")),
     ("Store", ("database", "record_prompts", "record_ttl")),
+    ("Webhooks", ("webhook_secret", "webhook_hosts", "webhook_max_attempts", "webhook_retry_delays",
+                  "webhook_timeout", "webhook_deliveries")),
     ("Fleet", ("redis_url", "redis_timeout", "redis_connections")),
     ("Logs and demo", ("log_level", "log_format", "demo", "demo_seconds")),
 )

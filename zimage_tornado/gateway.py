@@ -10,10 +10,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from tornado.ioloop import IOLoop
+
 from zimage_tornado.accounts import Accounts
 from zimage_tornado.cache import ResultCache
 from zimage_tornado.config import Settings
 from zimage_tornado.deadlines import BodyDeadlines
+from zimage_tornado.delivery import Deliverer
 from zimage_tornado.domain import GenerationRequest, Task
 from zimage_tornado.idempotency import IdempotencyStore
 from zimage_tornado.images import ImageFetcher, make_image_client
@@ -25,6 +28,7 @@ from zimage_tornado.store.sqlite import SqliteStore
 from zimage_tornado.tenants import Caller, KeyRing, LiveKeys, Plan
 from zimage_tornado.upstream import UpstreamError, UpstreamOutcomeUnknown, ZImageClient, make_http_client
 from zimage_tornado.watcher import Coordination, TaskWatcher
+from zimage_tornado.webhooks import WebhookRequest, Webhooks
 
 log = logging.getLogger("zimage_tornado.gateway")
 
@@ -84,6 +88,13 @@ class Gateway:
             upstream_url=settings.upstream_url, image_hosts=settings.image_origins, max_clients=settings.image_fetches,
             max_bytes=settings.max_image_bytes, connect_timeout=settings.upstream_connect_timeout,
             request_timeout=settings.upstream_timeout, ca_certs=settings.upstream_ca_certs or None)
+        self.webhooks = Webhooks(self.store, keys=lambda: self.keys, secrets=settings.webhook_secrets,
+                                 allowed_hosts=settings.webhook_allowed, clock=clock)
+        self.deliverer = Deliverer(self.store, self.webhooks, clock=clock, timeout=settings.webhook_timeout,
+                                   concurrency=settings.webhook_deliveries, max_attempts=settings.webhook_max_attempts,
+                                   delays=settings.retry_delays)
+        self.webhooks.poke = self.accounts.on_notice = self.deliverer.poke
+        IOLoop.current().add_callback(self.deliverer.start)
         self.upstream = ZImageClient(settings.upstream_url, self.http, observer=self.metrics.observe_upstream,
                                      image_http=self.image_http, api_key=settings.upstream_api_key)
         self.watcher = TaskWatcher(
@@ -98,8 +109,10 @@ class Gateway:
             follow_interval=settings.follow_interval,
             on_expired=self.accounts.expired,
             reads_per_second=settings.upstream_reads_per_second,
+            on_progress=self.webhooks.progressed,
         )
         self.metrics.watch(self.watcher, self.idempotency, self.store)
+        self.metrics.watch_webhooks(self.deliverer)
         self.images = ImageFetcher(self.upstream, max_bytes=settings.max_image_bytes,
                                    cache_bytes=settings.image_cache_bytes, at_once=settings.image_fetches)
         self.models = ModelTable(settings.aliases)
@@ -114,15 +127,17 @@ class Gateway:
 
     async def submit(self, request: GenerationRequest, caller: Caller, model: str,
                      idempotency_key: str | None = None, retry: bool = False,
-                     end_user: str | None = None) -> Submitted:
+                     end_user: str | None = None, webhook: WebhookRequest | None = None) -> Submitted:
         """A new upstream task within the caller's limits, or the one the caller already made
         with `idempotency_key`, or (`retry`: an SDK's retry, without a key) for the same request
         within the last wait budget. A replay counts against no limit.
 
         Returns only once the task's admission, owner, usage row and key are committed; raises
         StoreUnavailable before the upstream sees anything if the store cannot write, and
-        NotRecorded (naming the task) if it fails after the upstream accepted the job."""
+        NotRecorded (naming the task) if it fails after the upstream accepted the job. A webhook
+        that cannot be kept (no secret, a non-public or disabled URL) is refused first (ApiError)."""
         submitted: Submitted | None = None
+        subscription = await self.webhooks.subscribe(caller, webhook)
 
         async def fresh(request: GenerationRequest) -> Task:
             nonlocal submitted
@@ -134,8 +149,9 @@ class Gateway:
             except UpstreamError:  # a definite no (refused, or never sent): the images were not spent
                 await self.accounts.refund(caller, admission, request.batch_size)
                 raise
+            self.webhooks.remember(task.uuid, caller.name, subscription)
             try:
-                await self.accounts.submitted(caller, request, task, model, admission, end_user)
+                await self.accounts.submitted(caller, request, task, model, admission, end_user, subscription)
             finally:
                 self.watcher.follow_up(task.uuid)  # the record learns how it ends, recorded yet or not
             submitted = Submitted(task, admission)
@@ -176,6 +192,7 @@ class Gateway:
             log.info("following %d unfinished tasks again", len(unfinished))
 
     async def close(self) -> None:
+        await self.deliverer.close()
         await self.watcher.close()
         self.http.close()
         self.image_http.close()

@@ -54,14 +54,17 @@ class PublicOnlyResolver(Resolver):
     port belong to an allowed origin. The HTTP client connects to what this returns, so a name
     that resolves to 10.0.0.1 (or re-resolves to it later: DNS rebinding) is never connected to."""
 
-    def initialize(self, allowed: frozenset[tuple[str, int]] = frozenset()) -> None:
-        self.allowed = allowed
+    def initialize(self, allowed: frozenset[tuple[str, int]] = frozenset(),
+                   allowed_hosts: frozenset[str] = frozenset()) -> None:
+        self.allowed = allowed  # (host, port) pairs
+        self.allowed_hosts = allowed_hosts  # hosts, on any port
         self.inner = DefaultLoopResolver()
 
     async def resolve(self, host: str, port: int,
                       family: socket.AddressFamily = socket.AF_UNSPEC) -> list[tuple[int, Any]]:
         addresses = await self.inner.resolve(host, port, family)
-        if (host.lower().strip("[]"), port) in self.allowed:
+        name = host.lower().strip("[]")
+        if (name, port) in self.allowed or name in self.allowed_hosts:
             return addresses
         public = [(fam, address) for fam, address in addresses if is_public(ipaddress.ip_address(address[0]))]
         if not public:

@@ -1,11 +1,12 @@
-"""`zimage-tornado keys add|list|revoke`: API keys without editing TOML by hand, and without a
+"""`zimage-tornado keys add|list|revoke|secret`: API keys without editing TOML by hand, and without a
 restart (a running gateway reads the edited file within seconds, or on SIGHUP).
 
 `add` generates a strong key, appends `[keys.NAME]` with only its SHA-256 to the TOML keys file
 and prints the key once; `revoke` removes the key's table; both write a new file and rename it
 over the old one (never a half-written file), keeping the other lines, comments and order, and
 check that the result parses before it replaces anything. `list` shows names, limits, the admin
-flag and today's use from the server's store, never a secret."""
+flag and today's use from the server's store, never a secret. `secret` prints a new webhook
+secret."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import time
 from typing import Sequence
 
 from zimage_tornado.config import Settings, server_settings
+from zimage_tornado.signing import new_secret
 from zimage_tornado.store import StoreUnavailable, utc_day
 from zimage_tornado.tenants import NAME_RE, PLAN_FIELDS, RESERVED_NAMES, digest, load_keys
 from zimage_tornado.usage_cli import file_usage, redis_usage, table
@@ -45,7 +47,11 @@ def main(argv: Sequence[str]) -> int:
     listing.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     revoke = commands.add_parser("revoke", parents=[where], help="remove a key")
     revoke.add_argument("name")
+    commands.add_parser("secret", help="print a new webhook secret (whsec_...) for webhook_secret")
     args = parser.parse_args(argv)
+    if args.command == "secret":
+        print(new_secret())
+        return 0
     try:
         settings = server_settings(args.config, args.env_file)
         path = args.file or settings.api_keys_file

@@ -90,6 +90,27 @@ class Metrics:
                                       "polling": watcher.active_polls, "cached": len(watcher.cache),
                                       "followed": watcher.followed, "store_dropped": store.dropped})
 
+    def watch_webhooks(self, deliverer: Any) -> None:
+        """Webhook deliveries by outcome, and the backlog as the deliverer last counted it (the
+        store's, shared by a fleet: the largest of the workers' counts, never their sum)."""
+        deliveries = Counter("zimage_webhook_deliveries", "Webhook attempts, by outcome (delivered, retried, failed, "
+                             "disabled)", ["outcome"], registry=self.registry)
+        pending = Gauge("zimage_webhook_pending", "Webhook messages waiting to be delivered", registry=self.registry,
+                        multiprocess_mode="max")
+        oldest = Gauge("zimage_webhook_oldest_pending_seconds", "Age of the oldest webhook message waiting",
+                       registry=self.registry, multiprocess_mode="max")
+        synced: dict[str, int] = {}
+
+        def sync() -> dict[str, float]:
+            for outcome, count in deliverer.outcomes.items():
+                if count > synced.get(outcome, 0):
+                    deliveries.labels(outcome).inc(count - synced.get(outcome, 0))
+                    synced[outcome] = count
+            pending.set(deliverer.pending)
+            oldest.set(deliverer.oldest_pending_age)
+            return {}
+        self._sources.append(sync)
+
     def sync(self) -> None:
         """Carries the engine's counts (as increments since the last sync) and state into the metrics."""
         values: dict[str, float] = {}

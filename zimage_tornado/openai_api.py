@@ -12,7 +12,8 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from zimage_tornado import validation
+from zimage_tornado import validation, webhooks
+from zimage_tornado.webhooks import WebhookRequest
 from zimage_tornado.domain import GenerationRequest, Task
 from zimage_tornado.errors import ApiError, invalid
 from zimage_tornado.validation import Limits
@@ -57,6 +58,7 @@ class ChatRequest:
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
     text: bool = False  # POST /v1/completions
     end_user: str | None = None  # OpenAI's `user`, recorded with the task
+    webhook: WebhookRequest | None = None  # call back when it ends (webhooks.py)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class ImagesRequest:
     output_format: str = "png"
     output_compression: int | None = None
     stream: bool = False  # image_generation.completed events (b64_json), after heartbeats while it runs
+    webhook: WebhookRequest | None = None
 
 
 # quality (gpt-image's and DALL·E 3's words) -> steps, unless `steps` is given
@@ -180,7 +183,8 @@ def parse_chat_request(body: Any, limits: Limits, models: ModelTable) -> ChatReq
         background = prompt.startswith(BACKGROUND_PREFIX)
     fields = validation.generation_fields(params, limits)
     generation = GenerationRequest(prompt=prompt, model=models.upstream(model), **fields)
-    return ChatRequest(generation, model, stream, wait, background, include_usage, end_user=end_user(params))
+    return ChatRequest(generation, model, stream, wait, background, include_usage, end_user=end_user(params),
+                       webhook=webhooks.requested(params))
 
 
 def parse_completion_request(body: Any, limits: Limits, models: ModelTable) -> ChatRequest:
@@ -199,7 +203,7 @@ def parse_completion_request(body: Any, limits: Limits, models: ModelTable) -> C
     fields = validation.generation_fields(params, limits)
     generation = GenerationRequest(prompt=prompt, model=models.upstream(model), **fields)
     return ChatRequest(generation, model, stream, wait, False, stream_usage(params), text=True,
-                       end_user=end_user(params))
+                       end_user=end_user(params), webhook=webhooks.requested(params))
 
 
 def stream_usage(params: dict[str, Any]) -> bool:
@@ -254,7 +258,7 @@ def parse_images_request(body: Any, limits: Limits, models: ModelTable) -> Image
                                         ("url", "b64_json"))
     generation = GenerationRequest(prompt=prompt, model=models.upstream(model), **fields)
     return ImagesRequest(generation, model, response_format, quality, background, gpt_image, end_user(params),
-                         output_format, compression, stream)
+                         output_format, compression, stream, webhooks.requested(params))
 
 
 def last_user_text(messages: list[Any], ignore_images: bool = False) -> str:

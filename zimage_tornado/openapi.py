@@ -85,6 +85,11 @@ SCHEMAS: dict[str, Any] = {
             "height": {"type": "integer"},
             "steps": {"type": "integer", "minimum": 1},
             "cfg_scale": {"type": "number", "minimum": 0},
+            "webhook": {"type": "string", "format": "uri", "maxLength": 2048,
+                        "description": "Called back (signed, Standard Webhooks) when the task ends"},
+            "webhook_events": {"type": "array", "minItems": 1, "items": {
+                "enum": ["task.completed", "task.failed", "task.expired", "task.progress"]},
+                "description": "Default: task.completed, task.failed, task.expired"},
         },
     },
     "ChatCompletionRequest": {
@@ -237,6 +242,19 @@ SCHEMAS: dict[str, Any] = {
                            "properties": {"id": {"type": "string"}, "object": {"const": "task"},
                                           "status": {"type": "string"}, "created_at": {"type": "integer"}}}}},
     },
+    "WebhookMessageList": {
+        "type": "object", "required": ["object", "data", "has_more"],
+        "properties": {"object": {"const": "list"}, "has_more": {"type": "boolean"}, "data": {
+            "type": "array", "items": {
+            "type": "object", "required": ["id", "object", "type", "task_id", "url", "status", "attempts"],
+            "properties": {"id": {"type": "string", "pattern": "^msg_"}, "object": {"const": "webhook.message"},
+                           "type": {"type": "string"}, "task_id": {"type": "string"}, "url": {"type": "string"},
+                           "key": {"type": "string", "description": "Admin listings only"},
+                           "status": {"enum": ["pending", "delivered", "failed", "disabled"]},
+                           "attempts": {"type": "integer"}, "last_status": {"type": ["integer", "null"]},
+                           "last_error": NULLABLE_STRING, "next_attempt_at": NUMBER_OR_NULL,
+                           "created_at": {"type": "number"}, "delivered_at": NUMBER_OR_NULL}}}},
+    },
     "KeyList": {
         "type": "object", "required": ["object", "data"],
         "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
@@ -276,6 +294,8 @@ KEY_PARAM = {"name": "key", "in": "query", "required": False, "description": "On
              "schema": {"type": "string"}}
 
 
+WEBHOOK_STATUS = {"name": "status", "in": "query", "required": False,
+                  "schema": {"enum": ["pending", "delivered", "failed", "disabled"]}}
 CSV_RESPONSE = {"description": "CSV, a header row first", "content": {"text/csv": {"schema": {"type": "string"}}}}
 
 
@@ -396,6 +416,10 @@ def operations() -> dict[str, Any]:
             "responses": {"200": json_response("The upstream's answer", ref("UpstreamTask")),
                           "400": error("Malformed uuid"), "404": error("Unknown task"),
                           **v1_errors, **UPSTREAM_ERRORS}}},
+        "/v1/webhooks": {"get": {"security": [{"bearer": []}, {}],
+            "parameters": [WEBHOOK_STATUS, LIMIT_PARAM(1000)],
+            "responses": {"200": json_response("Your webhook messages, newest first", ref("WebhookMessageList")),
+                          "400": error("A malformed status or limit"), **v1_errors}}},
         "/v1/images/{uuid}": {"get": {"security": [{"bearer": []}, {}],
             "parameters": [
                 TASK_UUID,
@@ -466,6 +490,16 @@ def operations() -> dict[str, Any]:
         "security": [{"bearer": []}],
         "responses": {"200": json_response("Every key's limits, today's use and last submit", ref("KeyList")),
                       **ADMIN_ERRORS}}},
+    "/admin/webhooks": {"get": {
+        "security": [{"bearer": []}],
+        "parameters": [KEY_PARAM, WEBHOOK_STATUS, LIMIT_PARAM(1000)],
+        "responses": {"200": json_response("Webhook messages, newest first", ref("WebhookMessageList")),
+                      **ADMIN_ERRORS}}},
+    "/admin/webhooks/{id}/retry": {"post": {
+        "security": [{"bearer": []}],
+        "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "responses": {"202": json_response("The message, pending and due now", {"type": "object"}),
+                      "404": error("No such message"), **ADMIN_ERRORS}}},
     "/admin": {"get": {"responses": {
         "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
     "/": {"get": {"responses": {

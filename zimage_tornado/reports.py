@@ -10,8 +10,9 @@ from typing import Any, Callable
 
 from zimage_tornado import validation
 from zimage_tornado.errors import invalid
-from zimage_tornado.store import Store, TaskQuery, TaskRecord, UsageRow
+from zimage_tornado.store import WEBHOOK_STATES, Store, TaskQuery, TaskRecord, UsageRow
 from zimage_tornado.tenants import PLAN_FIELDS, KeyRing
+from zimage_tornado.webhooks import message_object
 
 TASK_STATUSES = ("submitted", "completed", "failed", "expired")
 USAGE_CSV = ("day", "key", "tasks", "images", "failed", "refused")
@@ -100,3 +101,18 @@ def usage_csv(rows: list[UsageRow]) -> str:
 def tasks_csv(tasks: list[TaskRecord]) -> str:
     return csv_text(TASK_CSV, [[" ".join(task.image_urls) if column == "image_urls" else getattr(task, column)
                                 for column in TASK_CSV] for task in tasks])
+
+
+async def webhook_page(store: Store, argument: Callable[[str], str | None], *, admin: bool = False,
+                       key: str | None = None) -> dict[str, Any]:
+    """GET /v1/webhooks (`key`'s messages) and /admin/webhooks (?key= chooses): ?status=, ?limit=
+    (50, at most 1000), newest first."""
+    status = argument("status")
+    if status is not None and status not in WEBHOOK_STATES:
+        raise invalid("status must be one of %s" % ", ".join(WEBHOOK_STATES), param="status")
+    limit = validation.count(argument("limit"), "limit", default=50, high=MAX_PAGE)
+    if admin:
+        key = validation.key_name(argument("key"))
+    messages = await store.find_webhooks(key, status, limit + 1)
+    return {"object": "list", "data": [message_object(m, admin) for m in messages[:limit]],
+            "has_more": len(messages) > limit}

@@ -14,6 +14,8 @@ key name, so deleting a line must not hand one key's tasks to the next.
     [keys.alice]
     key = "sk-alice-..."     # or key_sha256 = "<hex>", so that the file need not hold the secret
     images_per_day = 500
+    webhook_url = "https://alice.example.com/hooks"   # tasks call back here unless they name another
+    webhook_secret = "whsec_..."                       # signs alice's webhooks (else the setting's)
     [keys.ops]
     key_sha256 = "..."
     admin = true
@@ -29,6 +31,9 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Iterable
+from urllib.parse import urlsplit
+
+from zimage_tornado.signing import parse_secrets
 
 log = logging.getLogger("zimage_tornado.keys")
 
@@ -61,6 +66,8 @@ class Tenant:
     key_sha256: str = field(repr=False)
     admin: bool = False
     plan: Plan = Plan()
+    webhook_url: str | None = None  # the key's default webhook
+    webhook_secrets: tuple[bytes, ...] = field(default=(), repr=False)  # its own; else the setting's
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,12 @@ class KeyRing:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(tenant.name for tenant in self.tenants)
+
+    def find(self, name: str) -> Tenant | None:
+        for tenant in self.tenants:
+            if tenant.name == name:
+                return tenant
+        return None
 
     def identify(self, authorization: str) -> Tenant | None:
         scheme, _, token = authorization.partition(" ")
@@ -147,7 +160,7 @@ def toml_tenants(document: dict[str, Any], where: str) -> list[Tenant]:
                              % (context, name))
         if not NAME_RE.fullmatch(name) or not isinstance(entry, dict):
             raise ValueError("%s: a key name is 1 to 64 of A-Z a-z 0-9 . _ -, and its entry a table" % context)
-        unknown = set(entry) - {"key", "key_sha256", "admin", *PLAN_FIELDS}
+        unknown = set(entry) - {"key", "key_sha256", "admin", "webhook_url", "webhook_secret", *PLAN_FIELDS}
         if unknown:
             raise ValueError("%s: unknown field %s" % (context, sorted(unknown)[0]))
         if ("key" in entry) == ("key_sha256" in entry):
@@ -163,8 +176,27 @@ def toml_tenants(document: dict[str, Any], where: str) -> list[Tenant]:
         if not isinstance(entry.get("admin", False), bool):
             raise ValueError("%s: admin must be true or false" % context)
         plan = Plan(**{**defaults, **plan_fields(entry, context)})
-        tenants.append(Tenant(name, key_sha256, entry.get("admin", False), plan))
+        webhook_url = entry.get("webhook_url")
+        if webhook_url is not None and not is_http_url(webhook_url):
+            raise ValueError("%s: webhook_url must be an http:// or https:// URL" % context)
+        secret = entry.get("webhook_secret", "")
+        if not isinstance(secret, str):
+            raise ValueError("%s: webhook_secret must be a string" % context)
+        tenants.append(Tenant(name, key_sha256, entry.get("admin", False), plan, webhook_url,
+                              parse_secrets(secret, context)))
     return tenants
+
+
+def is_http_url(value: Any, max_length: int = 2048) -> bool:
+    """An absolute http(s) URL with a host, of printable characters without spaces."""
+    if not isinstance(value, str) or not 0 < len(value) <= max_length or not value.isprintable() or " " in value:
+        return False
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # a port that does not parse raises ValueError
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
 
 
 def plan_fields(table: Any, context: str) -> dict[str, int]:

@@ -41,6 +41,16 @@ def task_id(value: str) -> str:
     return value
 
 
+MESSAGE_ID_RE = re.compile(r"msg_[A-Za-z0-9]{1,64}")
+
+
+def message_id(value: str) -> str:
+    if not MESSAGE_ID_RE.fullmatch(value or ""):
+        raise invalid("Invalid webhook message id: expected msg_ and 1 to 64 letters or digits", param="id",
+                      code="invalid_message_id")
+    return value
+
+
 def json_object(value: Any, param: str | None = None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise invalid("%s must be a JSON object" % (param or "The request body"), param=param, code="invalid_type")

@@ -143,8 +143,9 @@ class TaskWatcher:
                  cache: ResultCache[Task, str], on_final: Callable[[Task], Awaitable[None]] | None = None,
                  coordination: Coordination | None = None, follow_budget: float = 0.0,
                  follow_interval: float = 60.0, on_expired: Callable[[str], Awaitable[None]] | None = None,
-                 reads_per_second: float = 0.0) -> None:
+                 reads_per_second: float = 0.0, on_progress: Callable[[Task], None] | None = None) -> None:
         self.client = client
+        self.on_progress = on_progress  # told of each running state this instance read (webhooks)
         self.interval = interval
         self.budget = budget  # a wait's default length (Settings.wait_budget)
         self.follow_budget = follow_budget  # 0: tasks nobody waits on are not followed
@@ -218,6 +219,8 @@ class TaskWatcher:
             self.cache.put(uuid, task)
             if self.on_final is not None:
                 await self.on_final(task)
+        elif self.on_progress is not None:
+            self.on_progress(task)
         try:
             await self.coordination.publish(task)
         except Exception as e:  # noqa: BLE001 - the others poll for themselves when they hear nothing

@@ -95,9 +95,52 @@ class TaskRecord:
     error: str | None = None
     image_urls: list[str] = field(default_factory=list)
     end_user: str | None = None  # OpenAI's `user`: the caller's own end user
+    webhook_url: str | None = None  # where the task's events are sent (webhooks.py)
+    webhook_events: list[str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+# A webhook message's states: waiting for its next attempt, done, given up, or never to be sent
+# because its URL was disabled (the receiver answered 410 Gone).
+PENDING, DELIVERED, FAILED, DISABLED = "pending", "delivered", "failed", "disabled"
+WEBHOOK_STATES = (PENDING, DELIVERED, FAILED, DISABLED)
+NOT_SENT_DISABLED = "not sent: the URL answered 410 Gone to an earlier message"
+
+
+@dataclass
+class WebhookMessage:
+    """One event of one task for one URL, stored before its first attempt (the outbox), and its
+    delivery so far. `body` is the exact JSON sent (and signed) on every attempt."""
+
+    id: str
+    key: str
+    task: str
+    type: str
+    url: str
+    body: str
+    created_at: float
+    status: str = PENDING
+    attempts: int = 0
+    next_at: float | None = None  # when it is due (a claimed one: when its lease ends)
+    last_status: int | None = None  # the receiver's last HTTP status
+    last_error: str | None = None  # the gateway's own words for the last failure, never the receiver's
+    delivered_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A task's final event, handed to finish_task: stored as a message in the same write when
+    the task's webhook asked for this type of event (the outbox is transactional)."""
+
+    id: str
+    type: str
+    body: str
+    created_at: float
 
 
 @dataclass(frozen=True)
@@ -257,9 +300,51 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def finish_task(self, uuid: str, status: str, finished_at: float, image_count: int,
-                          error: str | None, image_urls: list[str]) -> None:
+                          error: str | None, image_urls: list[str], notice: Notice | None = None) -> None:
         """A task's final state, once the gateway sees it (kept and retried). An `expired` row may
-        still learn its real end later."""
+        still learn its real end later. With `notice`, in the same write: a webhook message to
+        the task's webhook, if it has one and asked for this event."""
+
+    # -- webhook messages (the outbox) ----------------------------------------------------------
+
+    @abc.abstractmethod
+    async def add_webhook(self, message: WebhookMessage) -> None:
+        """A new message (a task.progress event): stored, kept and retried until it lands."""
+
+    @abc.abstractmethod
+    async def claim_webhooks(self, now: float, limit: int, lease: float) -> list[WebhookMessage]:
+        """Up to `limit` pending messages due by `now`, each leased for `lease` seconds (its due
+        time moved on): in a fleet, one instance at a time sends a message. A due message whose
+        URL was disabled for its key (410) is settled as disabled instead."""
+
+    @abc.abstractmethod
+    async def webhook_attempted(self, message: WebhookMessage) -> None:
+        """An attempt's outcome (status, attempts, next_at, last_status, last_error, delivered_at);
+        committed before it returns, or kept and retried."""
+
+    @abc.abstractmethod
+    async def find_webhooks(self, key: str | None, status: str | None, limit: int) -> list[WebhookMessage]:
+        """Messages, newest first, filtered by key and status."""
+
+    @abc.abstractmethod
+    async def get_webhook(self, message_id: str) -> WebhookMessage | None:
+        """One message."""
+
+    @abc.abstractmethod
+    async def retry_webhook(self, message_id: str, now: float) -> WebhookMessage | None:
+        """An admin's retry: the message is pending and due now (its URL enabled again for its key)."""
+
+    @abc.abstractmethod
+    async def disable_url(self, key: str, url: str, now: float) -> None:
+        """A receiver answered 410 Gone: this key's messages to `url` are not sent any more."""
+
+    @abc.abstractmethod
+    async def url_disabled(self, key: str, url: str) -> bool:
+        """Whether disable_url() was called for this key and URL (and no retry enabled it again)."""
+
+    @abc.abstractmethod
+    async def webhook_backlog(self) -> tuple[int, float | None]:
+        """Pending messages, and when the oldest of them was created."""
 
     @abc.abstractmethod
     async def unfinished(self, limit: int) -> list[tuple[str, float]]:

@@ -31,8 +31,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from zimage_tornado.domain import Task
-from zimage_tornado.store import (DAY, SUBMITTED, Admission, Claim, Store, StoreUnavailable, TaskQuery, TaskRecord,
-                                  UsageRow, day_start, decide, utc_day)
+from zimage_tornado.store import (DAY, NOT_SENT_DISABLED, PENDING, SUBMITTED, Admission, Claim, Notice, Store,
+                                  StoreUnavailable, TaskQuery, TaskRecord, UsageRow, WebhookMessage, day_start, decide,
+                                  utc_day)
 from zimage_tornado.tenants import Plan
 from zimage_tornado.watcher import Coordination
 
@@ -85,7 +86,19 @@ if value then
 end
 return 0
 """
-FINISH = """
+# A webhook message joins the outbox: stored, due (by next attempt), pending (by age), listed.
+ADD_WEBHOOK = """
+local function add_webhook(prefix, message, ttl, kept)
+  if not redis.call('SET', prefix .. 'wh:' .. message.id, cjson.encode(message), 'EX', ttl, 'NX') then return end
+  redis.call('ZADD', prefix .. 'wh:due', message.next_at, message.id)
+  redis.call('ZADD', prefix .. 'wh:pending', message.created_at, message.id)
+  for _, name in ipairs({prefix .. 'wh:recent', prefix .. 'wh:recent:' .. message.key}) do
+    redis.call('ZADD', name, message.created_at, message.id)
+    redis.call('ZREMRANGEBYRANK', name, 0, -kept - 1)
+  end
+end
+"""
+FINISH = ADD_WEBHOOK + """
 local value = redis.call('GET', KEYS[1])
 if not value then return 0 end
 local task = cjson.decode(value)
@@ -95,7 +108,68 @@ task.error = cjson.decode(ARGV[4])
 task.image_urls = cjson.decode(ARGV[5])
 redis.call('SET', KEYS[1], cjson.encode(task), 'KEEPTTL')
 if ARGV[1] == 'failed' then redis.call('HINCRBY', ARGV[6] .. task.day, task.key .. '\\tfailed', 1) end
+-- the task's end and its message in one step: the outbox is transactional
+if ARGV[7] ~= '' and type(task.webhook_url) == 'string' and type(task.webhook_events) == 'table' then
+  for _, wanted in ipairs(task.webhook_events) do
+    if wanted == ARGV[8] then
+      add_webhook(ARGV[12], {id = ARGV[7], key = task.key, task = task.uuid, type = ARGV[8], url = task.webhook_url,
+                             body = ARGV[9], created_at = tonumber(ARGV[10]), status = 'pending', attempts = 0,
+                             next_at = tonumber(ARGV[10])}, tonumber(ARGV[11]), tonumber(ARGV[13]))
+    end
+  end
+end
 return 1
+"""
+NEW_WEBHOOK = ADD_WEBHOOK + """
+add_webhook(ARGV[1], cjson.decode(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))
+return 1
+"""
+CLAIM_WEBHOOKS = """
+-- Due messages, each leased to the caller by moving its due time past the lease.
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local found = {}
+for _, id in ipairs(ids) do
+  local value = redis.call('GET', ARGV[4] .. id)
+  if not value then
+    redis.call('ZREM', KEYS[1], id)
+  else
+    local message = cjson.decode(value)
+    if redis.call('HEXISTS', KEYS[2], message.key .. '\\t' .. message.url) == 1 then
+      -- its URL answered 410 to an earlier message: settled, never sent
+      message.status, message.next_at, message.last_error = 'disabled', cjson.null, ARGV[5]
+      redis.call('SET', ARGV[4] .. id, cjson.encode(message), 'KEEPTTL')
+      redis.call('ZREM', KEYS[1], id)
+      redis.call('ZREM', KEYS[3], id)
+    else
+      redis.call('ZADD', KEYS[1], ARGV[3], id)
+      found[#found + 1] = value
+    end
+  end
+end
+return found
+"""
+WEBHOOK_ATTEMPTED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+if ARGV[2] == '' then
+  redis.call('ZREM', KEYS[2], ARGV[3])
+  redis.call('ZREM', KEYS[3], ARGV[3])
+else
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+end
+return 1
+"""
+RETRY_WEBHOOK = """
+local value = redis.call('GET', KEYS[1])
+if not value then return false end
+local message = cjson.decode(value)
+message.status, message.next_at = 'pending', tonumber(ARGV[1])
+value = cjson.encode(message)
+redis.call('SET', KEYS[1], value, 'KEEPTTL')
+redis.call('ZADD', KEYS[2], ARGV[1], message.id)
+redis.call('ZADD', KEYS[3], message.created_at, message.id)
+redis.call('HDEL', KEYS[4], message.key .. '\\t' .. message.url)
+return value
 """
 RECORD = """
 -- Sent again after a timeout, it may find its first run done: count a task once.
@@ -169,6 +243,10 @@ class RedisStore(Store):
         self._release = self.redis.register_script(RELEASE)
         self._finish = self.redis.register_script(FINISH)
         self._record = self.redis.register_script(RECORD)
+        self._new_webhook = self.redis.register_script(NEW_WEBHOOK)
+        self._claim_webhooks = self.redis.register_script(CLAIM_WEBHOOKS)
+        self._webhook_attempted = self.redis.register_script(WEBHOOK_ATTEMPTED)
+        self._retry_webhook = self.redis.register_script(RETRY_WEBHOOK)
         self._outbox: list[Callable[[Any], Awaitable[Any]]] = []  # writes nobody waits for, sent as one pipeline
         self._sending: asyncio.Task[None] | None = None
 
@@ -321,10 +399,69 @@ class RedisStore(Store):
         await self._kept(lambda client: self._record(keys=keys, args=args, client=client))
 
     async def finish_task(self, uuid: str, status: str, finished_at: float, image_count: int,
-                          error: str | None, image_urls: list[str]) -> None:
-        self._later(lambda pipe: self._finish(keys=[PREFIX + "task:" + uuid], args=[
-            status, repr(finished_at), image_count, json.dumps(error), json.dumps(image_urls), PREFIX + "usage:"],
-            client=pipe))
+                          error: str | None, image_urls: list[str], notice: Notice | None = None) -> None:
+        args: list[str | int] = [status, repr(finished_at), image_count, json.dumps(error), json.dumps(image_urls),
+                                 PREFIX + "usage:"]
+        args += ([notice.id, notice.type, notice.body, repr(notice.created_at)] if notice else ["", "", "", "0"])
+        args += [int(self.record_ttl), PREFIX, RECENT_KEPT]
+        self._later(lambda pipe: self._finish(keys=[PREFIX + "task:" + uuid], args=args, client=pipe))
+
+    # -- webhook messages -----------------------------------------------------------------------
+
+    async def add_webhook(self, message: WebhookMessage) -> None:
+        args: list[str | int] = [PREFIX, json.dumps(message.as_dict()), int(self.record_ttl), RECENT_KEPT]
+        self._later(lambda pipe: self._new_webhook(args=args, client=pipe))
+
+    async def claim_webhooks(self, now: float, limit: int, lease: float) -> list[WebhookMessage]:
+        values = await self._do(self._claim_webhooks(keys=[PREFIX + "wh:due", PREFIX + "wh:off", PREFIX + "wh:pending"],
+                                                     args=[repr(now), limit, repr(now + lease), PREFIX + "wh:",
+                                                           NOT_SENT_DISABLED]))
+        return [webhook_message(value) for value in values]
+
+    async def webhook_attempted(self, message: WebhookMessage) -> None:
+        keys = [PREFIX + "wh:" + message.id, PREFIX + "wh:due", PREFIX + "wh:pending"]
+        due = repr(message.next_at) if message.status == PENDING and message.next_at is not None else ""
+        args = [json.dumps(message.as_dict()), due, message.id]
+        await self._kept(lambda client: self._webhook_attempted(keys=keys, args=args, client=client))
+
+    async def find_webhooks(self, key: str | None, status: str | None, limit: int) -> list[WebhookMessage]:
+        name = PREFIX + "wh:recent" + (":" + key if key else "")
+        found: list[WebhookMessage] = []
+        offset, chunk = 0, max(limit, 100)
+        while len(found) < limit and offset < RECENT_KEPT:
+            ids: list[str] = await self._do(self.redis.zrevrange(name, offset, offset + chunk - 1))  # type: ignore[arg-type]
+            if not ids:
+                break
+            offset += len(ids)
+            for value in await self._do(self.redis.mget([PREFIX + "wh:" + i for i in ids])):
+                if value is not None:
+                    message = webhook_message(value)
+                    if status is None or message.status == status:
+                        found.append(message)
+        return found[:limit]
+
+    async def get_webhook(self, message_id: str) -> WebhookMessage | None:
+        value = await self._do(self.redis.get(PREFIX + "wh:" + message_id))
+        return None if value is None else webhook_message(value)
+
+    async def retry_webhook(self, message_id: str, now: float) -> WebhookMessage | None:
+        value = await self._do(self._retry_webhook(keys=[
+            PREFIX + "wh:" + message_id, PREFIX + "wh:due", PREFIX + "wh:pending", PREFIX + "wh:off"],
+            args=[repr(now)]))
+        return None if value is None else webhook_message(value)
+
+    async def disable_url(self, key: str, url: str, now: float) -> None:
+        await self._kept(lambda client: client.hset(PREFIX + "wh:off", "%s\t%s" % (key, url), repr(now)))
+
+    async def url_disabled(self, key: str, url: str) -> bool:
+        return bool(await self._do(self.redis.hexists(PREFIX + "wh:off", "%s\t%s" % (key, url))))
+
+    async def webhook_backlog(self) -> tuple[int, float | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcard(PREFIX + "wh:pending")
+        pipe.zrange(PREFIX + "wh:pending", 0, 0, withscores=True)
+        count, oldest = await self._do(pipe.execute())
+        return int(count), float(oldest[0][1]) if oldest else None
 
     async def unfinished(self, limit: int) -> list[tuple[str, float]]:
         records = await self.find_tasks(TaskQuery(status=SUBMITTED, limit=RECENT_KEPT))
@@ -391,6 +528,10 @@ def task_record(value: str | bytes) -> TaskRecord:
     row = json.loads(value)
     row.pop("day", None)
     return TaskRecord(**row)
+
+
+def webhook_message(value: str | bytes) -> WebhookMessage:
+    return WebhookMessage(**json.loads(value))
 
 
 def day_list(since: str, until: str) -> list[str]:

@@ -39,9 +39,10 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from zimage_tornado.store import (DAY, EXPIRED, MINUTE, SUBMITTED, Admission, Claim, RateWindows, Store,
-                                  StoreUnavailable,
-                                  TaskQuery, TaskRecord, UsageRow, day_start, decide, utc_day)
+from zimage_tornado.store import (DAY, DISABLED, EXPIRED, MINUTE, NOT_SENT_DISABLED, PENDING, SUBMITTED, Admission,
+                                  Claim, Notice,
+                                  RateWindows, Store, StoreUnavailable, TaskQuery, TaskRecord, UsageRow,
+                                  WebhookMessage, day_start, decide, utc_day)
 from zimage_tornado.tenants import Plan
 
 log = logging.getLogger("zimage_tornado.store")
@@ -79,6 +80,19 @@ MIGRATIONS = (
     ALTER TABLE tasks ADD COLUMN end_user TEXT;
     CREATE INDEX tasks_by_end_user ON tasks (end_user, submitted_at);
     """,
+    # Webhooks: a task's subscription, the outbox of messages and their delivery, URLs gone (410)
+    """
+    ALTER TABLE tasks ADD COLUMN webhook_url TEXT;
+    ALTER TABLE tasks ADD COLUMN webhook_events TEXT;
+    CREATE TABLE webhooks (id TEXT PRIMARY KEY, key TEXT NOT NULL, task TEXT NOT NULL, type TEXT NOT NULL,
+                           url TEXT NOT NULL, body TEXT NOT NULL, created_at REAL NOT NULL, status TEXT NOT NULL,
+                           attempts INTEGER NOT NULL, next_at REAL, last_status INTEGER, last_error TEXT,
+                           delivered_at REAL);
+    CREATE INDEX webhooks_due ON webhooks (status, next_at);
+    CREATE INDEX webhooks_by_key ON webhooks (key, created_at);
+    CREATE INDEX webhooks_by_time ON webhooks (created_at);
+    CREATE TABLE webhook_disabled (key TEXT NOT NULL, url TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (key, url));
+    """,
 )
 MAX_QUEUED = 100_000  # operations waiting for the writer: past this, the disk is not keeping up
 MAX_KEPT = 100_000  # writes nobody waits for, kept across failed commits: past this one is dropped
@@ -87,7 +101,8 @@ BATCH = 1000
 SWITCH_INTERVAL = 0.0002  # seconds a thread may hold the GIL while another waits (Python's default: 0.005)
 TASK_COLUMNS = ("uuid", "key", "client", "model", "width", "height", "batch_size", "steps", "prompt",
                 "negative_prompt", "submitted_at", "finished_at", "status", "image_count", "error", "image_urls",
-                "end_user")
+                "end_user", "webhook_url", "webhook_events")
+WEBHOOK_COLUMNS = tuple(f.name for f in dataclasses.fields(WebhookMessage))
 # SQLite's primary result codes that mean the database, not one operation, failed: the whole
 # commit is given up (and its writes kept), never half of it.
 DATABASE_FAILURES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 15, 26})  # BUSY LOCKED NOMEM READONLY IOERR
@@ -302,6 +317,7 @@ class SqliteStore(Store):
         conn.execute("DELETE FROM tasks WHERE submitted_at < ?", (now - self.record_ttl,))
         conn.execute("DELETE FROM refusals WHERE day < ?", (utc_day(now - self.record_ttl),))
         conn.execute("DELETE FROM submits WHERE started_at < ?", (now - self.record_ttl,))
+        conn.execute("DELETE FROM webhooks WHERE created_at < ?", (now - self.record_ttl,))
 
     async def _call(self, operation: Operation, keep: bool = False) -> Any:
         """Runs `operation` in the next commit and returns its result once committed."""
@@ -383,7 +399,8 @@ class SqliteStore(Store):
             "DELETE FROM idempotency WHERE scope = ? AND key = ? AND uuid IS NULL AND failure IS NULL", (scope, key)))
 
     async def record_task(self, record: TaskRecord, ticket: int | None = None) -> None:
-        row = {**record.as_dict(), "image_urls": json.dumps(record.image_urls)}
+        row = {**record.as_dict(), "image_urls": json.dumps(record.image_urls),
+               "webhook_events": None if record.webhook_events is None else json.dumps(record.webhook_events)}
         values = tuple(row[column] for column in TASK_COLUMNS)
 
         def insert(conn: sqlite3.Connection) -> None:
@@ -394,12 +411,91 @@ class SqliteStore(Store):
         await self._call(insert, keep=True)
 
     async def finish_task(self, uuid: str, status: str, finished_at: float, image_count: int,
-                          error: str | None, image_urls: list[str]) -> None:
+                          error: str | None, image_urls: list[str], notice: Notice | None = None) -> None:
         urls = json.dumps(image_urls)
-        self._send(lambda conn: conn.execute(
-            "UPDATE tasks SET status = ?, finished_at = ?, image_count = ?, error = ?, image_urls = ? "
-            "WHERE uuid = ? AND (finished_at IS NULL OR status = ?)",
-            (status, finished_at, image_count, error, urls, uuid, EXPIRED)))
+
+        def finish(conn: sqlite3.Connection) -> None:
+            changed = conn.execute(
+                "UPDATE tasks SET status = ?, finished_at = ?, image_count = ?, error = ?, image_urls = ? "
+                "WHERE uuid = ? AND (finished_at IS NULL OR status = ?)",
+                (status, finished_at, image_count, error, urls, uuid, EXPIRED)).rowcount
+            if changed and notice is not None:  # the task's end and its message: one commit
+                row = conn.execute("SELECT key, webhook_url, webhook_events FROM tasks WHERE uuid = ?",
+                                   (uuid,)).fetchone()
+                if row is not None and row[1] and notice.type in json.loads(row[2] or "[]"):
+                    insert_webhook(conn, WebhookMessage(notice.id, row[0], uuid, notice.type, row[1], notice.body,
+                                                        notice.created_at, next_at=notice.created_at))
+        self._send(finish)
+
+    # -- webhook messages -------------------------------------------------------------------
+
+    async def add_webhook(self, message: WebhookMessage) -> None:
+        self._send(lambda conn: insert_webhook(conn, message))
+
+    async def claim_webhooks(self, now: float, limit: int, lease: float) -> list[WebhookMessage]:
+        def claim(conn: sqlite3.Connection) -> list[WebhookMessage]:
+            # a message to a URL disabled (410) since it was written is settled here, never sent
+            conn.execute("UPDATE webhooks SET status = ?, next_at = NULL, last_error = ? WHERE status = ? AND "
+                         "next_at <= ? AND EXISTS (SELECT 1 FROM webhook_disabled d WHERE d.key = webhooks.key "
+                         "AND d.url = webhooks.url)", (DISABLED, NOT_SENT_DISABLED, PENDING, now))
+            rows = conn.execute("SELECT %s FROM webhooks WHERE status = ? AND next_at <= ? ORDER BY next_at LIMIT ?"
+                                % ", ".join(WEBHOOK_COLUMNS), (PENDING, now, limit)).fetchall()
+            messages = [WebhookMessage(**dict(zip(WEBHOOK_COLUMNS, row))) for row in rows]
+            conn.executemany("UPDATE webhooks SET next_at = ? WHERE id = ?",
+                             [(now + lease, message.id) for message in messages])
+            return messages
+        return await self._call(claim)
+
+    async def webhook_attempted(self, message: WebhookMessage) -> None:
+        await self._call(lambda conn: conn.execute(
+            "UPDATE webhooks SET status = ?, attempts = ?, next_at = ?, last_status = ?, last_error = ?, "
+            "delivered_at = ? WHERE id = ?", (message.status, message.attempts, message.next_at, message.last_status,
+                                              message.last_error, message.delivered_at, message.id)), keep=True)
+
+    async def find_webhooks(self, key: str | None, status: str | None, limit: int) -> list[WebhookMessage]:
+        clauses = [(c, v) for c, v in (("key = ?", key), ("status = ?", status)) if v is not None]
+        where = ("WHERE " + " AND ".join(c for c, _ in clauses)) if clauses else ""
+
+        def find(conn: sqlite3.Connection) -> list[WebhookMessage]:
+            rows = conn.execute("SELECT %s FROM webhooks %s ORDER BY created_at DESC LIMIT ?"
+                                % (", ".join(WEBHOOK_COLUMNS), where), (*(v for _, v in clauses), limit))
+            return [WebhookMessage(**dict(zip(WEBHOOK_COLUMNS, row))) for row in rows]
+        return await self._call(find)
+
+    async def get_webhook(self, message_id: str) -> WebhookMessage | None:
+        def get(conn: sqlite3.Connection) -> WebhookMessage | None:
+            row = conn.execute("SELECT %s FROM webhooks WHERE id = ?" % ", ".join(WEBHOOK_COLUMNS),
+                               (message_id,)).fetchone()
+            return None if row is None else WebhookMessage(**dict(zip(WEBHOOK_COLUMNS, row)))
+        return await self._call(get)
+
+    async def retry_webhook(self, message_id: str, now: float) -> WebhookMessage | None:
+        def retry(conn: sqlite3.Connection) -> WebhookMessage | None:
+            conn.execute("UPDATE webhooks SET status = ?, next_at = ? WHERE id = ?", (PENDING, now, message_id))
+            row = conn.execute("SELECT %s FROM webhooks WHERE id = ?" % ", ".join(WEBHOOK_COLUMNS),
+                               (message_id,)).fetchone()
+            if row is None:
+                return None
+            message = WebhookMessage(**dict(zip(WEBHOOK_COLUMNS, row)))
+            conn.execute("DELETE FROM webhook_disabled WHERE key = ? AND url = ?", (message.key, message.url))
+            return message
+        return await self._call(retry)
+
+    async def disable_url(self, key: str, url: str, now: float) -> None:
+        def disable(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR REPLACE INTO webhook_disabled (key, url, at) VALUES (?, ?, ?)", (key, url, now))
+            conn.execute("UPDATE webhooks SET status = ?, next_at = NULL, last_error = ? WHERE key = ? AND url = ? "
+                         "AND status = ?", (DISABLED, NOT_SENT_DISABLED, key, url, PENDING))
+        await self._call(disable, keep=True)
+
+    async def url_disabled(self, key: str, url: str) -> bool:
+        return bool(await self._call(lambda conn: conn.execute(
+            "SELECT 1 FROM webhook_disabled WHERE key = ? AND url = ?", (key, url)).fetchone()))
+
+    async def webhook_backlog(self) -> tuple[int, float | None]:
+        count, oldest = await self._call(lambda conn: conn.execute(
+            "SELECT COUNT(*), MIN(created_at) FROM webhooks WHERE status = ?", (PENDING,)).fetchone())
+        return int(count), None if oldest is None else float(oldest)
 
     async def unfinished(self, limit: int) -> list[tuple[str, float]]:
         return await self._call(lambda conn: [(str(uuid), float(at)) for uuid, at in conn.execute(
@@ -472,7 +568,15 @@ def begin_submit(conn: sqlite3.Connection, scope: str, day: str, images: int, no
 
 def record(row: dict[str, Any]) -> TaskRecord:
     row["image_urls"] = json.loads(row["image_urls"]) if row.get("image_urls") else []
+    row["webhook_events"] = json.loads(row["webhook_events"]) if row.get("webhook_events") else None
     return TaskRecord(**row)
+
+
+def insert_webhook(conn: sqlite3.Connection, message: WebhookMessage) -> None:
+    values = message.as_dict()
+    conn.execute("INSERT OR IGNORE INTO webhooks (%s) VALUES (%s)" % (", ".join(WEBHOOK_COLUMNS),
+                                                                     ", ".join("?" * len(WEBHOOK_COLUMNS))),
+                 tuple(values[column] for column in WEBHOOK_COLUMNS))
 
 
 def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:

@@ -22,6 +22,7 @@ from zimage_tornado.gateway import Gateway
 from zimage_tornado.store import NotRecorded
 from zimage_tornado.tenants import Caller
 from zimage_tornado.watcher import Outcome
+from zimage_tornado.webhooks import WebhookRequest
 from zimage_tornado.web import access, statuses
 
 log = logging.getLogger("zimage_tornado.handlers")
@@ -287,11 +288,12 @@ class BaseHandler(RequestHandler):
 
     # -- tasks ---------------------------------------------------------------------------------
 
-    async def submit(self, request: GenerationRequest, model: str, end_user: str | None = None) -> Task:
+    async def submit(self, request: GenerationRequest, model: str, end_user: str | None = None,
+                     webhook: WebhookRequest | None = None) -> Task:
         key = validation.idempotency_key(self.request.headers.get("Idempotency-Key"))
         try:
             retry = validation.retry_count(self.request.headers.get("x-stainless-retry-count")) >= 1
-            submitted = await self.gateway.submit(request, self.caller, model, key, retry, end_user)
+            submitted = await self.gateway.submit(request, self.caller, model, key, retry, end_user, webhook)
         except Refused as refused:
             self.answer_headers.update(access.rate_limit_headers(refused.admission))
             raise

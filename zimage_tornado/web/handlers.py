@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zimage_tornado import SERVICE_NAME, __version__, logs, openai_api, openapi, reports, validation
+from zimage_tornado import SERVICE_NAME, __version__, logs, openai_api, openapi, reports, validation, webhooks
 from zimage_tornado.domain import COMPLETED, FAILED
 from zimage_tornado.errors import ApiError
 from zimage_tornado.images import FORMATS
@@ -117,6 +117,27 @@ class AdminTasksCsvHandler(BaseHandler):
         self.send_csv(reports.tasks_csv(await self.gateway.store.find_tasks(query)), "tasks.csv")
 
 
+class AdminWebhooksHandler(BaseHandler):
+    async def get(self) -> None:
+        self.require_admin()
+        self.send(await reports.webhook_page(self.gateway.store, self.query_argument, admin=True))
+
+
+class AdminWebhookRetryHandler(BaseHandler):
+    async def post(self, message_id: str) -> None:
+        self.require_admin()
+        message = await self.gateway.webhooks.retry(validation.message_id(message_id))
+        if message is None:
+            raise ApiError(404, "Webhook message %s was not found" % message_id, code="webhook_not_found")
+        self.send(webhooks.message_object(message, admin=True), 202)
+
+
+class WebhooksHandler(BaseHandler):
+    async def get(self) -> None:
+        await self.read_allowed()
+        self.send(await reports.webhook_page(self.gateway.store, self.query_argument, key=self.caller.name))
+
+
 class HealthHandler(BaseHandler):
     open_during_shutdown = True
 
@@ -180,7 +201,7 @@ class ChatCompletionsHandler(BaseHandler):
         wait = prefer is not None or (self.gateway.settings.chat_wait if request.wait is None else request.wait)
         if wait and request.background:  # a chat app's housekeeping prompt: no image job for it
             return await self.reply(request, None, openai_api.background_reply(request.generation.prompt))
-        task = await self.submit(request.generation, request.model, request.end_user)
+        task = await self.submit(request.generation, request.model, request.end_user, request.webhook)
         if not wait:
             return await self.reply(request, task.uuid, task.uuid)
         if request.stream:
@@ -246,7 +267,7 @@ class ImagesGenerationsHandler(BaseHandler):
     async def post(self) -> None:
         request = openai_api.parse_images_request(self.json_body(), self.gateway.settings.limits, self.gateway.models)
         prefer = None if request.stream else self.prefer_wait()
-        await self.submit(request.generation, request.model, request.end_user)
+        await self.submit(request.generation, request.model, request.end_user, request.webhook)
         if request.stream:
             return await self.stream_images(request)
         outcome = await self.wait_for_task(prefer)

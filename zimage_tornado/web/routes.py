@@ -39,6 +39,8 @@ ROUTES = (
     Route("/v1/tasks/{uuid}", handlers.TaskHandler, ("GET",), "The upstream task, as the upstream reports it"),
     Route("/v1/tasks/{uuid}/events", handlers.TaskEventsHandler, ("GET",),
           "Server-sent events of one task: progress, then completed, failed or expired"),
+    Route("/v1/webhooks", handlers.WebhooksHandler, ("GET",),
+          "Your webhook messages and their delivery, newest first (?status=, ?limit=)"),
     Route("/v1/images/{uuid}", handlers.ImagesHandler, ("GET",),
           "Long-poll until the task's images are ready (?timeout=, ?wait=false)"),
     Route("/v1/images/{uuid}/{index}", handlers.PictureHandler, ("GET",),
@@ -60,6 +62,11 @@ ROUTES = (
           "Admin keys: the filtered tasks as CSV (the same filters; up to 10,000 rows)"),
     Route("/admin/keys", handlers.AdminKeysHandler, ("GET",),
           "Admin keys: every key's limits, today's use and when it last submitted (never a secret)"),
+    Route("/admin/webhooks", handlers.AdminWebhooksHandler, ("GET",),
+          "Admin keys: webhook messages with their URL, type, attempts, last status or error and next attempt "
+          "(?key=, ?status=, ?limit=)"),
+    Route("/admin/webhooks/{id}/retry", handlers.AdminWebhookRetryHandler, ("POST",),
+          "Admin keys: send a webhook message again now (and enable its URL again for its key)"),
     Route("/admin", handlers.AdminPageHandler, ("GET",), "A page for admins: usage per key over 30 days, recent tasks"),
     Route("/", handlers.InfoHandler, ("GET",), "This service description (browsers are sent to the playground)"),
 )
