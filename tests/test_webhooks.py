@@ -28,6 +28,7 @@ class Receiver:
 
     def __init__(self) -> None:
         self.calls: list[tuple[dict[str, str], bytes]] = []
+        self.arrived: list[float] = []  # loop time of each call
         self.statuses: list[int] = []
         self.url = ""
 
@@ -45,8 +46,13 @@ class ReceiverHandler(RequestHandler):
 
     def post(self) -> None:
         self.receiver.calls.append(({k.lower(): v for k, v in self.request.headers.get_all()}, self.request.body))
+        self.receiver.arrived.append(asyncio.get_running_loop().time())
         status = self.receiver.statuses.pop(0) if self.receiver.statuses else 200
         self.set_status(status)
+        if status == 429:
+            self.set_header("Retry-After", "1")
+        if status == 302:
+            self.set_header("Location", self.request.full_url() + "&redirected=1")
         self.finish("thanks")
 
 
@@ -110,6 +116,19 @@ async def test_a_receiver_failing_twice_gets_the_same_message_three_times(make_p
     message = log["data"][0]
     assert message["status"] == "delivered" and message["attempts"] == 3 and message["id"] == ids[0]
     assert message["last_status"] == 200 and message["next_attempt_at"] is None
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_redirect_is_not_followed_and_retry_after_is_honoured(make_proxy, receiver):
+    receiver.statuses = [302, 429]
+    proxy = make_proxy(**WEBHOOKS)
+    await submit(proxy, {"webhook": receiver.url + "?a=1"})
+    await eventually(lambda: len(receiver.calls) == 3, 10)
+    assert len(set(receiver.ids())) == 1  # the same message three times, never to the redirect's target
+    assert receiver.arrived[2] - receiver.arrived[1] >= 0.95  # the 429's Retry-After: 1, not the 0.2 s schedule
+    assert receiver.arrived[1] - receiver.arrived[0] < 0.9  # the 302: the schedule's 0.2 s
+    code, log = await proxy.json("/v1/webhooks")
+    assert log["data"][0]["status"] == "delivered" and log["data"][0]["attempts"] == 3
 
 
 @pytest.mark.gen_test(timeout=30)
