@@ -20,6 +20,7 @@ SECRET = "whsec_" + base64.b64encode(b"a secret of thirty-two bytes ...").decode
 OLD_SECRET = "whsec_" + base64.b64encode(b"the secret before the rotation..").decode()
 KEY_SECRET = "whsec_" + base64.b64encode(b"alice's very own webhook secret!").decode()
 CHAT = {"model": "zimage-turbo", "prompt": "a lighthouse"}
+HANG = -1  # a receiver's scripted answer: take 5 s, then 200
 WEBHOOKS = dict(webhook_secret=SECRET, webhook_hosts="127.0.0.1", webhook_retry_delays="0.2")
 
 
@@ -44,10 +45,13 @@ class ReceiverHandler(RequestHandler):
     def initialize(self, receiver: Receiver) -> None:
         self.receiver = receiver
 
-    def post(self) -> None:
+    async def post(self) -> None:
         self.receiver.calls.append(({k.lower(): v for k, v in self.request.headers.get_all()}, self.request.body))
         self.receiver.arrived.append(asyncio.get_running_loop().time())
         status = self.receiver.statuses.pop(0) if self.receiver.statuses else 200
+        if status == HANG:
+            await asyncio.sleep(5)
+            status = 200
         self.set_status(status)
         if status == 429:
             self.set_header("Retry-After", "1")
@@ -235,21 +239,27 @@ async def test_a_task_nobody_waits_on_that_never_ends_calls_back_expired(make_pr
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_a_retry_pending_when_the_gateway_is_killed_is_delivered_after_the_restart(gateways, receiver):
+@pytest.mark.parametrize("when", ["a retry is pending", "an attempt is in flight"])
+async def test_a_message_outlives_a_killed_gateway(gateways, receiver, when):
     env = {"ZIMAGE_WEBHOOK_SECRET": SECRET, "ZIMAGE_WEBHOOK_HOSTS": "127.0.0.1",
            "ZIMAGE_WEBHOOK_RETRY_DELAYS": "1.5"}
-    receiver.statuses = [500]
+    receiver.statuses = [500] if when == "a retry is pending" else [HANG]
     first = gateways(env=env)
     await first.started()
     response = await first.fetch("/v1/chat/completions", method="POST",
                                  body=json.dumps({**CHAT, "webhook": receiver.url}))
     assert response.code == 200
     await eventually(lambda: len(receiver.calls) == 1, 10)
-    first.proc.send_signal(signal.SIGKILL)  # the retry is due in 1.5 s: only the database knows it
+    if when == "a retry is pending":
+        async def retry_recorded():
+            page = json.loads((await first.fetch("/v1/webhooks")).body)["data"]
+            return page and page[0]["attempts"] == 1 and page[0]["status"] == "pending"
+        await eventually(retry_recorded, 10)
+    first.proc.send_signal(signal.SIGKILL)  # only the database knows the message now
     first.proc.wait(10)
     second = gateways(env=env)
     await second.started()
-    await eventually(lambda: len(receiver.calls) == 2, 15)
+    await eventually(lambda: len(receiver.calls) == 2, 10)  # not a lease (30 s) later: nobody else could send it
     assert len(set(receiver.ids())) == 1 and receiver.payloads()[0] == receiver.payloads()[1]
     second.kill()
 

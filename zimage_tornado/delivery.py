@@ -64,6 +64,7 @@ class Deliverer:
         self.oldest_pending_age = 0.0
         self._in_flight: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        self._soonest = float("inf")  # the earliest retry this instance scheduled: looked for then, not a poll later
         self._runner: asyncio.Task[None] | None = None
         self.closed = False
 
@@ -91,6 +92,8 @@ class Deliverer:
         next_count = 0.0
         while not self.closed:
             self._wake.clear()
+            if self._soonest <= self.clock():
+                self._soonest = float("inf")
             free = self.concurrency - len(self._in_flight)
             claimed: list[WebhookMessage] = []
             # claim in batches (a quarter of the slots at least), not a store round trip per freed slot
@@ -109,7 +112,7 @@ class Deliverer:
             if claimed and len(claimed) == free:
                 continue  # there may be more due
             try:
-                await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+                await asyncio.wait_for(self._wake.wait(), min(POLL_SECONDS, max(0.0, self._soonest - self.clock())))
             except asyncio.TimeoutError:
                 pass
 
@@ -197,6 +200,7 @@ class Deliverer:
             message.last_error = "%s; gave up after %d attempts" % (error, message.attempts)
         else:
             message.status, message.next_at = PENDING, now + self.delay(message.attempts, retry_after_seconds)
+            self._soonest = min(self._soonest, message.next_at)
 
     def _settle(self, message: WebhookMessage, status: str, http_status: int | None, error: str) -> None:
         message.status, message.last_status, message.last_error, message.next_at = status, http_status, error, None

@@ -87,7 +87,7 @@ MIGRATIONS = (
     CREATE TABLE webhooks (id TEXT PRIMARY KEY, key TEXT NOT NULL, task TEXT NOT NULL, type TEXT NOT NULL,
                            url TEXT NOT NULL, body TEXT NOT NULL, created_at REAL NOT NULL, status TEXT NOT NULL,
                            attempts INTEGER NOT NULL, next_at REAL, last_status INTEGER, last_error TEXT,
-                           delivered_at REAL);
+                           delivered_at REAL, leased INTEGER NOT NULL DEFAULT 0);
     CREATE INDEX webhooks_due ON webhooks (status, next_at);
     CREATE INDEX webhooks_by_key ON webhooks (key, created_at);
     CREATE INDEX webhooks_by_time ON webhooks (created_at);
@@ -197,6 +197,8 @@ class SqliteStore(Store):
             conn = connect(self.path)
             conn.execute("BEGIN IMMEDIATE")
             version = migrate(conn)
+            if self.exclusive:  # nobody else sends: a message leased when the last process died is due now
+                conn.execute("UPDATE webhooks SET next_at = ?, leased = 0 WHERE leased = 1", (self.clock(),))
             conn.execute("COMMIT")
         except sqlite3.Error as e:
             self._migrated.set_exception(StoreUnavailable("database %s: %s" % (self.path, e)))
@@ -441,7 +443,7 @@ class SqliteStore(Store):
             rows = conn.execute("SELECT %s FROM webhooks WHERE status = ? AND next_at <= ? ORDER BY next_at LIMIT ?"
                                 % ", ".join(WEBHOOK_COLUMNS), (PENDING, now, limit)).fetchall()
             messages = [WebhookMessage(**dict(zip(WEBHOOK_COLUMNS, row))) for row in rows]
-            conn.executemany("UPDATE webhooks SET next_at = ? WHERE id = ?",
+            conn.executemany("UPDATE webhooks SET next_at = ?, leased = 1 WHERE id = ?",
                              [(now + lease, message.id) for message in messages])
             return messages
         return await self._call(claim)
@@ -449,8 +451,9 @@ class SqliteStore(Store):
     async def webhook_attempted(self, message: WebhookMessage) -> None:
         await self._call(lambda conn: conn.execute(
             "UPDATE webhooks SET status = ?, attempts = ?, next_at = ?, last_status = ?, last_error = ?, "
-            "delivered_at = ? WHERE id = ?", (message.status, message.attempts, message.next_at, message.last_status,
-                                              message.last_error, message.delivered_at, message.id)), keep=True)
+            "delivered_at = ?, leased = 0 WHERE id = ?",
+            (message.status, message.attempts, message.next_at, message.last_status, message.last_error,
+             message.delivered_at, message.id)), keep=True)
 
     async def find_webhooks(self, key: str | None, status: str | None, limit: int) -> list[WebhookMessage]:
         clauses = [(c, v) for c, v in (("key = ?", key), ("status = ?", status)) if v is not None]
@@ -471,7 +474,8 @@ class SqliteStore(Store):
 
     async def retry_webhook(self, message_id: str, now: float) -> WebhookMessage | None:
         def retry(conn: sqlite3.Connection) -> WebhookMessage | None:
-            conn.execute("UPDATE webhooks SET status = ?, next_at = ? WHERE id = ?", (PENDING, now, message_id))
+            conn.execute("UPDATE webhooks SET status = ?, next_at = ?, leased = 0 WHERE id = ?",
+                         (PENDING, now, message_id))
             row = conn.execute("SELECT %s FROM webhooks WHERE id = ?" % ", ".join(WEBHOOK_COLUMNS),
                                (message_id,)).fetchone()
             if row is None:
