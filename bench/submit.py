@@ -68,7 +68,16 @@ images_per_day = 100000000
 """
 
 
-async def bench(levels: list[int], requests: int, keys: bool) -> list[list]:
+def cpu_seconds(pid: int) -> float:
+    """The process's user and system CPU time so far (/proc/PID/stat)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def bench(levels: list[int], requests: int, keys: bool, extra: dict[str, str] | None = None,
+                label: str = "") -> list[list]:
+    extra = extra or {}
     upstream_port, proxy_port = free_port(), free_port()
     proxy_cpus, other_cpus = cpu_split()
     if other_cpus:
@@ -81,16 +90,22 @@ async def bench(levels: list[int], requests: int, keys: bool) -> list[list]:
             f.write(KEYS_FILE)
         settings["api_keys_file"], headers = path, {"Authorization": "Bearer sk-bench"}
     rows = []
+    settings.update(extra)
     with started(fake_upstream(upstream_port), upstream_port, other_cpus), \
-            started(proxy(proxy_port, upstream_port, **settings), proxy_port, proxy_cpus):
+            started(proxy(proxy_port, upstream_port, **settings), proxy_port, proxy_cpus) as gateway:
         await run(proxy_port, "/v1/chat/completions", PROXY_BODY, 4, 200, headers)  # warm up both processes
         for c in levels:
-            direct, _, direct_failures = await run(upstream_port, "/api/z-image/generate", UPSTREAM_BODY, c, requests)
+            direct, direct_seconds, direct_failures = await run(upstream_port, "/api/z-image/generate",
+                                                                UPSTREAM_BODY, c, requests)
+            cpu_before = cpu_seconds(gateway.pid)
             proxied, seconds, failures = await run(proxy_port, "/v1/chat/completions", PROXY_BODY, c, requests,
                                                    headers)
+            cpu = cpu_seconds(gateway.pid) - cpu_before
             rows.append([
-                "keys + limits" if keys else "no keys", c, requests, failures + direct_failures,
-                "%.0f" % (requests / seconds),
+                (label + ": " if label else "") + ("keys + limits" if keys else "no keys"), c, requests,
+                failures + direct_failures,
+                "%.0f" % (requests / direct_seconds), "%.0f" % (requests / seconds),
+                "%.0f%%" % (100 * direct_seconds / seconds), "%.3f" % (1000 * cpu / requests),
                 "%.2f" % (1000 * percentile(direct, 50)), "%.2f" % (1000 * percentile(direct, 99)),
                 "%.2f" % (1000 * percentile(proxied, 50)), "%.2f" % (1000 * percentile(proxied, 99)),
                 "%.2f" % (1000 * (percentile(proxied, 50) - percentile(direct, 50))),
@@ -104,22 +119,28 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="requests per level and path")
     parser.add_argument("--keys", choices=["both", "no", "yes"], default="both",
                         help="without keys, with a key whose limits are checked on every submit, or both")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="a gateway setting for this run (e.g. event_loop=asyncio); repeatable")
+    parser.add_argument("--label", default="", help="the setup column's text")
     parser.add_argument("--rows", action="store_true", help=argparse.SUPPRESS)  # JSON rows, for "both"
     args = parser.parse_args()
+    extra = dict(item.split("=", 1) for item in args.setting)
     raise_fd_limit()
     if args.keys == "both":  # each setup in a fresh process: a second run in this one comes out slower
         rows = []
         for keys in ("no", "yes"):
             child = subprocess.run([sys.executable, __file__, "--keys", keys, "--rows",
-                                    "--requests", str(args.requests),
+                                    "--requests", str(args.requests), "--label", args.label,
+                                    *("--setting=" + item for item in args.setting),
                                     "--concurrency", *map(str, args.concurrency)], capture_output=True, text=True,
                                    check=True)
             rows += json.loads(child.stdout)
     else:
-        rows = asyncio.run(bench(args.concurrency, args.requests, args.keys == "yes"))
+        rows = asyncio.run(bench(args.concurrency, args.requests, args.keys == "yes", extra, args.label))
     if args.rows:
         return print(json.dumps(rows))
-    print(table(["setup", "concurrency", "requests", "errors", "proxy req/s", "direct p50 ms", "direct p99 ms",
+    print(table(["setup", "concurrency", "requests", "errors", "direct req/s", "proxy req/s", "of direct",
+                 "proxy CPU ms/submit", "direct p50 ms", "direct p99 ms",
                  "proxy p50 ms", "proxy p99 ms", "added p50 ms"], rows))
 
 

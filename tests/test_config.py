@@ -56,6 +56,8 @@ def test_config_file_from_the_environment(tmp_path):
     (["z", "--model-aliases=dall-e-3"], {}),
     (["z", "--upstream-client=requests"], {}),
     (["z", "--upstream-ca-certs=/nonexistent/ca.pem"], {}),
+    (["z", "--event-loop=trio"], {}),
+    (["z"], {"ZIMAGE_WEBHOOK_SECRET": "not-a-secret"}),
 ])
 def test_bad_settings_are_refused_with_a_message(argv, env):
     with pytest.raises(ValueError):
@@ -83,8 +85,9 @@ def test_console_script_is_installed():
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_module_starts_serves_logs_and_stops_on_sigterm(gateways, fake):
-    gateway = gateways(env={"ZIMAGE_POLL_INTERVAL": "0.05"})
+@pytest.mark.parametrize("event_loop", ["auto", "asyncio"])
+async def test_module_starts_serves_logs_and_stops_on_sigterm(gateways, fake, event_loop):
+    gateway = gateways(env={"ZIMAGE_POLL_INTERVAL": "0.05", "ZIMAGE_EVENT_LOOP": event_loop})
     health = await gateway.started()
     assert health.code == 200
     submit = await gateway.fetch("/v1/chat/completions", method="POST",
@@ -96,6 +99,8 @@ async def test_module_starts_serves_logs_and_stops_on_sigterm(gateways, fake):
     assert await gateway.stopped() == 0
     stderr = gateway.log()
     assert "listening on http://127.0.0.1:%d" % gateway.port in stderr
+    # auto: uvloop, which requirements.txt installs; asyncio: the standard loop, kept working
+    assert "(%s loop)" % ("uvloop" if event_loop == "auto" else "asyncio") in stderr
     assert "submitting task" in stderr and "task %s submitted" % task_uuid in stderr
     assert "task %s is completed" % task_uuid in stderr
     assert "Traceback" not in stderr

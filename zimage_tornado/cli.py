@@ -19,7 +19,7 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
-from zimage_tornado import __version__, database, keys_cli, usage_cli
+from zimage_tornado import __version__, database, eventloop, keys_cli, usage_cli
 from zimage_tornado.config import SETTING_DEFAULTS, Settings, help_text, load_settings
 from zimage_tornado.fake_upstream import FakeZImage
 from zimage_tornado.logs import redact_url, setup_logging
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.warning("--demo runs one process: the simulated service keeps its tasks in that process")
         processes = 1
     if processes == 1:
-        code = asyncio.run(serve(settings, sockets, notifier, metrics_sockets))
+        code = eventloop.run(serve(settings, sockets, notifier, metrics_sockets), settings.event_loop)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)  # stopped cleanly: a late signal changes nothing
     else:
@@ -141,8 +141,9 @@ async def serve(settings: Settings, sockets: list, notifier: Notifier, metrics_s
             metrics_sockets)
         log.info("metrics on http://%s:%d/metrics", settings.metrics_address, settings.metrics_port)
     port = sockets[0].getsockname()[1]
-    log.info("zimage-tornado %s listening on http://%s:%d, upstream %s; playground at /playground",
-             __version__, settings.address, port, redact_url(settings.upstream_url))
+    log.info("zimage-tornado %s listening on http://%s:%d, upstream %s; playground at /playground (%s loop)",
+             __version__, settings.address, port, redact_url(settings.upstream_url),
+             eventloop.name(asyncio.get_running_loop()))
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -213,7 +214,7 @@ def supervise(settings: Settings, sockets: list, processes: int, notifier: Notif
             code = 1
             try:
                 # only the main process notifies systemd
-                code = asyncio.run(serve(settings, sockets, Notifier({}), metrics_sockets))
+                code = eventloop.run(serve(settings, sockets, Notifier({}), metrics_sockets), settings.event_loop)
             except BaseException:  # noqa: BLE001 - a worker reports its end and exits, whatever it was
                 log.exception("worker %d crashed", number)
             finally:

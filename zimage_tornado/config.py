@@ -70,6 +70,8 @@ class Settings:
     image_cache_bytes: int = setting(64 * 1024 * 1024, "Bytes of base64 answers kept, so that repeated b64_json "
                                                          "answers for a task share one download")
     processes: int = setting(1, "Worker processes sharing the listening socket (0: one per CPU core)")
+    event_loop: str = setting("auto", "The asyncio event loop: uvloop (less CPU per request), asyncio (the standard "
+                                      "one), or auto (uvloop when installed)")
     shutdown_timeout: float = setting(10.0, "Seconds a SIGTERM/SIGINT shutdown may take before the process exits")
     idle_timeout: float = setting(60.0, "Seconds a client connection may idle, or take to send its headers")
     body_timeout: float = setting(30.0, "Seconds a client may take to send a request body")
@@ -156,6 +158,8 @@ class Settings:
         if self.upstream_ca_certs and not os.path.isfile(self.upstream_ca_certs):
             # A typo here must not quietly fall back to the system's CAs.
             raise ValueError("upstream_ca_certs: no such file: %s" % self.upstream_ca_certs)
+        if self.event_loop not in ("auto", "asyncio", "uvloop"):
+            raise ValueError("event_loop must be auto, asyncio or uvloop")
         if self.upstream_client not in ("curl", "simple"):
             raise ValueError("upstream_client must be curl or simple")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -313,8 +317,8 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
                   "upstream_reads_per_second",
                   "upstream_max_clients", "upstream_client", "upstream_ca_certs", "model_aliases", "image_hosts",
                   "image_fetches", "max_image_bytes", "image_cache_bytes")),
-    ("Listening", ("address", "port", "backlog", "processes", "shutdown_timeout", "idle_timeout", "body_timeout",
-                   "write_timeout", "trusted_proxies", "cors_origins")),
+    ("Listening", ("address", "port", "backlog", "processes", "event_loop", "shutdown_timeout", "idle_timeout",
+                   "body_timeout", "write_timeout", "trusted_proxies", "cors_origins")),
     ("Waiting and following tasks", ("poll_interval", "max_attempts", "max_waiters", "cache_size", "cache_ttl",
                                      "follow_budget", "follow_interval", "chat_wait", "ignore_image_parts")),
     ("Requests and limits", ("max_batch_size", "min_size", "max_size", "size_multiple", "max_steps",
