@@ -146,7 +146,7 @@ def test_api_key_is_asked_for_and_kept_in_the_browser(browser, gateways):
     browser.execute_script("localStorage.clear()")
     browser.get(url + "/playground")
     WebDriverWait(browser, 10).until(lambda d: "needs an API key" in error_text(d))
-    browser.find_element(By.TAG_NAME, "summary").click()
+    assert browser.find_element(By.ID, "apikey").is_displayed()  # the page opened its settings at the field
     fill(browser, apikey="s3cret", prompt="a key-holding owl", width=256, height=256)
     browser.find_element(By.ID, "prompt").click()  # leave the key field: the page stores it
     generate(browser)
@@ -321,8 +321,8 @@ def test_stop_waiting_leaves_the_task_running_and_a_reload_picks_it_up(browser, 
     fresh_page(browser, url)
     fill(browser, prompt="a slow snail", width=128, height=128)
     browser.find_element(By.ID, "submit").click()
-    WebDriverWait(browser, 10).until(lambda d: "processing" in d.find_element(By.ID, "status").text
-                                     or "pending" in d.find_element(By.ID, "status").text)
+    WebDriverWait(browser, 10).until(lambda d: "drawing" in d.find_element(By.ID, "status").text
+                                     or "queued" in d.find_element(By.ID, "status").text)
     WebDriverWait(browser, 5).until(lambda d: " s" in d.find_element(By.ID, "status").text)  # elapsed time
     stop = browser.find_element(By.ID, "stop")
     assert stop.is_displayed()
@@ -373,5 +373,106 @@ def test_the_page_fits_a_phone(browser, gateways):
         assert labels  # every control has its label
         PHONE_SCREENSHOT.parent.mkdir(exist_ok=True)
         browser.save_screenshot(str(PHONE_SCREENSHOT))
+    finally:
+        browser.set_window_size(1280, 900)
+
+
+CONTRAST = """
+const lum = (color) => color.match(/[\\d.]+/g).slice(0, 3).map(Number).map((v) => {
+  v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); })
+  .reduce((sum, v, i) => sum + v * [0.2126, 0.7152, 0.0722][i], 0);
+const background = (el) => {
+  for (; el; el = el.parentElement) {
+    const c = getComputedStyle(el).backgroundColor, parts = c.match(/[\\d.]+/g);
+    if (parts && (parts.length < 4 || Number(parts[3]) > 0.5)) return c;
+  }
+  return "rgb(255, 255, 255)";
+};
+const ratio = (el) => { const a = lum(getComputedStyle(el).color), b = lum(background(el));
+                        return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05); };
+return Object.fromEntries(arguments[0].map((selector) => [selector, ratio(document.querySelector(selector))]));
+"""
+# the main text, the labels, the muted status and hints, the buttons
+CONTRASTED = ["#headline", "label .name", "#status", ".hint", "#submit", "#download_all", "#history .meta",
+              "#task_id"]
+DESKTOP_SCREENSHOT = ROOT / "artifacts" / "playground-desktop.png"
+DARK_SCREENSHOT = ROOT / "artifacts" / "playground-dark.png"
+
+
+def single_line(driver, element_id):
+    return driver.execute_script(
+        "const e = document.getElementById(arguments[0]);"
+        "return e.getBoundingClientRect().height < 1.5 * parseFloat(getComputedStyle(e).lineHeight)", element_id)
+
+
+def test_the_empty_state_invites_and_the_picture_comes_first(browser, gateways):
+    url = gateways("--demo", "--demo-seconds=1", "--poll_interval=0.5")
+    browser.set_window_size(1366, 900)
+    try:
+        fresh_page(browser, url)
+        empty = browser.find_element(By.ID, "empty")
+        assert empty.is_displayed() and not browser.find_element(By.ID, "bar").is_displayed()  # no empty bar
+        chips = browser.find_elements(By.CSS_SELECTOR, "#examples .chip")
+        assert len(chips) >= 3
+        chips[2].click()  # an example fills the form
+        assert browser.find_element(By.ID, "prompt").get_attribute("value") == chips[2].text
+        assert single_line(browser, "apikey_name") and single_line(browser, "cfg_name")  # labels read as one line
+        fill(browser, width=512, height=384, batch_size=1)
+        prompt = browser.find_element(By.ID, "prompt").get_attribute("value")
+        generate(browser)
+        WebDriverWait(browser, 20).until(lambda d: loaded_images(d) and loaded_images(d)[0]["done"])
+        assert not empty.is_displayed()
+        # one picture fills the stage: at least 60 % of the window's width
+        width = browser.execute_script("return document.querySelector('#grid img').getBoundingClientRect().width"
+                                       " / window.innerWidth")
+        assert width >= 0.6, width
+        # the prompt is the headline; the task id is one click from the clipboard
+        assert browser.find_element(By.ID, "headline").text == prompt
+        uuid = history_entries(browser)[0]["uuid"]
+        browser.find_element(By.ID, "task_id").click()
+        assert browser.find_element(By.ID, "status").text == "Task id copied: " + uuid
+        assert uuid not in browser.find_element(By.ID, "headline").text
+        assert "127.0.0.1:" not in browser.find_element(By.TAG_NAME, "body").text  # no upstream URL anywhere
+        contrast = browser.execute_script(CONTRAST, CONTRASTED)
+        assert all(value >= 4.5 for value in contrast.values()), contrast
+        # keyboard users see where they are
+        browser.find_element(By.ID, "prompt").send_keys(Keys.TAB)
+        focused = browser.switch_to.active_element
+        assert focused.get_attribute("id") == "submit"
+        assert browser.execute_script("return getComputedStyle(arguments[0]).outlineStyle", focused) == "solid"
+        DESKTOP_SCREENSHOT.parent.mkdir(exist_ok=True)
+        browser.save_screenshot(str(DESKTOP_SCREENSHOT))
+        # dark, when the system prefers it
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [
+            {"name": "prefers-color-scheme", "value": "dark"}]})
+        background = browser.execute_script(CONTRAST.replace(
+            "return Object.fromEntries", "return lum(background(document.body)); //"), [])
+        assert background < 0.05, background  # a dark page
+        contrast = browser.execute_script(CONTRAST, CONTRASTED)
+        assert all(value >= 4.5 for value in contrast.values()), contrast
+        browser.save_screenshot(str(DARK_SCREENSHOT))
+    finally:
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+        browser.set_window_size(1280, 900)
+
+
+def test_on_a_phone_generate_scrolls_to_the_stage(browser, gateways):
+    url = gateways("--demo", "--demo-seconds=2", "--poll_interval=0.5")
+    browser.set_window_size(390, 844)
+    try:
+        fresh_page(browser, url)
+        assert not browser.find_element(By.ID, "width").is_displayed()  # the settings are folded away
+        browser.save_screenshot(str(ROOT / "artifacts" / "playground-phone-before.png"))
+        fill(browser, prompt="a pocket-sized lighthouse")
+        browser.find_element(By.ID, "submit").click()
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "bar").is_displayed())
+        in_view = browser.execute_script(
+            "const r = document.getElementById('bar').getBoundingClientRect();"
+            "return r.top >= 0 && r.bottom <= window.innerHeight")
+        assert in_view  # the progress is on screen without scrolling
+        WebDriverWait(browser, 20).until(lambda d: loaded_images(d) and loaded_images(d)[0]["done"])
+        browser.save_screenshot(str(ROOT / "artifacts" / "playground-phone-after.png"))
+        browser.set_window_size(360, 800)
+        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
     finally:
         browser.set_window_size(1280, 900)
