@@ -219,10 +219,14 @@ class BaseHandler(RequestHandler):
     # -- output --------------------------------------------------------------------------------
 
     def send(self, body: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
+        self.send_text(json_text(body), status, headers)
+
+    def send_text(self, text: str, status: int = 200, headers: dict[str, str] | None = None) -> None:
+        """An answer whose JSON text is already made (a document encoded once and shared)."""
         self.set_status(status)
         for name, value in {**self.answer_headers, **(headers or {})}.items():
             self.set_header(name, value)
-        self.finish(json_text(body))
+        self.finish(text)
 
     async def stream_bytes(self, data: bytes) -> None:
         """A large answer (a picture) written a chunk at a time, each flushed before the next: a

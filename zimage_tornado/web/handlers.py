@@ -4,6 +4,7 @@ which status an error gets is web/statuses.py's; the routes are web/routes.py's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from zimage_tornado.images import FORMATS
 from zimage_tornado.metrics import CONTENT_TYPE
 from zimage_tornado.store import utc_day
 from zimage_tornado.watcher import INTERRUPTED, RUNNING, TIMEOUT, Outcome
-from zimage_tornado.web.base import BaseHandler
+from zimage_tornado.web.base import BaseHandler, json_text
 from zimage_tornado.web import statuses
 from zimage_tornado.upstream import UpstreamError
 from zimage_tornado.web.events import CompletionStream, EventStream, TaskEvents
@@ -177,11 +178,18 @@ class ReadinessHandler(BaseHandler):
         }, 503 if gateway.shutting_down or store_problem else 200)
 
 
+@functools.lru_cache(maxsize=4)
+def document_text(endpoints: tuple[tuple[str, str, str], ...]) -> str:
+    """/openapi.json is built and encoded once per endpoint table: a client asking for it again
+    and again (a pipeline of hundreds) costs a write each, not a rebuild of ~100 KB of JSON."""
+    return json_text(openapi.document(endpoints))
+
+
 class OpenApiHandler(BaseHandler):
     open_during_shutdown = True
 
     def get(self) -> None:
-        self.send(openapi.document(self.settings["endpoints"]))
+        self.send_text(document_text(self.settings["endpoints"]))
 
 
 class MetricsHandler(BaseHandler):
