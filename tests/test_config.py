@@ -39,6 +39,18 @@ def test_flags_for_booleans_and_aliases():
     assert s.aliases == {"dall-e-3": "turbo", "gpt-image-1": "base"}
 
 
+def test_a_value_may_follow_its_flag_as_the_help_says(tmp_path):
+    config = tmp_path / "zimage.conf"
+    config.write_text("poll_interval = 2\n")
+    s = load_settings(["z", "--port", "18777", "--demo", "--config", str(config), "--max_attempts", "9"], {})
+    assert (s.port, s.demo, s.poll_interval, s.max_attempts) == (18777, True, 2, 9)
+    # a bare boolean is true and takes no value; the next flag is not taken as a value either
+    with pytest.raises(ValueError, match="stray"):
+        load_settings(["z", "--demo", "stray"], {})
+    with pytest.raises(ValueError, match="port"):
+        load_settings(["z", "--port", "--demo"], {})
+
+
 def test_config_file_from_the_environment(tmp_path):
     config = tmp_path / "zimage.conf"
     config.write_text("upstream_url = 'http://127.0.0.1:1234'\n")
