@@ -9,6 +9,8 @@ from openapi_spec_validator import validate as validate_openapi
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from zimage_tornado import webhooks
+
 SEEN: set[tuple[str, str, str]] = set()
 
 
@@ -44,6 +46,10 @@ async def test_the_document_is_valid_openapi_3_1(proxy):
     document = json.loads(response.body)
     assert document["openapi"].startswith("3.1")
     validate_openapi(document)
+    # every webhook event a submit may ask for is described for its receivers
+    assert list(document["webhooks"]) == list(webhooks.EVENTS)
+    assert document["components"]["schemas"]["GenerationParameters"]["properties"]["webhook_events"]["items"][
+        "enum"] == list(webhooks.EVENTS)
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -10,6 +10,7 @@ import json
 import signal
 
 import pytest
+from jsonschema import Draft202012Validator
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from tornado.web import Application, RequestHandler
 
@@ -97,6 +98,12 @@ async def test_a_completed_and_a_failed_task_each_call_back_once_signed(make_pro
     assert len(headers["webhook-signature"].split(" ")) == 2 and headers["content-type"] == "application/json"
     with pytest.raises(WebhookVerificationError):  # a wrong secret does not verify
         Webhook("whsec_" + base64.b64encode(b"x" * 32).decode()).verify(receiver.calls[0][1], headers)
+    # /openapi.json describes what a receiver gets (OpenAPI 3.1 webhooks), and it is what came
+    document = json.loads((await proxy.request("/openapi.json")).body)
+    for event, (sent_headers, _) in zip((completed_event, failed_event), receiver.calls):
+        operation = document["webhooks"][event["type"]]["post"]
+        Draft202012Validator(operation["requestBody"]["content"]["application/json"]["schema"]).validate(event)
+        assert {p["name"] for p in operation["parameters"]} <= set(sent_headers)
     # the delivery log, as the caller sees it
     code, log = await proxy.json("/v1/webhooks")
     assert code == 200 and [m["task_id"] for m in log["data"]] == [failed, done]

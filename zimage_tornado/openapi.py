@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from zimage_tornado import SERVICE_NAME, __version__
+from zimage_tornado.webhooks import EVENTS
 
 
 def ref(name: str) -> dict[str, str]:
@@ -87,8 +88,7 @@ SCHEMAS: dict[str, Any] = {
             "cfg_scale": {"type": "number", "minimum": 0},
             "webhook": {"type": "string", "format": "uri", "maxLength": 2048,
                         "description": "Called back (signed, Standard Webhooks) when the task ends"},
-            "webhook_events": {"type": "array", "minItems": 1, "items": {
-                "enum": ["task.completed", "task.failed", "task.expired", "task.progress"]},
+            "webhook_events": {"type": "array", "minItems": 1, "items": {"enum": list(EVENTS)},
                 "description": "Default: task.completed, task.failed, task.expired"},
         },
     },
@@ -344,7 +344,36 @@ def document(endpoints: Iterable[tuple[str, str, str]]) -> dict[str, Any]:
                                            "description": "Only checked when api_keys are set"}},
         },
         "paths": paths,
+        "webhooks": callbacks(),
     }
+
+
+def callbacks() -> dict[str, Any]:
+    """OpenAPI 3.1's `webhooks`: what a receiver of each event gets (a POST signed per Standard
+    Webhooks) and what its answer means to the gateway."""
+    signed = [{"name": name, "in": "header", "required": True, "schema": {"type": "string"}, "description": text}
+              for name, text in (("webhook-id", "The message's id: the same on every retry of it"),
+                                 ("webhook-timestamp", "Unix seconds of this attempt"),
+                                 ("webhook-signature", "v1,<base64 HMAC-SHA256 of {id}.{timestamp}.{body}>, one per "
+                                                       "secret, space-separated"))]
+    return {event: {"post": {
+        "summary": "Sent when a task %s" % CALLBACK_WHEN[event],
+        "parameters": signed,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["type", "timestamp", "data"],
+            "properties": {"type": {"const": event}, "timestamp": {"type": "string", "format": "date-time"},
+                           "data": {"type": "object", "description": "The task as GET /v1/tasks/{uuid} shows it"}},
+        }}}},
+        "responses": {"2XX": {"description": "Delivered"},
+                      "410": {"description": "The URL is disabled for the key: its messages are no longer sent"},
+                      "default": {"description": "A 408, 429 or 5xx is retried (a 429's Retry-After honoured); "
+                                                 "any other 4xx gives the message up"}},
+    }} for event in EVENTS}
+
+
+CALLBACK_WHEN = {"task.completed": "completes, with its image URLs", "task.failed": "fails",
+                 "task.expired": "is no longer followed (follow_budget ran out)",
+                 "task.progress": "changes status or progress (at most once a poll interval)"}
 
 
 def operations() -> dict[str, Any]:
