@@ -293,7 +293,7 @@ class _ImageHandler(_FakeHandler):
         self.set_header("Content-Type", "image/png")
         if self.fault == "huge_length":
             self.set_header("Content-Length", str(10 ** 10))
-        chunk = b"\x89PNG" + b"\0" * 65532
+        chunk = b"\x89PNG" + b"\0" * 99999  # not a divisor of a power of two: a limit falls mid-chunk
         deadline = time.monotonic() + 30
         try:
             while time.monotonic() < deadline:

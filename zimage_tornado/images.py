@@ -72,6 +72,11 @@ class PublicOnlyResolver(Resolver):
         return public
 
 
+# The client's own body limit sits above max_image_bytes: the download's callbacks stop it exactly
+# (upstream.py), with a message that says why; this only stops a host whose one chunk jumps past both.
+BACKSTOP_BYTES = 16 * 2 ** 20
+
+
 def make_image_client(*, upstream_url: str, image_hosts: tuple[str, ...], max_clients: int, max_bytes: int,
                       connect_timeout: float, request_timeout: float, ca_certs: str | None) -> SimpleAsyncHTTPClient:
     """The image downloads' own client and pool (never the upstream's)."""
@@ -81,7 +86,8 @@ def make_image_client(*, upstream_url: str, image_hosts: tuple[str, ...], max_cl
     if ca_certs:
         defaults["ca_certs"] = ca_certs
     return SimpleAsyncHTTPClient(force_instance=True, max_clients=max_clients, defaults=defaults,
-                                 resolver=PublicOnlyResolver(allowed=allowed), max_body_size=max_bytes)
+                                 resolver=PublicOnlyResolver(allowed=allowed),
+                                 max_body_size=max_bytes + BACKSTOP_BYTES)
 
 
 FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}

@@ -103,6 +103,20 @@ class UpstreamBadResponse(UpstreamError):
     code = "upstream_bad_response"
 
 
+class ImageTooLarge(Exception):
+    """Raised from a download's own callbacks to stop it at max_image_bytes."""
+
+
+def _not_a_stopped_download(record: logging.LogRecord) -> bool:
+    """Tornado logs an exception from a body callback as "Uncaught exception" (and again if the
+    fetch was cancelled meanwhile); stopping a download at the limit is how its client is told to
+    stop, and the failure is answered and logged by the gateway itself."""
+    return not (record.exc_info and isinstance(record.exc_info[1], ImageTooLarge))
+
+
+logging.getLogger("tornado.application").addFilter(_not_a_stopped_download)
+
+
 class UpstreamOutcomeUnknown(UpstreamError):
     """A submit reached (or may have reached) the upstream, and no readable answer came back: the
     job may exist and be paid for. Never retried, never refunded: see statuses.py."""
@@ -240,34 +254,38 @@ class ZImageClient:
             raise UpstreamBadResponse("The upstream gave an image URL that is not http(s)")
         chunks: list[bytes] = []
         size = 0
-        declared: list[int] = []
+        too_large = ""  # why the download was stopped, once it was
+
+        # The limit is kept here, byte-exact, by stopping the download from its own callbacks: the
+        # HTTP client's max_body_size (a backstop) is checked per chunk of the host's chunked
+        # encoding and ends in a bare "Stream closed" that cannot be told from a host hanging up.
+        def stop(why: str) -> None:
+            nonlocal too_large
+            too_large = "An image is larger than %d bytes%s" % (max_bytes, why)
+            raise ImageTooLarge(too_large)
 
         def collect(chunk: bytes) -> None:
             nonlocal size
             size += len(chunk)
-            if size <= max_bytes and not aborted():
+            if size > max_bytes:
+                stop("")
+            if not aborted():
                 chunks.append(chunk)
 
         def header(line: str) -> None:
             name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length" and value.strip().isdigit():
-                declared.append(int(value.strip()))
+            if name.strip().lower() == "content-length" and value.strip().isdigit() and int(value) > max_bytes:
+                stop("; not fetched")
 
         try:
             response = await self._fetch("The image host", url, http=self._image_http, streaming_callback=collect,
                                          header_callback=header, headers={"User-Agent": self.headers["User-Agent"]})
-        except UpstreamError as e:
-            # The image client stops reading at max_bytes by closing the connection.
-            # (the client may stop reading before the callback has counted the last chunk: its own
-            # "body too large" says so too)
-            too_large = "too large" in str(e.__cause__) or "too long" in str(e.__cause__)
-            if size >= max_bytes or too_large or any(length > max_bytes for length in declared):
-                raise UpstreamBadResponse("An image is larger than %d bytes; not fetched" % max_bytes) from e
+        except (ImageTooLarge, UpstreamError) as e:  # curl reports a callback's exception as its own failure
+            if too_large:
+                raise UpstreamBadResponse(too_large) from e
             raise
         if response.code != 200:
             raise UpstreamBadResponse("The image host answered HTTP %d" % response.code)
-        if size > max_bytes:
-            raise UpstreamBadResponse("An image is larger than %d bytes" % max_bytes)
         return b"".join(chunks)
 
     async def _call(self, method: str, path: str, body: Any = None, task_uuid: str | None = None) -> dict[str, Any]:
