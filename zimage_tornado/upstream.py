@@ -108,10 +108,17 @@ class ImageTooLarge(Exception):
 
 
 def _not_a_stopped_download(record: logging.LogRecord) -> bool:
-    """Tornado logs an exception from a body callback as "Uncaught exception" (and again if the
-    fetch was cancelled meanwhile); stopping a download at the limit is how its client is told to
-    stop, and the failure is answered and logged by the gateway itself."""
-    return not (record.exc_info and isinstance(record.exc_info[1], ImageTooLarge))
+    """Tornado logs an exception from a body callback as "Uncaught exception" (and, if the fetch
+    was cancelled meanwhile, the connection's close that follows it); stopping a download at the
+    limit is how its client is told to stop, and the gateway answers and logs that itself."""
+    error = record.exc_info[1] if record.exc_info else None
+    for _ in range(4):  # the stop, or what it led to (its __context__)
+        if error is None:
+            return True
+        if isinstance(error, ImageTooLarge):
+            return False
+        error = error.__cause__ or error.__context__
+    return True
 
 
 logging.getLogger("tornado.application").addFilter(_not_a_stopped_download)
