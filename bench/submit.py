@@ -18,6 +18,7 @@ import json
 import subprocess
 import sys
 import os
+import statistics
 import time
 
 from common import (
@@ -113,6 +114,20 @@ async def bench(levels: list[int], requests: int, keys: bool, extra: dict[str, s
     return rows
 
 
+def medians(rows: list[list], label: str) -> list[list]:
+    """One row per setup and level: the median of each column over the repeated runs."""
+    groups: dict[tuple[str, int], list[list]] = {}
+    for row in rows:
+        groups.setdefault((row[0].rpartition(": ")[2], row[1]), []).append(row)
+    summary = []
+    for (setup, level), runs in groups.items():
+        middle = [statistics.median(float(str(run[i]).rstrip("%")) for run in runs) for i in range(3, len(runs[0]))]
+        summary.append(["%smedian of %d: %s" % (label + " " if label else "", len(runs), setup), level,
+                        runs[0][2], "%d" % middle[0], "%.0f" % middle[1], "%.0f" % middle[2], "%.0f%%" % middle[3],
+                        "%.3f" % middle[4], *("%.2f" % value for value in middle[5:])])
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 100])
@@ -122,19 +137,26 @@ def main() -> None:
     parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
                         help="a gateway setting for this run (e.g. event_loop=asyncio); repeatable")
     parser.add_argument("--label", default="", help="the setup column's text")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="with --keys both: run the two setups this many times, alternating, and add the "
+                             "medians (a shared machine drifts by more than the difference being measured)")
     parser.add_argument("--rows", action="store_true", help=argparse.SUPPRESS)  # JSON rows, for "both"
     args = parser.parse_args()
     extra = dict(item.split("=", 1) for item in args.setting)
     raise_fd_limit()
     if args.keys == "both":  # each setup in a fresh process: a second run in this one comes out slower
         rows = []
-        for keys in ("no", "yes"):
-            child = subprocess.run([sys.executable, __file__, "--keys", keys, "--rows",
-                                    "--requests", str(args.requests), "--label", args.label,
-                                    *("--setting=" + item for item in args.setting),
-                                    "--concurrency", *map(str, args.concurrency)], capture_output=True, text=True,
-                                   check=True)
-            rows += json.loads(child.stdout)
+        for run_number in range(1, args.repeat + 1):
+            label = args.label + (" #%d" % run_number if args.repeat > 1 else "")
+            for keys in ("no", "yes"):
+                child = subprocess.run([sys.executable, __file__, "--keys", keys, "--rows",
+                                        "--requests", str(args.requests), "--label", label.strip(),
+                                        *("--setting=" + item for item in args.setting),
+                                        "--concurrency", *map(str, args.concurrency)], capture_output=True,
+                                       text=True, check=True)
+                rows += json.loads(child.stdout)
+        if args.repeat > 1:
+            rows += medians(rows, args.label)
     else:
         rows = asyncio.run(bench(args.concurrency, args.requests, args.keys == "yes", extra, args.label))
     if args.rows:
