@@ -223,6 +223,16 @@ async def test_image_downloads_stop_at_the_size_limit(gateways, fake):
     assert "Traceback" not in gateway.log()  # stopping a download is not an error of the gateway's
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_a_wild_content_length_is_answered_as_too_large_without_a_traceback(gateways, fake):
+    gateway = gateways("--max_image_bytes=1048576")
+    await gateway.started()
+    fake.always("image", "wild_length")
+    response = await b64(gateway, "wild")
+    assert response.code == 502 and "larger than 1048576 bytes" in body_of(response)["error"]["message"]
+    assert "Traceback" not in gateway.log()
+
+
 def test_a_download_stopped_at_the_limit_leaves_no_traceback_in_the_log(caplog):
     """Which of tornado's two log lines a stop leads to depends on timing (the fetch may have been
     cancelled by a sibling's failure first); both are kept out of the log, and nothing else is."""

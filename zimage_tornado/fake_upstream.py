@@ -38,6 +38,7 @@ FAULTS = {
     "reset": "close the connection without answering",
     "endless": "an image that never stops coming (chunks until the client hangs up, or 30 s)",
     "huge_length": "an image announcing a Content-Length of 10 GB",
+    "wild_length": "an image whose Content-Length is 5,000 digits long (written on the raw connection)",
 }
 
 
@@ -280,6 +281,12 @@ class _ImageHandler(_FakeHandler):
             return
         if self.fault in ("endless", "huge_length"):
             return await self.endless()
+        if self.fault == "wild_length":  # what RequestHandler would never write: its own header checks
+            stream = self.request.connection.detach()  # type: ignore[union-attr]
+            await stream.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: %s\r\n\r\n\x89PNG"
+                               % (b"9" * 5000))
+            stream.close()
+            return
         task = self.fake.tasks.get(task_uuid)
         if task is None or int(index) >= task["batch_size"]:
             return self.reply({"success": False, "error": "Image not found"}, 404)

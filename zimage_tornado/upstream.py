@@ -281,7 +281,9 @@ class ZImageClient:
 
         def header(line: str) -> None:
             name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length" and value.strip().isdigit() and int(value) > max_bytes:
+            digits = value.strip()  # the host's text: ASCII digits only, and no int() of thousands of them
+            if name.strip().lower() == "content-length" and digits.isascii() and digits.isdigit() and (
+                    len(digits) > 18 or int(digits) > max_bytes):
                 stop("; not fetched")
 
         try:
