@@ -106,6 +106,9 @@ async def test_jpeg_and_webp_are_real_conversions_of_the_picture(proxy, fake, io
     assert download.code == 200 and download.headers["Content-Type"] == "image/webp"
     assert download.body[:4] == b"RIFF" and download.body[8:12] == b"WEBP"
     assert (await proxy.request(url[len(proxy.url):].replace("webp", "gif"))).code == 400
+    for compression in ("101", "9" * 5000, "\u00b2"):  # out of range, thousands of digits, not ASCII
+        refused = await proxy.request(url[len(proxy.url):] + "&compression=" + compression)
+        assert refused.code == 400 and json.loads(refused.body)["error"]["param"] == "compression"
 
 
 @pytest.mark.gen_test(timeout=30)

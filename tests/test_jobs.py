@@ -32,6 +32,9 @@ async def test_the_task_list_pages_with_after_and_shows_only_the_callers_tasks(m
         seen += [t["id"] for t in page["data"]]
     assert seen == mine[::-1] and theirs not in seen  # every one once, newest first, none of bob's
     assert (await proxy.json("/v1/tasks?after=%s" % theirs, headers=ALICE))[0] == 400  # not a cursor of hers
+    for limit in ("0", "9" * 5000, "\u00b2"):  # a page size out of range, of thousands of digits, not ASCII
+        code, refused = await proxy.json("/v1/tasks?limit=%s" % limit, headers=ALICE)
+        assert code == 400 and refused["error"]["param"] == "limit"
     code, admin = await proxy.json("/v1/tasks?key=bob", headers=OPS)
     assert [t["id"] for t in admin["data"]] == [theirs] and admin["data"][0]["prompt"] == "a lighthouse"
     code, filtered = await proxy.json("/v1/tasks?status=completed", headers=ALICE)

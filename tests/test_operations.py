@@ -135,6 +135,11 @@ async def test_oversize_body_is_413_and_never_reaches_the_upstream(make_proxy, f
                        b"Connection: close\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload))
     raw = await stream.read_until_close()
     assert raw.startswith(b"HTTP/1.1 413") and b"body_too_large" in raw
+    # a Content-Length of thousands of digits is larger than any limit, not an error of the gateway's
+    stream = await connect(proxy.url)
+    await stream.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n{}" % (b"9" * 5000))
+    raw = await stream.read_until_close()
+    assert raw.startswith(b"HTTP/1.1 413") and b"body_too_large" in raw
     assert fake.calls["generate"] == 0
     assert (await proxy.json("/v1/chat/completions", "POST", {"model": "zimage-turbo", "prompt": "ok"}))[0] == 200
 

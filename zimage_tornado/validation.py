@@ -101,15 +101,25 @@ def idempotency_key(value: str | None) -> str | None:
     return value
 
 
+def whole_number(text: str | None, digits: int) -> int | None:
+    """A whole number a client wrote (a header, a query argument), or None: ASCII digits only
+    ("²".isdigit() is true in Python) and at most `digits` of them (int() of thousands of digits
+    raises, and costs)."""
+    if text is None or not (0 < len(text) <= digits) or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
+
+
 def picture_index(value: str) -> int:
-    if not value.isascii() or not value.isdigit() or len(value) > 3:
+    index = whole_number(value, 3)
+    if index is None:
         raise invalid("The picture index must be a whole number from 0", param="index", code="invalid_value")
-    return int(value)
+    return index
 
 
 def retry_count(value: str | None) -> int:
     """The OpenAI SDK's x-stainless-retry-count: how many times it has sent this request before."""
-    return int(value) if value is not None and value.isascii() and value.isdigit() and len(value) < 4 else 0
+    return whole_number(value, 3) or 0
 
 
 def integer(value: Any, param: str, low: int, high: int) -> int:
@@ -207,6 +217,7 @@ def key_name(value: str | None) -> str | None:
 def count(value: str | None, param: str, *, default: int, high: int) -> int:
     if value is None:
         return default
-    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= high:
+    number = whole_number(value, len(str(high)))
+    if number is None or not 1 <= number <= high:
         raise invalid("%s must be a whole number from 1 to %d" % (param, high), param=param)
-    return int(value)
+    return number

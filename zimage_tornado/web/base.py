@@ -120,8 +120,9 @@ class BaseHandler(RequestHandler):
         for preference in self.request.headers.get_list("Prefer"):
             for token in preference.split(","):
                 name, _, value = token.strip().partition("=")
-                if name.strip().lower() == "wait" and value.strip().isascii() and value.strip().isdigit():
-                    return min(float(value.strip()), self.gateway.settings.wait_budget)
+                seconds = validation.whole_number(value.strip(), 6)
+                if name.strip().lower() == "wait" and seconds is not None:
+                    return min(float(seconds), self.gateway.settings.wait_budget)
         return None
 
     def accepted(self, outcome: Outcome, waited: float) -> None:
@@ -146,9 +147,11 @@ class BaseHandler(RequestHandler):
 
     @functools.cached_property
     def declared_length(self) -> int | None:
-        """Content-Length as a number; ASCII digits only ("²".isdigit() is true in Python)."""
-        length = self.request.headers.get("Content-Length", "")
-        return int(length) if length.isascii() and length.isdigit() else None
+        """Content-Length as a number (one of over 18 digits is more than any limit)."""
+        length = self.request.headers.get("Content-Length", "").strip()
+        if len(length) > 18 and length.isascii() and length.isdigit():
+            return 10 ** 18
+        return validation.whole_number(length, 18)
 
     def data_received(self, chunk: bytes) -> None:
         self._body_size += len(chunk)

@@ -333,7 +333,7 @@ class PictureHandler(BaseHandler):
         fmt = validation.choice(self.query_argument("format") or "png", "format", tuple(FORMATS))
         compression = self.query_argument("compression")
         quality = None if compression is None else validation.integer(
-            int(compression) if compression.isascii() and compression.isdigit() else -1, "compression", 0, 100)
+            validation.whole_number(compression, 3), "compression", 0, 100)
         task = await self.gateway.watcher.peek(self.task_uuid)
         if task.status != COMPLETED or number >= len(task.image_urls):
             raise ApiError(404, "Task %s has no picture %d (it is %s)" % (task.uuid, number, task.status),
