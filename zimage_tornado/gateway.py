@@ -23,7 +23,6 @@ from zimage_tornado.images import ImageFetcher, make_image_client
 from zimage_tornado.metrics import Metrics
 from zimage_tornado.openai_api import ModelTable
 from zimage_tornado.store import Admission, Store, StoreUnavailable
-from zimage_tornado.store.redis import RedisCoordination, RedisStore
 from zimage_tornado.store.sqlite import SqliteStore
 from zimage_tornado.tenants import Caller, KeyRing, LiveKeys, Plan
 from zimage_tornado.upstream import UpstreamError, UpstreamOutcomeUnknown, ZImageClient, make_http_client
@@ -44,6 +43,7 @@ class Submitted:
 
 def make_store(settings: Settings, clock: Callable[[], float]) -> Store:
     if settings.redis_url:
+        from zimage_tornado.store.redis import RedisStore  # redis-py is loaded only where a fleet needs it
         return RedisStore(settings.redis_url, timeout=settings.redis_timeout, record_ttl=settings.record_ttl,
                           connections=settings.redis_connections)
     # One process owns the file and may decide admissions in memory; workers sharing it may not.
@@ -54,6 +54,7 @@ def make_store(settings: Settings, clock: Callable[[], float]) -> Store:
 def make_coordination(settings: Settings) -> Coordination:
     """How this instance shares the polling of tasks with the rest of its fleet, if it has one."""
     if settings.redis_url:
+        from zimage_tornado.store.redis import RedisCoordination
         return RedisCoordination(settings.redis_url, timeout=settings.redis_timeout,
                                  interval=settings.poll_interval, cache_ttl=settings.cache_ttl,
                                  connections=settings.redis_connections)

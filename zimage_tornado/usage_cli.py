@@ -10,15 +10,19 @@ import os
 import sqlite3
 import sys
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Awaitable, Callable, Sequence, TypeVar
 
 from zimage_tornado import validation
 from zimage_tornado.config import server_settings
 from zimage_tornado.errors import ApiError
 from zimage_tornado.logs import redact_url
 from zimage_tornado.store import StoreUnavailable, UsageRow, utc_day
-from zimage_tornado.store.redis import RedisStore
 from zimage_tornado.store.sqlite import end_user_usage, usage
+
+if TYPE_CHECKING:
+    from zimage_tornado.store.redis import RedisStore
+
+T = TypeVar("T")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -70,13 +74,7 @@ def main(argv: Sequence[str]) -> int:
 def print_end_users(where: str, redis_url: str | None, database: str, since: str, until: str, key: str | None,
                     as_json: bool) -> int:
     if redis_url:
-        async def read() -> list[dict[str, Any]]:
-            store = RedisStore(redis_url, timeout=5.0, record_ttl=0)
-            try:
-                return await store.end_user_usage(since, until, key)
-            finally:
-                await store.close()
-        rows = asyncio.run(read())
+        rows = from_redis(redis_url, lambda store: store.end_user_usage(since, until, key))
     else:
         conn = sqlite3.connect("file:%s?mode=ro" % database, uri=True)
         try:
@@ -103,13 +101,20 @@ def file_usage(database: str, since: str, until: str, key: str | None) -> list[U
 
 
 def redis_usage(url: str, since: str, until: str, key: str | None) -> list[UsageRow]:
-    async def read() -> list[UsageRow]:
+    return from_redis(url, lambda store: store.usage(since, until, key))
+
+
+def from_redis(url: str, read: Callable[[RedisStore], Awaitable[T]]) -> T:
+    """`read` of a fleet's store, on a connection of its own for this command."""
+    from zimage_tornado.store.redis import RedisStore  # redis-py is loaded only where a fleet needs it
+
+    async def run() -> T:
         store = RedisStore(url, timeout=5.0, record_ttl=0)
         try:
-            return await store.usage(since, until, key)
+            return await read(store)
         finally:
             await store.close()
-    return asyncio.run(read())
+    return asyncio.run(run())
 
 
 def table(headers: list[str], rows: list[list[object]]) -> str:
