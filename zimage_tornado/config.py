@@ -350,7 +350,7 @@ SUBCOMMANDS = (
 def shown(value: object) -> str:
     """A default as a person writes it on the command line."""
     if isinstance(value, bool):
-        return "true" if value else "false"
+        return shown_value(value)
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value) if value != "" else "(none)"

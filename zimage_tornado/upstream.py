@@ -18,7 +18,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPResponse
 from tornado.iostream import StreamClosedError
 from tornado.simple_httpclient import HTTPTimeoutError, SimpleAsyncHTTPClient
 
-from zimage_tornado import SERVICE_NAME, __version__, logs
+from zimage_tornado import SERVICE_NAME, __version__, logs, validation
 from zimage_tornado.domain import COMPLETED, FAILED, FINAL_STATES, PENDING, PROCESSING, GenerationRequest, Task
 from zimage_tornado.validation import TASK_ID_RE
 
@@ -281,9 +281,7 @@ class ZImageClient:
 
         def header(line: str) -> None:
             name, _, value = line.partition(":")
-            digits = value.strip()  # the host's text: ASCII digits only, and no int() of thousands of them
-            if name.strip().lower() == "content-length" and digits.isascii() and digits.isdigit() and (
-                    len(digits) > 18 or int(digits) > max_bytes):
+            if name.strip().lower() == "content-length" and (validation.content_length(value) or 0) > max_bytes:
                 stop("; not fetched")
 
         try:

@@ -110,6 +110,15 @@ def whole_number(text: str | None, digits: int) -> int | None:
     return int(text)
 
 
+def content_length(text: str) -> int | None:
+    """A Content-Length someone sent (a client, an image host), or None if it is not a number;
+    one of more than 18 digits is more than any limit, without int() of all of them."""
+    text = text.strip()
+    if len(text) > 18 and text.isascii() and text.isdigit():
+        return 10 ** 18
+    return whole_number(text, 18)
+
+
 def picture_index(value: str) -> int:
     index = whole_number(value, 3)
     if index is None:

@@ -147,11 +147,7 @@ class BaseHandler(RequestHandler):
 
     @functools.cached_property
     def declared_length(self) -> int | None:
-        """Content-Length as a number (one of over 18 digits is more than any limit)."""
-        length = self.request.headers.get("Content-Length", "").strip()
-        if len(length) > 18 and length.isascii() and length.isdigit():
-            return 10 ** 18
-        return validation.whole_number(length, 18)
+        return validation.content_length(self.request.headers.get("Content-Length", ""))
 
     def data_received(self, chunk: bytes) -> None:
         self._body_size += len(chunk)
