@@ -75,7 +75,7 @@ async def test_client_errors_are_400_envelopes_and_never_reach_the_upstream(prox
     assert fake.calls["generate"] == 0
 
 
-@pytest.mark.parametrize("client", ["curl", "simple"])
+@pytest.mark.parametrize("client", ["pooled", "curl", "simple"])
 @pytest.mark.parametrize("fault,status,code", [
     # definite refusals: the service's own success:false, or a 4xx (may be retried)
     ("400", 400, "upstream_rejected"),
@@ -107,7 +107,7 @@ async def test_upstream_failures_map_to_documented_statuses(make_proxy, fake, fa
         assert body["error"]["message"] == "Prompt is required and must be a string"
 
 
-@pytest.mark.parametrize("client", ["curl", "simple"])
+@pytest.mark.parametrize("client", ["pooled", "curl", "simple"])
 @pytest.mark.gen_test
 async def test_upstream_timeout_is_504(make_proxy, fake, client):
     fake.inject("generate", "hang")
@@ -121,7 +121,7 @@ async def test_upstream_timeout_is_504(make_proxy, fake, client):
     assert "may have been created" in body["error"]["message"]
 
 
-@pytest.mark.parametrize("client", ["curl", "simple"])
+@pytest.mark.parametrize("client", ["pooled", "curl", "simple"])
 @pytest.mark.gen_test
 async def test_upstream_unreachable_is_502(make_proxy, client):
     # discard port: nothing listens

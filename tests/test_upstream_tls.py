@@ -29,7 +29,7 @@ def tls_fake_url(io_loop, fake, certificate):
     server.stop()
 
 
-@pytest.mark.parametrize("client", ["curl", "simple"])
+@pytest.mark.parametrize("client", ["pooled", "curl", "simple"])
 @pytest.mark.gen_test
 async def test_trusted_certificate_works(make_proxy, fake, tls_fake_url, certificate, client):
     proxy = make_proxy(upstream_url=tls_fake_url, upstream_ca_certs=str(certificate[0]), upstream_client=client)
@@ -37,7 +37,7 @@ async def test_trusted_certificate_works(make_proxy, fake, tls_fake_url, certifi
     assert task_uuid in fake.tasks
 
 
-@pytest.mark.parametrize("client", ["curl", "simple"])
+@pytest.mark.parametrize("client", ["pooled", "curl", "simple"])
 @pytest.mark.gen_test
 async def test_untrusted_certificate_is_refused(make_proxy, fake, tls_fake_url, client):
     proxy = make_proxy(upstream_url=tls_fake_url, upstream_client=client)  # system CAs only

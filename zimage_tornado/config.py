@@ -40,7 +40,8 @@ class Settings:
     upstream_timeout: float = setting(30.0, "Seconds for a whole upstream call, queueing included")
     upstream_connect_timeout: float = setting(10.0, "Seconds to connect to the upstream")
     upstream_max_clients: int = setting(100, "Upstream calls in flight at once; more wait in a queue")
-    upstream_client: str = setting("curl", "HTTP client for the upstream: curl (pycurl, keep-alive) or simple")
+    upstream_client: str = setting("pooled", "HTTP client for the upstream API: pooled (kept-alive "
+                                                   "connections), curl (pycurl) or simple (one connection a call)")
     upstream_ca_certs: str = setting("", "CA bundle to verify the upstream's TLS certificate (default: the system's)")
     poll_interval: float = setting(5.0, "Seconds between upstream status checks while a client waits")
     max_attempts: int = setting(60, "Status checks in a full wait: a wait lasts max_attempts x poll_interval")
@@ -160,8 +161,8 @@ class Settings:
             raise ValueError("upstream_ca_certs: no such file: %s" % self.upstream_ca_certs)
         if self.event_loop not in ("auto", "asyncio", "uvloop"):
             raise ValueError("event_loop must be auto, asyncio or uvloop")
-        if self.upstream_client not in ("curl", "simple"):
-            raise ValueError("upstream_client must be curl or simple")
+        if self.upstream_client not in ("pooled", "curl", "simple"):
+            raise ValueError("upstream_client must be pooled, curl or simple")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must be a redis://, rediss:// or unix:// URL")
         if not 0 <= self.ip_v4_prefix <= 32 or not 0 <= self.ip_v6_prefix <= 128:

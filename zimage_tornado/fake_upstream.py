@@ -36,6 +36,7 @@ FAULTS = {
     "unknown_status": "a task read answering taskStatus 'mystery'",
     "hang": "answer normally, but only after hang_seconds",
     "reset": "close the connection without answering",
+    "huge_answer": "HTTP 200 with a 9 MiB JSON body (an API answer past any reasonable size)",
     "endless": "an image that never stops coming (chunks until the client hangs up, or 30 s)",
     "huge_length": "an image announcing a Content-Length of 10 GB",
     "wild_length": "an image whose Content-Length is 5,000 digits long (written on the raw connection)",
@@ -71,6 +72,7 @@ class FakeZImage:
         self.image_override: bytes | None = None  # every picture is these bytes (a large one, say)
         self.redirects = 0
         self.request_headers: list[dict[str, str]] = []  # of every call, in order
+        self.peers: set[Any] = set()  # the client addresses (ip, port) calls came from: one per connection
         self._faults: dict[str, deque[str]] = defaultdict(deque)
         self._always: dict[str, str] = {}
         self.fault_rate = fault_rate  # share of calls that fail at random (soak tests)
@@ -195,6 +197,7 @@ class _FakeHandler(RequestHandler):
         """Plays the next fault, if any; True when the answer has been given (or refused)."""
         self.fake.calls[self.endpoint] += 1
         self.fake.request_headers.append(dict(self.request.headers))
+        self.fake.peers.add(self.request.connection.context.address)  # type: ignore[union-attr]
         fault = self.fault = self.fake.next_fault(self.endpoint)
         if fault is None:
             return False
@@ -221,6 +224,9 @@ class _FakeHandler(RequestHandler):
             messages = {"500": "Internal server error", "400": "Prompt is required and must be a string",
                         "404": "Task not found", "false200": "Service busy, try again later"}
             self.reply({"success": False, "error": messages[fault]}, 200 if fault == "false200" else int(fault))
+            return True
+        if fault == "huge_answer":
+            self.reply({"success": True, "data": {"padding": "x" * (9 * 1024 * 1024)}})
             return True
         if fault == "no_uuid":
             self.reply({"success": True, "data": {}})
