@@ -69,6 +69,9 @@ images_per_day = 100000000
 """
 
 
+SETUPS = {"no": "no keys", "yes": "keys + limits", "floor": "floor (bare Tornado forwarder)"}
+
+
 def cpu_seconds(pid: int) -> float:
     """The process's user and system CPU time so far (/proc/PID/stat)."""
     with open("/proc/%d/stat" % pid) as f:
@@ -76,8 +79,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def bench(levels: list[int], requests: int, keys: bool, extra: dict[str, str] | None = None,
+async def bench(levels: list[int], requests: int, keys: str, extra: dict[str, str] | None = None,
                 label: str = "") -> list[list]:
+    """keys: "no", "yes" (a key with limits) or "floor" (bench/floor_proxy.py in the gateway's place)."""
     extra = extra or {}
     upstream_port, proxy_port = free_port(), free_port()
     proxy_cpus, other_cpus = cpu_split()
@@ -85,15 +89,17 @@ async def bench(levels: list[int], requests: int, keys: bool, extra: dict[str, s
         os.sched_setaffinity(0, other_cpus)
     settings: dict[str, object] = {"upstream_max_clients": 200}
     headers = None
-    if keys:
+    if keys == "yes":
         path = os.path.join(SCRATCH.name, "keys.toml")
         with open(path, "w") as f:
             f.write(KEYS_FILE)
         settings["api_keys_file"], headers = path, {"Authorization": "Bearer sk-bench"}
     rows = []
     settings.update(extra)
+    floor = [os.path.join(os.path.dirname(__file__), "floor_proxy.py"), str(proxy_port), str(upstream_port)]
     with started(fake_upstream(upstream_port), upstream_port, other_cpus), \
-            started(proxy(proxy_port, upstream_port, **settings), proxy_port, proxy_cpus) as gateway:
+            started(floor if keys == "floor" else proxy(proxy_port, upstream_port, **settings), proxy_port,
+                    proxy_cpus) as gateway:
         await run(proxy_port, "/v1/chat/completions", PROXY_BODY, 4, 200, headers)  # warm up both processes
         for c in levels:
             direct, direct_seconds, direct_failures = await run(upstream_port, "/api/z-image/generate",
@@ -103,7 +109,7 @@ async def bench(levels: list[int], requests: int, keys: bool, extra: dict[str, s
                                                    headers)
             cpu = cpu_seconds(gateway.pid) - cpu_before
             rows.append([
-                (label + ": " if label else "") + ("keys + limits" if keys else "no keys"), c, requests,
+                (label + ": " if label else "") + SETUPS[keys], c, requests,
                 failures + direct_failures,
                 "%.0f" % (requests / direct_seconds), "%.0f" % (requests / seconds),
                 "%.0f%%" % (100 * direct_seconds / seconds), "%.3f" % (1000 * cpu / requests),
@@ -132,23 +138,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--requests", type=int, default=2000, help="requests per level and path")
-    parser.add_argument("--keys", choices=["both", "no", "yes"], default="both",
-                        help="without keys, with a key whose limits are checked on every submit, or both")
+    parser.add_argument("--keys", choices=["both", "all", "no", "yes", "floor"], default="both",
+                        help="without keys, with a key whose limits are checked on every submit, both, or all: "
+                             "both and the floor (bench/floor_proxy.py, a bare Tornado forwarder, in the "
+                             "gateway's place)")
     parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
                         help="a gateway setting for this run (e.g. event_loop=asyncio); repeatable")
     parser.add_argument("--label", default="", help="the setup column's text")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="with --keys both: run the two setups this many times, alternating, and add the "
+                        help="with --keys both or all: run the setups this many times, alternating, and add the "
                              "medians (a shared machine drifts by more than the difference being measured)")
     parser.add_argument("--rows", action="store_true", help=argparse.SUPPRESS)  # JSON rows, for "both"
     args = parser.parse_args()
     extra = dict(item.split("=", 1) for item in args.setting)
     raise_fd_limit()
-    if args.keys == "both":  # each setup in a fresh process: a second run in this one comes out slower
+    if args.keys in ("both", "all"):  # each setup in a fresh process: a second run in this one comes out slower
         rows = []
         for run_number in range(1, args.repeat + 1):
             label = args.label + (" #%d" % run_number if args.repeat > 1 else "")
-            for keys in ("no", "yes"):
+            for keys in ("no", "yes", "floor")[:3 if args.keys == "all" else 2]:
                 child = subprocess.run([sys.executable, __file__, "--keys", keys, "--rows",
                                         "--requests", str(args.requests), "--label", label.strip(),
                                         *("--setting=" + item for item in args.setting),
@@ -158,7 +166,7 @@ def main() -> None:
         if args.repeat > 1:
             rows += medians(rows, args.label)
     else:
-        rows = asyncio.run(bench(args.concurrency, args.requests, args.keys == "yes", extra, args.label))
+        rows = asyncio.run(bench(args.concurrency, args.requests, args.keys, extra, args.label))
     if args.rows:
         return print(json.dumps(rows))
     print(table(["setup", "concurrency", "requests", "errors", "direct req/s", "proxy req/s", "of direct",
