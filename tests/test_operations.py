@@ -172,7 +172,7 @@ async def test_slow_loris_clients_are_cut_off_while_others_are_served(make_proxy
 @pytest.mark.gen_test
 async def test_request_id_is_kept_returned_logged_and_sent_upstream(proxy, fake, caplog):
     caplog.handler.addFilter(logs.LineFilter())
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.DEBUG):  # the upstream call's own lines are at debug
         response = await proxy.request("/v1/chat/completions", "POST", {"model": "zimage-turbo", "prompt": "x"},
                                        headers={"X-Request-ID": "trace-42"})
     assert response.headers["X-Request-ID"] == "trace-42"
@@ -218,6 +218,19 @@ async def test_forwarded_client_address_only_from_trusted_proxies(make_proxy, ca
         await proxy.request("/health", headers={"X-Forwarded-For": "198.51.100.1, 203.0.113.7, 10.1.2.3"})
     line = [r.getMessage() for r in caplog.records if r.name == "zimage_tornado.access"][-1]
     assert "(%s)" % expected in line
+
+
+@pytest.mark.gen_test
+async def test_one_access_line_names_a_submit_s_key_and_task(make_proxy, caplog):
+    proxy = make_proxy()
+    with caplog.at_level(logging.INFO, logger="zimage_tornado"):
+        task_uuid = await proxy.submit()
+        await proxy.request("/v1/tasks/%s" % task_uuid)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    submits = [line for line in lines if "POST /v1/chat/completions" in line]
+    assert len(submits) == 1 and "key=anonymous task=%s " % task_uuid in submits[0]
+    assert [line for line in lines if task_uuid in line and "GET /v1/tasks/" in line]
+    assert len([line for line in lines if task_uuid in line]) == 2  # one line a request: no other line repeats it
 
 
 @pytest.mark.gen_test

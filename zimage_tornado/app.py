@@ -24,11 +24,13 @@ def log_request(handler: Any) -> None:
         gateway.metrics.observe_request(handler.route, handler.request.method, handler.get_status(), seconds)
     if access_log.isEnabledFor(logging.INFO):  # skip the formatting work when nobody reads it
         # The path, not the URI: a query string may hold a pasted key.
-        # The key's name (never the key) says who; the request id is on every line already.
+        # The key's name (never the key) says who; the request id is on every line already; the
+        # task (a submit's new one, or the one read) makes this the one line a submit needs.
         caller = getattr(handler, "caller", None)
-        access_log.info("%d %s %s (%s) key=%s %.1fms", handler.get_status(), handler.request.method,
+        access_log.info("%d %s %s (%s) key=%s task=%s %.1fms", handler.get_status(), handler.request.method,
                         handler.request.path, getattr(handler, "client_ip", handler.request.remote_ip),
-                        caller.name if caller is not None else "-", 1000.0 * seconds)
+                        caller.name if caller is not None else "-", getattr(handler, "task_uuid", None) or "-",
+                        1000.0 * seconds)
 
 
 def make_app(settings: Settings, gateway: Gateway | None = None) -> Application:

@@ -54,6 +54,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str, fmt: str = "text") -> None:
+    # What no line shows is not gathered for every record (the logging HOWTO's "Optimization"):
+    # the caller's file and line (a stack walk per record), thread and multiprocessing names.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(LineFilter())
     if fmt == "json":

@@ -219,7 +219,7 @@ class ZImageClient:
                 self._observer(kind, outcome, time.monotonic() - started)
 
     async def _submit(self, request: GenerationRequest) -> Task:
-        log.info("submitting task: model=%s batch_size=%d size=%dx%d steps=%d",
+        log.debug("submitting task: model=%s batch_size=%d size=%dx%d steps=%d",
                  request.model, request.batch_size, request.width, request.height, request.steps)
         try:
             document = await self._call("POST", "/api/z-image/generate", encode_generate(request))
@@ -243,7 +243,7 @@ class ZImageClient:
             log.warning("upstream accepted a task but sent no usable uuid: %.200r", document)
             raise UpstreamOutcomeUnknown("The upstream answered without a usable task uuid; the task may have "
                                          "been created upstream")
-        log.info("task %s submitted", uuid)
+        log.debug("task %s submitted", uuid)  # at info, the access line names it (task=)
         return parse_task(uuid, task, document, default_status=PENDING)
 
     async def _get_task(self, uuid: str) -> Task:
