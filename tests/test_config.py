@@ -113,6 +113,6 @@ async def test_module_starts_serves_logs_and_stops_on_sigterm(gateways, fake, ev
     assert "listening on http://127.0.0.1:%d" % gateway.port in stderr
     # auto: uvloop, which requirements.txt installs; asyncio: the standard loop, kept working
     assert "(%s loop)" % ("uvloop" if event_loop == "auto" else "asyncio") in stderr
-    assert "submitting task" in stderr and "task %s submitted" % task_uuid in stderr
+    assert "POST /v1/chat/completions (127.0.0.1) key=anonymous task=%s " % task_uuid in stderr  # the access line
     assert "task %s is completed" % task_uuid in stderr
     assert "Traceback" not in stderr
