@@ -70,7 +70,7 @@ class Metrics:
                               registry=self.registry)
         self.refused = Counter("zimage_refused", "Submits and waits refused by a caller's limits, by key and reason",
                                ["key", "reason"], registry=self.registry)
-        self._children: dict[tuple[str, str, object], tuple[Any, Any]] = {}  # bounded: routes x methods x statuses
+        self._children: dict[tuple[str, str, object], tuple[Any, Any]] = {}  # bounded label sets
 
         self.engine_counters = {
             key: Counter(name, text, registry=self.registry) for name, key, text in ENGINE_COUNTERS}
@@ -132,8 +132,11 @@ class Metrics:
                       self.latency, (route,), seconds)
 
     def observe_submit(self, key: str, images: int) -> None:
-        self.submits.labels(key).inc()
-        self.images.labels(key).inc(images)
+        children = self._children.get(("submit", key, None))
+        if children is None:  # key names: a bounded set (the keys configured, and anonymous)
+            children = self._children[("submit", key, None)] = (self.submits.labels(key), self.images.labels(key))
+        children[0].inc()
+        children[1].inc(images)
 
     def observe_refusal(self, key: str, reason: str) -> None:
         self.refused.labels(key, reason).inc()

@@ -112,8 +112,10 @@ def client_address(remote_ip: str | None, headers: Mapping[str, str], trusted: S
     def is_trusted(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(ip in network for network in trusted)
 
+    if not trusted:  # the usual case, with no address to parse (ipaddress is one of the costlier steps of a submit)
+        return remote_ip or "-"
     remote = parsed(remote_ip or "")
-    if remote is None or not trusted or not is_trusted(remote):
+    if remote is None or not is_trusted(remote):
         return remote_ip or "-"
     forwarded = [parsed(a) for a in headers.get("X-Forwarded-For", "").split(",") if a.strip()]
     for ip in reversed(forwarded):  # the nearest hop first; skip our own proxies
