@@ -108,3 +108,26 @@ async def test_a_refused_connection_is_known_never_sent():
         assert never_connected(refused.value)
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("client", ["pooled", "curl"])  # (simple sends the password still percent-encoded)
+@pytest.mark.gen_test(timeout=10)
+async def test_credentials_in_the_upstream_url_are_sent_as_basic_auth(make_proxy, fake, fake_url, client):
+    # upstream_url = http://user:password@host/ (a service behind a proxy that asks for them)
+    proxy = make_proxy(upstream_url=fake_url.replace("http://", "http://gw:s%40cret@"), upstream_client=client,
+                       follow_budget=0)
+    code, body = await proxy.json("/v1/chat/completions", "POST", CHAT)
+    assert code == 200, body
+    assert fake.request_headers[-1]["Authorization"] == "Basic Z3c6c0BjcmV0"  # gw:s@cret
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_connection_idle_past_its_time_is_closed_not_reused(fake_url, fake):
+    client = PooledHTTPClient(force_instance=True, idle_seconds=0.2)
+    try:
+        for pause in (0, 0.05, 0.4):
+            await asyncio.sleep(pause)
+            await client.fetch(fake_url + "/api/z-image/generate", method="POST", body=b'{"prompt": "x"}')
+        assert len(fake.peers) == 2  # reused after 0.05 s, replaced after 0.4 s
+    finally:
+        client.close()

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import _socket
 import asyncio
+import base64
 import io
 import socket
 import ssl
 import time
 from collections import deque
 from typing import Any, Callable
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
@@ -96,7 +97,7 @@ class PooledHTTPClient(AsyncHTTPClient):
         self.idle_seconds = idle_seconds
         self._busy = 0
         self._queue: deque[asyncio.Future[None]] = deque()
-        self._idle: dict[Origin, list[tuple[IOStream, float]]] = {}
+        self._idle: dict[Origin, deque[tuple[IOStream, float]]] = {}  # the newest last
         self._tcp = TCPClient()
         self._tls: dict[str | None, ssl.SSLContext] = {}
         self.max_body_size = max_body_size
@@ -238,6 +239,9 @@ class PooledHTTPClient(AsyncHTTPClient):
             headers = HTTPHeaders(request.headers)
             if "Host" not in headers:
                 headers["Host"] = url.netloc.rpartition("@")[2]
+            if url.username is not None and "Authorization" not in headers:  # user:password@ in the URL
+                secret = "%s:%s" % (unquote(url.username), unquote(url.password or ""))
+                headers["Authorization"] = "Basic " + base64.b64encode(secret.encode()).decode("ascii")
             body = request.body if request.body is not None else b""
             if request.body is not None or request.method in ("POST", "PUT", "PATCH"):
                 headers["Content-Length"] = str(len(body))
@@ -268,11 +272,11 @@ class PooledHTTPClient(AsyncHTTPClient):
         closing = "close" in headers.get("Connection", "").lower()
         if (answer.start_line.version == "HTTP/1.1" and delimited and not closing and not stream.closed()
                 and not getattr(stream, "_read_buffer_size", 1)):  # nothing read past this answer
-            kept = self._idle.setdefault(origin, [])
-            if len(kept) < self.max_clients:
-                kept.append((stream, time.monotonic()))
-            else:
-                stream.close()
+            kept = self._idle.setdefault(origin, deque())
+            now = time.monotonic()
+            while kept and (len(kept) >= self.max_clients or now - kept[0][1] >= self.idle_seconds):
+                kept.popleft()[0].close()  # the oldest: past its idle time, or one too many
+            kept.append((stream, now))
         else:
             stream.close()
         return HTTPResponse(request, answer.start_line.code, reason=answer.start_line.reason, headers=headers,
