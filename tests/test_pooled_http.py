@@ -131,3 +131,17 @@ async def test_a_connection_idle_past_its_time_is_closed_not_reused(fake_url, fa
         assert len(fake.peers) == 2  # reused after 0.05 s, replaced after 0.4 s
     finally:
         client.close()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_proxy_the_environment_names_is_used_as_curl_used_it(make_proxy, monkeypatch):
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # nothing listens: a call through it fails
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    through = make_proxy(follow_budget=0)
+    code, body = await through.json("/v1/chat/completions", "POST", CHAT)
+    assert code == 502 and body["error"]["code"] == "upstream_unavailable"  # it went for the proxy
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    direct = make_proxy(follow_budget=0)
+    code, body = await direct.json("/v1/chat/completions", "POST", CHAT)
+    assert code == 200, body  # a host no_proxy names is called directly

@@ -74,6 +74,7 @@ class Gateway:
             connect_timeout=settings.upstream_connect_timeout,
             request_timeout=settings.upstream_timeout,
             ca_certs=settings.upstream_ca_certs,
+            url=settings.upstream_url,
         )
         self.store = make_store(settings, clock)
         self.store.open()

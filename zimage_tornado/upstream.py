@@ -12,7 +12,9 @@ import logging
 import os
 import ssl
 import time
+import urllib.request
 from typing import Any, Awaitable, Callable, TypeVar
+from urllib.parse import urlsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPResponse
 from tornado.iostream import StreamClosedError
@@ -35,8 +37,18 @@ CURLE_NOT_CONNECTED = (6, 7, 35, 51, 53, 54, 58, 59, 60, 64, 66, 77, 80, 82, 83,
 CONNECT_TIMEOUTS = ("Timeout while connecting", "Connection timed out after", "Resolving timed out")
 
 
+def environment_proxy(url: str) -> str | None:
+    """The proxy the environment names for `url` (http_proxy, https_proxy, no_proxy), if any."""
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):  # no_proxy
+        return None
+    return proxy
+
+
 def make_http_client(kind: str, *, max_clients: int, connect_timeout: float, request_timeout: float,
-                     ca_certs: str = "") -> AsyncHTTPClient:
+                     ca_certs: str = "", url: str = "") -> AsyncHTTPClient:
     """A client of our own, not the per-loop singleton: that one has 10 slots, and time spent
     queueing for a slot counts against request_timeout.
 
@@ -51,6 +63,12 @@ def make_http_client(kind: str, *, max_clients: int, connect_timeout: float, req
     if ca_certs or (system and os.path.exists(system)):
         # Named explicitly: pycurl's bundled libcurl has no default bundle of its own.
         defaults["ca_certs"] = ca_certs or system
+    if kind == "pooled" and url and environment_proxy(url):
+        # libcurl goes through the proxy the environment names, as it always did here; the pooled
+        # client connects directly, which a network that only lets a proxy out would refuse
+        log.info("upstream: the environment names a proxy for %s; the curl client goes through it",
+                 logs.redact_url(url))
+        kind = "curl"
     if kind == "pooled":
         return PooledHTTPClient(force_instance=True, max_clients=max_clients, defaults=defaults)
     if kind == "curl":
