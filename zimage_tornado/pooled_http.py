@@ -103,8 +103,12 @@ class PooledHTTPClient(AsyncHTTPClient):
         self.max_body_size = max_body_size
         self._params = HTTP1ConnectionParameters(max_header_size=MAX_HEADER_BYTES, max_body_size=max_body_size)
         self._running: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     def close(self) -> None:
+        """Closes the kept connections; calls in flight end as they would (each within its
+        timeout) and their connections are closed, not kept."""
+        self._closed = True
         for kept in self._idle.values():
             for stream, _ in kept:
                 stream.close()
@@ -144,9 +148,14 @@ class PooledHTTPClient(AsyncHTTPClient):
                 stream, reused = self._kept(origin)
                 if stream is None:
                     stream = await self._connect(origin, request, deadline)
-                answer = await self._send(stream, request, url, deadline)
+                try:
+                    answer = await self._send(stream, request, url, deadline)
+                except BaseException:
+                    stream.close()  # whatever went wrong, this connection is not used again
+                    raise
                 if answer is not None:
                     return self._response(request, answer, origin, stream)
+                stream.close()
                 # The connection died before any byte of an answer. A reused one may have been
                 # closed by the server as we wrote: a GET is asked again once on a new one; a
                 # POST is not (it may have arrived), nor anything on a fresh connection.
@@ -203,7 +212,7 @@ class PooledHTTPClient(AsyncHTTPClient):
         try:
             tls = self._context(request) if scheme == "https" else None
             stream = await self._tcp.connect(host, port, ssl_options=tls, timeout=timeout,
-                                             max_buffer_size=MAX_BODY_BYTES + MAX_HEADER_BYTES)
+                                             max_buffer_size=self.max_body_size + MAX_HEADER_BYTES)
         except TimeoutError as e:  # tornado.util.TimeoutError is asyncio's, which is this one
             raise NeverSentTimeout("Timeout while connecting") from e
         except StreamClosedError as e:
@@ -270,7 +279,8 @@ class PooledHTTPClient(AsyncHTTPClient):
         headers = answer.headers
         delimited = "Content-Length" in headers or headers.get("Transfer-Encoding", "").lower() == "chunked"
         closing = "close" in headers.get("Connection", "").lower()
-        if (answer.start_line.version == "HTTP/1.1" and delimited and not closing and not stream.closed()
+        if (not self._closed and answer.start_line.version == "HTTP/1.1" and delimited and not closing
+                and not stream.closed()
                 and not getattr(stream, "_read_buffer_size", 1)):  # nothing read past this answer
             kept = self._idle.setdefault(origin, deque())
             now = time.monotonic()
