@@ -145,7 +145,7 @@ class PooledHTTPClient(AsyncHTTPClient):
         await self._slot(deadline)
         try:
             for attempt in (1, 2):
-                stream, reused = self._kept(origin)
+                stream, reused = self._kept(origin) if attempt == 1 else (None, False)
                 if stream is None:
                     stream = await self._connect(origin, request, deadline)
                 try:
