@@ -219,9 +219,9 @@ class SqliteStore(Store):
             try:
                 # While commits fail, wake every RETRY_SECONDS: kept writes (and a probe) try again.
                 items: list[Item] | None = self._queue.get(timeout=RETRY_SECONDS if kept or self.failing else None)
+                probing = False
             except queue.Empty:
-                items = [Item(probe)]
-                self._taken -= 1  # a probe was never handed over
+                items, probing = [], True
             stopping = items is None
             batch = [] if items is None else items
             while not stopping and len(batch) < BATCH:
@@ -233,7 +233,9 @@ class SqliteStore(Store):
                     stopping = True  # finish this batch, then stop
                 else:
                     batch += items
-            self._taken += len(batch)
+            self._taken += len(batch)  # what was handed over: the probe and the sweep never were
+            if probing:
+                batch.append(Item(probe))
             if time.monotonic() >= next_sweep:
                 batch.append(Item(self._sweep))
                 next_sweep = time.monotonic() + MINUTE
