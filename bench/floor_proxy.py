@@ -17,11 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tornado.web  # noqa: E402
 
+from submit import UPSTREAM_BODY  # noqa: E402  (the body the benchmark sends the upstream directly)
 from zimage_tornado import eventloop  # noqa: E402
 from zimage_tornado.pooled_http import PooledHTTPClient  # noqa: E402
-
-UPSTREAM_BODY = {"prompt": "", "negative_prompt": "", "model": "turbo", "batch_size": 1,
-                 "width": 1024, "height": 1024, "steps": 8, "cfg_scale": 7}
 
 
 class Forward(tornado.web.RequestHandler):

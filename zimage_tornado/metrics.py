@@ -70,7 +70,7 @@ class Metrics:
                               registry=self.registry)
         self.refused = Counter("zimage_refused", "Submits and waits refused by a caller's limits, by key and reason",
                                ["key", "reason"], registry=self.registry)
-        self._children: dict[tuple[str, str, object], tuple[Any, Any]] = {}  # bounded label sets
+        self._children: dict[tuple[str, str, object], tuple[Any, ...]] = {}  # bounded label sets
 
         self.engine_counters = {
             key: Counter(name, text, registry=self.registry) for name, key, text in ENGINE_COUNTERS}
@@ -132,11 +132,10 @@ class Metrics:
                       self.latency, (route,), seconds)
 
     def observe_submit(self, key: str, images: int) -> None:
-        children = self._children.get(("submit", key, None))
-        if children is None:  # key names: a bounded set (the keys configured, and anonymous)
-            children = self._children[("submit", key, None)] = (self.submits.labels(key), self.images.labels(key))
-        children[0].inc()
-        children[1].inc(images)
+        # key names: a bounded set (the keys configured, and anonymous)
+        submits, images_made = self._bound(("submit", key, None), (self.submits, (key,)), (self.images, (key,)))
+        submits.inc()
+        images_made.inc(images)
 
     def observe_refusal(self, key: str, reason: str) -> None:
         self.refused.labels(key, reason).inc()
@@ -147,11 +146,16 @@ class Metrics:
 
     def _observe(self, key: tuple[str, str, object], counter: Counter, counter_labels: tuple[str, ...],
                  histogram: Histogram, histogram_labels: tuple[str, ...], seconds: float) -> None:
+        calls, latency = self._bound(key, (counter, counter_labels), (histogram, histogram_labels))
+        calls.inc()
+        latency.observe(seconds)
+
+    def _bound(self, key: tuple[str, str, object], *metrics: tuple[Any, tuple[str, ...]]) -> tuple[Any, ...]:
+        """The metrics' children for these labels, bound once (labels() is a locked lookup)."""
         children = self._children.get(key)
-        if children is None:  # labels() is a locked lookup: do it once per label set
-            children = self._children[key] = (counter.labels(*counter_labels), histogram.labels(*histogram_labels))
-        children[0].inc()
-        children[1].observe(seconds)
+        if children is None:
+            children = self._children[key] = tuple(metric.labels(*labels) for metric, labels in metrics)
+        return children
 
     def render(self) -> bytes:
         self.sync()

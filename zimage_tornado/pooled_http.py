@@ -70,9 +70,6 @@ class _Answer(HTTPMessageDelegate):
     def finish(self) -> None:
         self.complete = True
 
-    def on_connection_close(self) -> None:
-        pass
-
 
 def _quiet(stream: IOStream) -> bool:
     """A kept connection can be reused: the server has not closed it and has sent nothing since

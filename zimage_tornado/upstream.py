@@ -21,8 +21,8 @@ from tornado.iostream import StreamClosedError
 from tornado.simple_httpclient import HTTPTimeoutError, SimpleAsyncHTTPClient
 
 from zimage_tornado import SERVICE_NAME, __version__, logs, validation
-from zimage_tornado.pooled_http import PooledHTTPClient
 from zimage_tornado.domain import COMPLETED, FAILED, FINAL_STATES, PENDING, PROCESSING, GenerationRequest, Task
+from zimage_tornado.pooled_http import PooledHTTPClient
 from zimage_tornado.validation import TASK_ID_RE
 
 log = logging.getLogger("zimage_tornado.upstream")
