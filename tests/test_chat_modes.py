@@ -13,6 +13,8 @@ from helpers import eventually as wait_until
 MESSAGES = [{"role": "user", "content": "a castle in the clouds"}]
 TITLE_PROMPT = ("### Task:\nGenerate a concise, 3-5 word title with an emoji summarizing the chat history.\n"
                 "### Output:\nJSON format: { \"title\": \"your concise title here\" }")
+TAGS_PROMPT = ("### Task:\nGenerate 1-3 broad tags categorizing the main themes of the chat history, along with 1-3 "
+               "more specific subtopic tags.\n### Output:\nJSON format: { \"tags\": [\"tag1\", \"tag2\"] }")
 
 
 def sdk(proxy, **options):
@@ -59,15 +61,19 @@ async def test_background_prompts_in_wait_mode_start_no_job(make_proxy, fake):
                           {"role": "user", "content": TITLE_PROMPT}]
     response = await sdk(proxy).chat.completions.create(model="zimage-turbo", messages=history)
     assert json.loads(response.choices[0].message.content)["title"]
-    stream = await sdk(proxy).chat.completions.create(model="zimage-turbo", messages=history, stream=True)
+    tags = history[:-1] + [{"role": "user", "content": TAGS_PROMPT}]
+    stream = await sdk(proxy).chat.completions.create(model="zimage-turbo", messages=tags, stream=True)
     text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
     assert json.loads(text)["tags"]
     assert fake.calls["generate"] == 0
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_background_prompts_without_wait_keep_the_spec_behaviour(proxy, fake):
-    response = await sdk(proxy).chat.completions.create(
+async def test_background_prompts_without_wait_start_no_job_either_unless_turned_off(make_proxy, fake):
+    response = await sdk(make_proxy()).chat.completions.create(
+        model="zimage-turbo", messages=[{"role": "user", "content": TITLE_PROMPT}])
+    assert json.loads(response.choices[0].message.content)["title"] and fake.calls["generate"] == 0
+    response = await sdk(make_proxy(answer_housekeeping=False)).chat.completions.create(
         model="zimage-turbo", messages=[{"role": "user", "content": TITLE_PROMPT}])
     assert response.choices[0].message.content in fake.tasks
 
@@ -90,10 +96,26 @@ async def test_stream_in_wait_mode_reports_progress_then_pictures(proxy, fake):
                                                       extra_body={"wait": True, "batch_size": 2})
     chunks = [chunk async for chunk in stream]
     content = "".join(c.choices[0].delta.content or "" for c in chunks)
-    assert "Waiting in the queue (position 1)" in content
-    assert "Generating: processing, 50%" in content and "Generating: processing, 75%" in content
-    assert content.rstrip().endswith(".png)") and "![image 2](" in content
+    thinking = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks)
+    assert "Waiting in the queue (position 1)" in thinking
+    assert "Generating: processing, 50%" in thinking and "Generating: processing, 75%" in thinking
+    assert content.startswith("![image 1](") and "![image 2](" in content and "Generating" not in content
+    assert content.rstrip().endswith(".png)")
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("where", ["content", "none"])
+@pytest.mark.gen_test(timeout=20)
+async def test_chat_progress_setting_puts_progress_in_content_or_nowhere(make_proxy, fake, where):
+    fake.reads_to_complete = 4
+    proxy = make_proxy(chat_progress=where)
+    stream = await sdk(proxy).chat.completions.create(model="zimage-turbo", messages=MESSAGES, stream=True,
+                                                      extra_body={"wait": True})
+    chunks = [chunk async for chunk in stream]
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    thinking = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks)
+    assert not thinking and content.rstrip().endswith(".png)")
+    assert ("Generating: processing, 50%" in content) == (where == "content")
 
 
 async def raw_stream(proxy, body):

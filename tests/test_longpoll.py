@@ -100,14 +100,15 @@ async def test_budget_spent_is_504_with_last_status_and_progress(make_proxy, fak
 async def test_unknown_task_is_404_at_once(make_proxy, fake):
     proxy = make_proxy(poll_interval=2.0)
     started = time.monotonic()
-    code, body = await proxy.json("/v1/images/0000-unknown")
+    code, body = await proxy.json("/v1/images/00000000-0000-4000-8000-00000000dead")
     assert code == 404
     assert body["error"]["code"] == "task_not_found"
     assert time.monotonic() - started < 1
-    assert fake.task_reads["0000-unknown"] == 1
+    assert fake.task_reads["00000000-0000-4000-8000-00000000dead"] == 1
 
 
-@pytest.mark.parametrize("path", ["bad.id", "%2E%2E", "a%2Fb", "x" * 65, "%C3%A9t%C3%A9", "a%20b"])
+@pytest.mark.parametrize("path", ["bad.id", "%2E%2E", "a%2Fb", "x" * 65, "%C3%A9t%C3%A9", "a%20b", "not-a-uuid",
+                                  "00000000-0000-4000-8000-00000000000g"])
 @pytest.mark.gen_test
 async def test_malformed_task_ids_are_400_and_never_reach_the_upstream(proxy, fake, path):
     for prefix in ("/v1/images/", "/v1/tasks/"):

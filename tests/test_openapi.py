@@ -92,13 +92,13 @@ async def test_real_answers_match_the_document(make_proxy, fake, tmp_path):
     await call("/v1/images/generations", "/v1/images/generations", "POST", {"prompt": "a fox", "n": 99})
     await call("/v1/tasks/{uuid}", "/v1/tasks/%s" % task_uuid)
     await call("/v1/tasks/{uuid}", "/v1/tasks/bad.id")
-    await call("/v1/tasks/{uuid}", "/v1/tasks/unknown-task")
+    await call("/v1/tasks/{uuid}", "/v1/tasks/00000000-0000-4000-8000-00000000dead")
     await call("/v1/images/{uuid}", "/v1/images/%s" % task_uuid)
     await call("/v1/images/{uuid}", "/v1/images/bad.id")
     await call("/v1/images/{uuid}/{index}", "/v1/images/%s/0" % task_uuid)
     await call("/v1/images/{uuid}/{index}", "/v1/images/%s/7" % task_uuid)
     await call("/v1/images/{uuid}/{index}", "/v1/images/%s/x" % task_uuid)
-    await call("/v1/images/{uuid}", "/v1/images/unknown-task")
+    await call("/v1/images/{uuid}", "/v1/images/00000000-0000-4000-8000-00000000dead")
     fake.outcome = "never"
     running = json.loads((await call("/v1/chat/completions", "/v1/chat/completions", "POST", chat)).body)
     running = running["choices"][0]["message"]["content"]

@@ -8,7 +8,9 @@ import hashlib
 import http.client
 import json
 import os
+import struct
 import time
+import zlib
 
 import pytest
 from tornado.testing import bind_unused_port
@@ -83,9 +85,20 @@ async def test_addresses_of_one_ipv6_network_share_one_limit(make_proxy, fake):
     assert fake.calls["generate"] == 4
 
 
+def noise_png(side: int) -> bytes:
+    """A valid RGB PNG of random pixels, stored uncompressed: side * side * 3 bytes and a little more."""
+    raw = b"".join(b"\0" + os.urandom(side * 3) for _ in range(side))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 0))
+            + chunk(b"IEND", b""))
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_stalled_readers_of_a_large_picture_hold_no_copy_of_it(gateways, fake):
-    picture = b"\x89PNG\r\n\x1a\n" + os.urandom(15 * 1024 * 1024)
+    picture = noise_png(2240)  # a real PNG of 15 MiB (the gateway verifies what it serves)
     fake.image_override = picture
     gateway = gateways("--ip_reads_per_minute=0", "--write_timeout=60")
     await gateway.started()

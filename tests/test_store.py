@@ -58,16 +58,16 @@ async def test_admission_counts_a_rate_window_and_a_daily_quota_and_refunds(make
 @pytest.mark.gen_test(timeout=20)
 async def test_idempotency_claims_are_exclusive_until_fulfilled_or_released(make_store):
     store = make_store()
-    mine = await store.claim("key:a", "k", "digest-1", 30, NOW)
+    mine = await store.claim("key:a", "k", "digest-1", 30, NOW, "boot")
     assert mine.mine
-    theirs = await store.claim("key:a", "k", "digest-1", 30, NOW)
+    theirs = await store.claim("key:a", "k", "digest-1", 30, NOW, "boot")
     assert not theirs.mine and theirs.uuid is None and theirs.digest == "digest-1"
     await store.fulfil("key:a", "k", "task-1", 3600, NOW)
-    assert (await store.claim("key:a", "k", "digest-2", 30, NOW)).uuid == "task-1"
-    assert (await store.claim("key:b", "k", "digest-2", 30, NOW)).mine  # another caller's key is another key
+    assert (await store.claim("key:a", "k", "digest-2", 30, NOW, "boot")).uuid == "task-1"
+    assert (await store.claim("key:b", "k", "digest-2", 30, NOW, "boot")).mine  # another caller's key is another key
     await store.release("key:b", "k")
     await asyncio.sleep(0.2)
-    assert (await store.claim("key:b", "k", "digest-3", 30, NOW)).mine  # released: usable again
+    assert (await store.claim("key:b", "k", "digest-3", 30, NOW, "boot")).mine  # released: usable again
     await settled(store)
 
 

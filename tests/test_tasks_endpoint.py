@@ -17,7 +17,7 @@ async def test_running_task_is_passed_through(make_proxy, fake):
 
 @pytest.mark.gen_test
 async def test_unknown_task_is_404(proxy):
-    code, body = await proxy.json("/v1/tasks/no-such-task")
+    code, body = await proxy.json("/v1/tasks/00000000-0000-4000-8000-00000000dead")
     assert code == 404
     assert body["error"]["code"] == "task_not_found"
 

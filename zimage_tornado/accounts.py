@@ -11,7 +11,7 @@ from typing import Callable
 from zimage_tornado.cache import ResultCache
 from zimage_tornado.domain import GenerationRequest, Task
 from zimage_tornado.metrics import Metrics
-from zimage_tornado.store import EXPIRED, Admission, NotRecorded, Store, StoreUnavailable, TaskRecord
+from zimage_tornado.store import EXPIRED, Admission, NotRecorded, Store, StoreUnavailable, TaskRecord, recorded_time
 from zimage_tornado.tenants import ANONYMOUS, Caller
 from zimage_tornado.webhooks import Subscription, expired_notice, final_notice
 
@@ -91,7 +91,8 @@ class Accounts:
                 uuid=task.uuid, key=caller.name, client=caller.client, model=model, width=request.width,
                 height=request.height, batch_size=request.batch_size, steps=request.steps,
                 prompt=request.prompt if keep else None, negative_prompt=request.negative_prompt if keep else None,
-                submitted_at=self.clock(), end_user=end_user, webhook_url=webhook.url if webhook else None,
+                submitted_at=recorded_time(self.clock()), end_user=end_user,
+                webhook_url=webhook.url if webhook else None,
                 webhook_events=list(webhook.events) if webhook else None), admission.ticket)
         except StoreUnavailable as e:
             log.error("task %s of %s: its record could not be committed yet (%s); retrying", task.uuid,

@@ -99,6 +99,14 @@ def group_metrics_dir() -> str:
     return directory
 
 
+def access_line(gateway: Gateway) -> str:
+    """Who may call: said at start, so that an open gateway is never one by surprise."""
+    keys = gateway.keys
+    if not keys:
+        return "OPEN to anyone: no api_keys or api_keys_file is set (limits per client address apply)"
+    return "keys required: %d in force" % len(keys.tenants)
+
+
 def status_line(gateway: Gateway) -> str:
     watcher = gateway.watcher
     return "%d waiting, %d tasks polled, %d requests" % (watcher.waiting, watcher.active_polls, len(gateway.active))
@@ -141,9 +149,9 @@ async def serve(settings: Settings, sockets: list, notifier: Notifier, metrics_s
             metrics_sockets)
         log.info("metrics on http://%s:%d/metrics", settings.metrics_address, settings.metrics_port)
     port = sockets[0].getsockname()[1]
-    log.info("zimage-tornado %s listening on http://%s:%d, upstream %s; playground at /playground (%s loop)",
+    log.info("zimage-tornado %s listening on http://%s:%d, upstream %s; playground at /playground (%s loop); %s",
              __version__, settings.address, port, redact_url(settings.upstream_url),
-             eventloop.name(asyncio.get_running_loop()))
+             eventloop.name(asyncio.get_running_loop()), access_line(gateway))
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

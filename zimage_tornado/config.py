@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 from tornado.options import Error as OptionsError
 from tornado.options import OptionParser
 
+from zimage_tornado import frontends
 from zimage_tornado.signing import parse_secrets
 from zimage_tornado.validation import Limits
 
@@ -55,12 +56,23 @@ class Settings:
     max_steps: int = setting(50, "Largest steps accepted")
     max_cfg_scale: float = setting(20.0, "Largest cfg_scale accepted")
     max_prompt_length: int = setting(8000, "Longest prompt or negative_prompt accepted, in characters")
+    stream_heartbeat: float = setting(10.0, "Seconds between keep-alive comments of an event stream while its task "
+                                            "runs, whatever poll_interval is (proxies cut streams idle for long)")
     follow_budget: float = setting(3600.0, "Seconds a task nobody waits on is still followed, so that its record "
                                            "learns how it ended; then it is recorded as expired (0: not followed)")
     follow_interval: float = setting(60.0, "Seconds between status reads of a followed task nobody waits on, once "
                                            "a full wait budget has passed since its submit")
     ignore_image_parts: bool = setting(False, "Chat: drop a message's image parts instead of refusing them with 400 "
                                               "(for front-ends that attach images by habit)")
+    answer_housekeeping: bool = setting(True, "Chat: answer front-ends' housekeeping prompts (Open WebUI's title, "
+                                              "tags, follow-ups, queries, image prompt...) and their 'image created' "
+                                              "follow-ups at once, never as an image job, in every wait mode")
+    image_tools: str = setting("", "Chat: more function-tool names (comma-separated) that make pictures, besides "
+                                   "generate_image, image_generation and create_image: a request offering one is "
+                                   "answered with a call of it")
+    chat_progress: str = setting("reasoning", "Chat in wait mode, streamed: where progress lines go: reasoning "
+                                              "(delta.reasoning_content, shown apart and not kept in the answer), "
+                                              "content (in the message, for clients that show only content) or none")
     chat_wait: bool = setting(False, "Chat completions wait for the pictures and answer markdown images")
     model_aliases: str = setting("", "Model name aliases, e.g. 'dall-e-3=turbo,gpt-image-1=turbo'")
     idempotency_ttl: float = setting(86400.0, "Seconds an Idempotency-Key keeps returning the same task")
@@ -144,7 +156,7 @@ class Settings:
                     "size_multiple", "max_steps", "max_prompt_length", "idempotency_ttl", "max_image_bytes",
                     "image_fetches", "record_ttl", "redis_timeout", "redis_connections",
                     "shutdown_timeout", "idle_timeout", "body_timeout", "write_timeout", "max_body_bytes",
-                    "demo_seconds", "webhook_max_attempts", "webhook_timeout", "webhook_deliveries")
+                    "demo_seconds", "stream_heartbeat", "webhook_max_attempts", "webhook_timeout", "webhook_deliveries")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError("%s must be positive" % name)
@@ -177,14 +189,17 @@ class Settings:
             raise ValueError("task_visibility must be owner or any")
         if min(self.ip_requests_per_minute, self.ip_images_per_day, self.ip_max_waiters) < 0:
             raise ValueError("ip_requests_per_minute, ip_images_per_day and ip_max_waiters must be 0 or more")
+        if self.chat_progress not in ("reasoning", "content", "none"):
+            raise ValueError("chat_progress must be reasoning, content or none")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError("log_level must be debug, info, warning or error")
 
     # The derived values below are read on every request: each is computed once.
     @functools.cached_property
     def limits(self) -> Limits:
-        names = {f.name for f in dataclasses.fields(Limits)}
-        return Limits(**{name: getattr(self, name) for name in names})
+        names = {f.name for f in dataclasses.fields(Limits)} - {"image_tools"}
+        tools = frozenset(item.strip() for item in self.image_tools.split(",") if item.strip())
+        return Limits(**{name: getattr(self, name) for name in names}, image_tools=frontends.IMAGE_TOOLS_SET | tools)
 
     @functools.cached_property
     def aliases(self) -> dict[str, str]:
@@ -329,7 +344,8 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Listening", ("address", "port", "backlog", "processes", "event_loop", "shutdown_timeout", "idle_timeout",
                    "body_timeout", "write_timeout", "trusted_proxies", "cors_origins")),
     ("Waiting and following tasks", ("poll_interval", "max_attempts", "max_waiters", "cache_size", "cache_ttl",
-                                     "follow_budget", "follow_interval", "chat_wait", "ignore_image_parts")),
+                                     "follow_budget", "follow_interval", "stream_heartbeat", "chat_wait",
+                                     "chat_progress", "answer_housekeeping", "image_tools", "ignore_image_parts")),
     ("Requests and limits", ("max_batch_size", "min_size", "max_size", "size_multiple", "max_steps",
                              "max_cfg_scale", "max_prompt_length", "max_body_bytes", "idempotency_ttl",
                              "ip_requests_per_minute", "ip_images_per_day", "ip_max_waiters", "ip_reads_per_minute",

@@ -9,8 +9,12 @@ POSTs each with the Standard Webhooks headers, and writes the outcome back:
 - a timeout, a connection error, 3xx (redirects are not followed), 408, 429 or 5xx: retried on
   webhook_retry_delays (with jitter; a Retry-After of a 429 or 503 is honoured), until
   webhook_max_attempts;
-- a URL that now resolves to a non-public address: given up (checked after DNS, on the address
-  connected to).
+- a URL that now resolves to a non-public address, or a message of a key since revoked: given up
+  (the address is checked after DNS, on the address connected to);
+- any other failure of an attempt (a receiver's header too large to read, ...): retried like a
+  connection error, and counted toward webhook_max_attempts.
+One key has at most a quarter of webhook_deliveries in flight, one receiver host an eighth: a
+receiver that never answers holds its share, and another tenant's message is sent at once.
 A message waiting for its retry is in the store: a restart, or another instance, sends it.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import logging
 import random
 import time
@@ -43,6 +48,10 @@ RESPONSE_BYTES = 1024 * 1024  # a receiver's answer is read and dropped; past th
 MAX_RETRY_AFTER = 36000.0
 JITTER = 0.1
 RETRIED_4XX = frozenset({408, 429})
+DEFER_SECONDS = 1.0  # a message whose key or receiver host has its share in flight is looked at again then
+# Shares of webhook_deliveries one key, and one receiver host, may have in flight: a receiver that
+# never answers holds its own share, not every slot (another tenant's message waits for none of them).
+KEY_SHARE, HOST_SHARE = 4, 8
 
 
 class Deliverer:
@@ -63,6 +72,9 @@ class Deliverer:
         self.pending = 0  # the backlog as last counted (for the metrics)
         self.oldest_pending_age = 0.0
         self._in_flight: set[asyncio.Task[None]] = set()
+        self.per_key, self.per_host = max(1, concurrency // KEY_SHARE), max(1, concurrency // HOST_SHARE)
+        self._by_key: Counter[str] = Counter()  # attempts in flight, by key and by receiver host
+        self._by_host: Counter[str] = Counter()
         self._wake = asyncio.Event()
         self._soonest = float("inf")  # the earliest retry this instance scheduled: looked for then, not a poll later
         self._runner: asyncio.Task[None] | None = None
@@ -102,10 +114,19 @@ class Deliverer:
                     claimed = await self.store.claim_webhooks(self.clock(), free, self.lease)
                 except StoreUnavailable as e:
                     log.warning("webhooks: cannot read due messages (%s); trying again", e)
+            deferred = []
             for message in claimed:
+                key, host = message.key, host_of(message.url).lower()
+                if self._by_key[key] >= self.per_key or self._by_host[host] >= self.per_host:
+                    deferred.append(message)
+                    continue
+                self._by_key[key] += 1
+                self._by_host[host] += 1
                 attempt = asyncio.ensure_future(self._attempt(message))
                 self._in_flight.add(attempt)
-                attempt.add_done_callback(self._attempted)
+                attempt.add_done_callback(functools.partial(self._attempted, key, host))
+            if deferred:
+                await self._defer(deferred)
             if time.monotonic() >= next_count:
                 next_count = time.monotonic() + BACKLOG_SECONDS
                 await self._count_backlog()
@@ -116,8 +137,23 @@ class Deliverer:
             except asyncio.TimeoutError:
                 pass
 
-    def _attempted(self, attempt: asyncio.Task[None]) -> None:
+    async def _defer(self, messages: list[WebhookMessage]) -> None:
+        """Back to the store, due again shortly, no attempt counted: their key or host is at its share."""
+        due = self.clock() + DEFER_SECONDS
+        self._soonest = min(self._soonest, due)
+        for message in messages:
+            message.next_at = due
+        try:
+            await asyncio.gather(*(self.store.webhook_attempted(message) for message in messages))
+        except StoreUnavailable as e:  # kept and written later; the lease keeps others off meanwhile
+            log.warning("webhooks: %d deferred messages are not written yet: %s", len(messages), e)
+
+    def _attempted(self, key: str, host: str, attempt: asyncio.Task[None]) -> None:
         self._in_flight.discard(attempt)
+        for counter, name in ((self._by_key, key), (self._by_host, host)):
+            counter[name] -= 1
+            if counter[name] <= 0:
+                del counter[name]
         if not attempt.cancelled() and attempt.exception() is not None:
             log.error("webhooks: an attempt failed unexpectedly", exc_info=attempt.exception())
         self._wake.set()  # a slot is free
@@ -132,7 +168,9 @@ class Deliverer:
     async def _attempt(self, message: WebhookMessage) -> None:
         now = self.clock()
         secrets = self.webhooks.secrets_for(message.key)
-        if not secrets:
+        if not self.webhooks.key_in_force(message.key):
+            self._settle(message, FAILED, None, "not sent: the key was revoked")
+        elif not secrets:
             self._settle(message, FAILED, None, "not sent: no webhook secret applies to this key any more")
         else:
             message.attempts += 1
@@ -177,6 +215,9 @@ class Deliverer:
             return None, "failed: HTTP client error %d" % e.code, None
         except (OSError, ValueError) as e:  # refused, reset, TLS, DNS
             return None, "could not connect: %s" % type(e).__name__, None
+        except Exception as e:  # noqa: BLE001 - a receiver's answer the client cannot take (a header over
+            # 64 KiB: UnsatisfiableReadError, ...) is a failed attempt like any other: counted, never a loop
+            return None, "failed: %s" % type(e).__name__, None
         if 200 <= response.code < 300:
             return response.code, None, None
         if response.code == 599:  # the client's own failure, as a response

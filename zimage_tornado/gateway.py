@@ -6,6 +6,7 @@ It sits below the HTTP layer: handlers receive it, nothing here knows about hand
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -19,7 +20,7 @@ from zimage_tornado.deadlines import BodyDeadlines
 from zimage_tornado.delivery import Deliverer
 from zimage_tornado.domain import GenerationRequest, Task
 from zimage_tornado.idempotency import IdempotencyStore
-from zimage_tornado.images import ImageFetcher, make_image_client
+from zimage_tornado.images import SIDE_MARGIN, ImageFetcher, make_image_client
 from zimage_tornado.metrics import Metrics
 from zimage_tornado.openai_api import ModelTable
 from zimage_tornado.store import Admission, Store, StoreUnavailable
@@ -82,10 +83,11 @@ class Gateway:
         self.accounts = Accounts(self.store, self.metrics, clock=clock, record_prompts=settings.record_prompts,
                                  owners_cached=settings.cache_size, visibility=settings.task_visibility,
                                  keys_configured=lambda: bool(self.keys))
-        # A claim whose submit never ended (its process died) expires once no submit can still be running.
+        # No submit runs longer than claim_ttl: a claim older than that, still unended, was interrupted.
         self.idempotency = IdempotencyStore(self.store, ttl=settings.idempotency_ttl, clock=clock,
                                             claim_ttl=settings.upstream_timeout + settings.upstream_connect_timeout,
-                                            retry_window=settings.wait_budget, remembered=settings.cache_size)
+                                            retry_window=settings.wait_budget, remembered=settings.cache_size,
+                                            sole=not settings.redis_url and settings.workers == 1)
         self.image_http = make_image_client(
             upstream_url=settings.upstream_url, image_hosts=settings.image_origins, max_clients=settings.image_fetches,
             max_bytes=settings.max_image_bytes, connect_timeout=settings.upstream_connect_timeout,
@@ -116,11 +118,13 @@ class Gateway:
         self.metrics.watch(self.watcher, self.idempotency, self.store)
         self.metrics.watch_webhooks(self.deliverer)
         self.images = ImageFetcher(self.upstream, max_bytes=settings.max_image_bytes,
-                                   cache_bytes=settings.image_cache_bytes, at_once=settings.image_fetches)
+                                   cache_bytes=settings.image_cache_bytes, at_once=settings.image_fetches,
+                                   max_side=math.ceil(settings.max_size * SIDE_MARGIN))
         self.models = ModelTable(settings.aliases)
         self.shutting_down = False
         self.bodies = BodyDeadlines(settings.body_timeout)
         self.active: set[Any] = set()  # handlers of requests being served, for a graceful stop
+        self.live_keys.on_removed = self.revoked
 
     @property
     def keys(self) -> KeyRing:
@@ -173,6 +177,14 @@ class Gateway:
             task = await self.idempotency.submit(caller.scope, idempotency_key, request, fresh)
         return submitted or Submitted(task)
 
+    def revoked(self, names: frozenset[str]) -> None:
+        """Keys just removed: their event streams end now, not at follow_budget (a long-poll that
+        began before keeps its answer: it ends within its own budget)."""
+        for handler in list(self.active):
+            caller = getattr(handler, "caller", None)
+            if caller is not None and caller.name in names and handler.streaming:
+                handler.revoked()
+
     async def resume(self) -> None:
         """At start: tasks recorded as submitted and not known to have ended are followed again,
         or, past follow_budget, recorded as expired."""
@@ -198,5 +210,6 @@ class Gateway:
         await self.watcher.close()
         self.http.close()
         self.image_http.close()
+        self.images.conversions.close()
         await self.store.close()
         await self.watcher.coordination.close()

@@ -2,9 +2,11 @@
 the same task.
 
 The OpenAI SDK resubmits a whole request on timeouts and 5xx; a key lets a client retry without
-paying for a second generation. A key stays bound to its first attempt: its task, or, when that
-attempt's upstream outcome is unknown (the job may exist), that answer again, until the key
-expires (as Stripe replays a key whose first attempt failed). Only a definite failure (nothing
+paying for a second generation. A key stays bound to its first attempt until idempotency_ttl:
+its task, or, when that attempt's upstream outcome is unknown (the job may exist), that answer
+again (as Stripe replays a key whose first attempt failed). An attempt that a crash interrupted
+(its claim holds neither task nor outcome, and its process is gone or no submit can still be
+running) is such an unknown outcome, never run again. Only a definite failure (nothing
 was created) frees the key for another try. The store is the truth (it outlives a restart, and with Redis
 it is shared by every instance): a submit first claims its key there, so that exactly one
 request anywhere submits; requests in this process with the same key share that one submission,
@@ -18,12 +20,13 @@ import dataclasses
 import hashlib
 import json
 import logging
+import uuid as uuidlib
 from typing import Awaitable, Callable
 
 from zimage_tornado.cache import ResultCache
 from zimage_tornado.domain import PENDING, GenerationRequest, Task
 from zimage_tornado.errors import ApiError, invalid
-from zimage_tornado.store import NotRecorded, Store, StoreUnavailable
+from zimage_tornado.store import Claim, NotRecorded, Store, StoreUnavailable
 from zimage_tornado.upstream import UpstreamOutcomeUnknown
 
 log = logging.getLogger("zimage_tornado.idempotency")
@@ -37,7 +40,7 @@ def fingerprint(request: GenerationRequest) -> str:
 
 class IdempotencyStore:
     def __init__(self, store: Store, *, ttl: float, claim_ttl: float, clock: Callable[[], float],
-                 retry_window: float = 300.0, remembered: int = 10000) -> None:
+                 retry_window: float = 300.0, remembered: int = 10000, sole: bool = False) -> None:
         self.store = store
         # SDK retries (x-stainless-retry-count) without a key: the caller's identical recent task,
         # by (scope, the validated request itself): a frozen dataclass hashes in a microsecond
@@ -45,7 +48,9 @@ class IdempotencyStore:
         self._recent: ResultCache[Task | UpstreamOutcomeUnknown, tuple[str, GenerationRequest]] = ResultCache(
             remembered, retry_window)
         self.ttl = ttl
-        self.claim_ttl = claim_ttl  # a claim whose submit never ended (its process died) expires
+        self.claim_ttl = claim_ttl  # no submit runs longer: a claim older than this, still unended, was interrupted
+        self.boot = uuidlib.uuid4().hex  # this process's claims are known by it
+        self.sole = sole  # no other process uses the store: a claim of another boot was left by a crash
         self.clock = clock
         self._pending: dict[str, tuple[str, asyncio.Future[Task]]] = {}
         self.replays = 0
@@ -72,13 +77,20 @@ class IdempotencyStore:
                        submit: Callable[[GenerationRequest], Awaitable[Task]]) -> Task:
         deadline = self.clock() + self.claim_ttl
         while True:
-            claim = await self.store.claim(scope, key, digest, self.claim_ttl, self.clock())
+            claim = await self.store.claim(scope, key, digest, self.ttl, self.clock(), self.boot)
             if claim.mine:
                 break
             self._check(key, claim.digest, digest)
             if claim.uuid is not None:
                 self.replays += 1
                 return Task(claim.uuid, PENDING)
+            if claim.failure is None and self._interrupted(claim):
+                # its process died mid-submit: the job may exist, and this key stays bound to that
+                await self._bind(scope, key, None, UpstreamOutcomeUnknown.code)
+                self.replays += 1
+                raise UpstreamOutcomeUnknown(
+                    "Idempotency-Key %r: its first request was interrupted (the gateway stopped while submitting "
+                    "it); the task may have been created upstream, so this key is not submitted again" % key)
             if claim.failure is not None:
                 self.replays += 1
                 raise UpstreamOutcomeUnknown(
@@ -101,6 +113,11 @@ class IdempotencyStore:
             raise
         await self.store.fulfil(scope, key, task.uuid, self.ttl, self.clock())
         return task
+
+    def _interrupted(self, claim: Claim) -> bool:
+        """A claim with neither task nor outcome whose attempt cannot still be running: left by a
+        process of another start when this one is the store's only user, or older than any submit."""
+        return (self.sole and claim.boot != self.boot) or self.clock() - claim.claimed_at > self.claim_ttl
 
     async def _bind(self, scope: str, key: str, uuid: str | None, failure: str | None) -> None:
         try:

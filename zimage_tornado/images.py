@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import io
 import ipaddress
 import socket
@@ -26,6 +27,7 @@ from tornado.netutil import DefaultLoopResolver, Resolver
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from zimage_tornado.domain import Task
+from zimage_tornado.errors import ApiError
 from zimage_tornado.upstream import UpstreamBadResponse, UpstreamError, ZImageClient
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -35,10 +37,35 @@ class NotPublic(OSError):
     """An image host that resolves only to addresses the gateway must not fetch from."""
 
 
+# IPv6 forms that carry an IPv4 address in their last 32 bits: the IPv4 address is what a
+# translator (NAT64 on the way, a host's own stack for the others) ends up reaching.
+EMBEDDING_IPV4 = tuple(ipaddress.IPv6Network(net) for net in (
+    "64:ff9b::/96",  # NAT64, well-known prefix (RFC 6052): 64:ff9b::a00:1 is 10.0.0.1
+    "::ffff:0:0/96",  # IPv4-mapped
+    "::ffff:0:0:0/96",  # IPv4-translated (RFC 2765)
+    "::/96",  # IPv4-compatible (deprecated, still routed by some stacks)
+))
+# Refused whole: local-use NAT64 (RFC 8215: the IPv4 address sits where the operator chose) and
+# site-local (deprecated, but routed inside some networks).
+NEVER = tuple(ipaddress.IPv6Network(net) for net in ("64:ff9b:1::/48", "fec0::/10"))
+
+
 def is_public(ip: Address) -> bool:
-    """Not loopback, private, link-local, unique-local, multicast, unspecified or reserved."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
+    """Not loopback, private, link-local, unique-local, multicast, unspecified or reserved, and,
+    for an IPv6 address that carries an IPv4 one (NAT64, 6to4, Teredo, mapped, translated,
+    compatible), neither is the IPv4 address inside."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if any(ip in net for net in NEVER):
+            return False
+        inside: list[ipaddress.IPv4Address] = []
+        if any(ip in net for net in EMBEDDING_IPV4):
+            inside.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        if ip.sixtofour is not None:
+            inside.append(ip.sixtofour)
+        if ip.teredo is not None:
+            inside.extend(ip.teredo)  # (server, client): the client's address is unobfuscated already
+        if inside:
+            return all(is_public(address) for address in inside) and (ip.is_global or ip.teredo is not None)
     return ip.is_global and not ip.is_multicast
 
 
@@ -97,17 +124,75 @@ def encode(images: list[bytes]) -> list[str]:
     return [base64.b64encode(image).decode("ascii") for image in images]
 
 
-def convert(image: bytes, fmt: str, compression: int | None) -> bytes:
-    """The picture in another format, with Pillow (in a worker thread: it is CPU work).
-    `compression` (OpenAI's output_compression, 0-100) is the encoder's quality."""
+# output_compression folds into these levels (the smallest at or above the value asked): every
+# value would otherwise be a conversion and a cache entry of its own (101 x 2 formats x each picture).
+QUALITY_LEVELS = (25, 50, 75, 90, 100)
+SIDE_MARGIN = 1.125  # a picture may be this much larger than max_size on a side: providers round up
+DECODED = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}  # what a picture may be
+
+
+class NotAPicture(ValueError):
+    """Bytes that are not a PNG, JPEG or WebP picture of a size a model here makes."""
+
+
+def quality_level(compression: int | None) -> int | None:
+    """The encoder quality actually used for `compression` (OpenAI's output_compression, 0-100)."""
+    if compression is None:
+        return None
+    return next(level for level in QUALITY_LEVELS if level >= compression)
+
+
+def prepare(image: bytes, fmt: str, level: int | None, max_side: int) -> bytes:
+    """The picture as `fmt`, checked: run in the conversion pool (Pillow is CPU work).
+
+    The declared size is read from the header and refused before anything is decoded: a small
+    file may declare 13000 x 13000 (below Pillow's own bomb guard), which decodes to gigabytes.
+    A picture already in `fmt` is verified (every chunk read, nothing kept) and served as it came;
+    another is decoded and encoded once, at the quality `level`."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(image)) as opened:
-        opened.load()
-        picture = opened.convert("RGB") if fmt == "jpeg" and opened.mode not in ("RGB", "L") else opened  # no alpha
-        out = io.BytesIO()
-        picture.save(out, format=fmt.upper(), **({"quality": compression} if compression is not None else {}))
-    return out.getvalue()
+    try:
+        with Image.open(io.BytesIO(image), formats=tuple(DECODED)) as opened:
+            width, height = opened.size
+            if max(width, height) > max_side:
+                raise NotAPicture("it declares %dx%d, larger than any model here makes (%d a side)"
+                                  % (width, height, max_side))
+            if opened.format == fmt.upper():
+                opened.verify()  # a truncated or corrupt file is refused, not passed on
+                return image
+            opened.load()
+            picture = opened.convert("RGB") if fmt == "jpeg" and opened.mode not in ("RGB", "L") else opened  # no alpha
+            out = io.BytesIO()
+            picture.save(out, format=fmt.upper(), **({"quality": level} if level is not None else {}))
+            return out.getvalue()
+    except NotAPicture:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure: the bytes are not what they claim
+        raise NotAPicture("it is not a readable PNG, JPEG or WebP picture") from e
+
+
+class Conversions:
+    """Pillow's work on its own few threads, so that pictures never take the default executor
+    (the store and base64 use it) and at most `workers` decoded pictures are in memory at once;
+    past `waiting` queued conversions a request is refused at once rather than held."""
+
+    def __init__(self, workers: int = 2, waiting: int = 16) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="pictures")
+        self._room = waiting + workers
+        self.busy = 0
+
+    async def run(self, image: bytes, fmt: str, level: int | None, max_side: int) -> bytes:
+        if self.busy >= self._room:
+            raise ApiError(503, "Too many pictures are being converted at once; retry shortly", type="server_error",
+                           code="conversions_busy", headers={"Retry-After": "1"})
+        self.busy += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, prepare, image, fmt, level, max_side)
+        finally:
+            self.busy -= 1
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def media_type(image: bytes) -> str:
@@ -148,10 +233,13 @@ class ByteBoundedCache:
 
 
 class ImageFetcher:
-    def __init__(self, upstream: ZImageClient, *, max_bytes: int, cache_bytes: int, at_once: int) -> None:
+    def __init__(self, upstream: ZImageClient, *, max_bytes: int, cache_bytes: int, at_once: int,
+                 max_side: int, conversions: Conversions | None = None) -> None:
         self.upstream = upstream
         self.max_bytes = max_bytes
+        self.max_side = max_side  # the largest side a picture may declare (max_size and a margin)
         self.cache = ByteBoundedCache(cache_bytes)
+        self.conversions = conversions or Conversions()
         self._pending: dict[str, asyncio.Future[list[str]]] = {}
         self._pictures: dict[tuple[Any, ...], asyncio.Future[bytes]] = {}
         self._slots = asyncio.Semaphore(at_once)  # downloads in flight, over all tasks
@@ -167,7 +255,7 @@ class ImageFetcher:
             return cached
         pending = self._pending.get(task.uuid)
         if pending is None:
-            pending = asyncio.ensure_future(self._download(task.image_urls[:batch_size]))
+            pending = asyncio.ensure_future(self._download(task.uuid, task.image_urls[:batch_size]))
             self._pending[task.uuid] = pending
             pending.add_done_callback(lambda done: self._downloaded(task.uuid, done))
         # shield: one client leaving must not cancel the download the others wait for
@@ -178,7 +266,7 @@ class ImageFetcher:
         if not done.cancelled() and done.exception() is None:
             self.cache.put(uuid, done.result())
 
-    async def _download(self, urls: tuple[str, ...]) -> list[str]:
+    async def _download(self, uuid: str, urls: tuple[str, ...]) -> list[str]:
         if not urls:
             raise UpstreamBadResponse("The task has no image URLs to fetch")
         aborted = asyncio.Event()
@@ -191,27 +279,28 @@ class ImageFetcher:
                 fetch.cancel()
             await asyncio.gather(*fetches, return_exceptions=True)
             raise
-        return await asyncio.get_running_loop().run_in_executor(None, encode, images)  # big pictures: off the loop
+        checked = [await self._prepared(uuid, index, image, "png", None) for index, image in enumerate(images)]
+        return await asyncio.get_running_loop().run_in_executor(None, encode, checked)  # big pictures: off the loop
 
     async def picture(self, task: Task, index: int, fmt: str = "png",
                       compression: int | None = None) -> tuple[bytes, str]:
         """One of the task's pictures and its media type, fetched under the same rules, once
         however many clients ask at the same time (they join the download in flight) and kept in
-        the byte-bounded cache: every client is then written from the same bytes. Another `fmt`
-        (jpeg, webp) is converted once per picture, format and compression, in a worker thread."""
+        the byte-bounded cache: every client is then written from the same bytes. It is checked
+        (or converted to `fmt`, at the quality level of `compression`) once per picture, format
+        and level, in the conversion pool."""
         image = await self._once(("picture", task.uuid, index),
                                  lambda: self._one(task.image_urls[index], asyncio.Event()))
-        kind = media_type(image)
-        if fmt == "png" and kind == "image/png":
-            return image, kind
+        level = quality_level(compression)
+        return await self._once(("ready", task.uuid, index, fmt, level),
+                                lambda: self._prepared(task.uuid, index, image, fmt, level)), FORMATS[fmt]
 
-        async def converted() -> bytes:
-            try:
-                return await asyncio.get_running_loop().run_in_executor(None, convert, image, fmt, compression)
-            except Exception as e:  # noqa: BLE001 - any decoder failure: the picture is not what it claims
-                raise UpstreamBadResponse("Picture %d of task %s could not be converted to %s" % (
-                    index, task.uuid, fmt)) from e
-        return await self._once(("converted", task.uuid, index, fmt, compression), converted), FORMATS[fmt]
+    async def _prepared(self, uuid: str, index: int, image: bytes, fmt: str, level: int | None) -> bytes:
+        try:
+            return await self.conversions.run(image, fmt, level, self.max_side)
+        except NotAPicture as e:
+            raise UpstreamBadResponse("Picture %d of task %s could not be converted to %s: %s" % (
+                index, uuid, fmt, e)) from e
 
     async def _once(self, key: tuple[Any, ...], make: Callable[[], Awaitable[bytes]]) -> bytes:
         """`make()`'s bytes for `key`: from the cache, or one computation shared by every caller."""

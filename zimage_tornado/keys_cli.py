@@ -3,14 +3,17 @@ restart (a running gateway reads the edited file within seconds, or on SIGHUP).
 
 `add` generates a strong key, appends `[keys.NAME]` with only its SHA-256 to the TOML keys file
 and prints the key once; `revoke` removes the key's table; both write a new file and rename it
-over the old one (never a half-written file), keeping the other lines, comments and order, and
-check that the result parses before it replaces anything. `list` shows names, limits, the admin
-flag and today's use from the server's store, never a secret. `secret` prints a new webhook
-secret."""
+over the old one (never a half-written file; through a symlink, the file it points to), under an
+exclusive lock (`FILE.lock`) so that concurrent edits never lose one another, keeping the other
+lines, comments and order, and check that the result parses before it replaces anything. `list`
+shows names, limits, the admin flag and today's use from the server's store, never a secret.
+`secret` prints a new webhook secret."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -19,7 +22,7 @@ import sqlite3
 import sys
 import tempfile
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from zimage_tornado.config import Settings, server_settings
 from zimage_tornado.signing import new_secret
@@ -57,11 +60,13 @@ def main(argv: Sequence[str]) -> int:
         path = args.file or settings.api_keys_file
         if not path:
             raise ValueError("no keys file: give --file PATH, or the server's --config / --env-file")
-        if args.command == "add":
-            return add_key(path, args)
-        if args.command == "revoke":
-            return revoke_key(path, args.name)
-        return list_keys(path, settings, args.json)
+        if args.command == "list":
+            return list_keys(path, settings, args.json)
+        # The file itself (a symlink stays a link to it), edited by one command at a time: two
+        # editors each reading, changing and renaming would lose one's change.
+        path = os.path.realpath(path)
+        with edit_lock(path):
+            return add_key(path, args) if args.command == "add" else revoke_key(path, args.name)
     except (ValueError, OSError) as e:
         print("zimage-tornado keys: %s" % e, file=sys.stderr)
         return 2
@@ -133,6 +138,18 @@ def list_keys(path: str, settings: Settings, as_json: bool) -> int:
                 [[r["name"], "yes" if r["admin"] else "", *(r[f] or "-" for f in PLAN_FIELDS), r["tasks_today"],
                   r["images_today"]] for r in records]))
     return 0
+
+
+@contextlib.contextmanager
+def edit_lock(path: str) -> Iterator[None]:
+    """An exclusive lock beside the keys file, for one read-modify-write (released at exit, or
+    by the kernel if the command dies)."""
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def read_toml_keys(path: str, must_exist: bool) -> str:

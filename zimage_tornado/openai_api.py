@@ -5,27 +5,19 @@ Only this module knows OpenAI's shapes; it is pure (no I/O) so it is tested with
 
 from __future__ import annotations
 
-import json
-import re
 import time
 import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from zimage_tornado import validation, webhooks
+from zimage_tornado import frontends, validation, webhooks
 from zimage_tornado.webhooks import WebhookRequest
 from zimage_tornado.domain import GenerationRequest, Task
 from zimage_tornado.errors import ApiError, invalid
 from zimage_tornado.validation import Limits
 
-# Chat front-ends (Open WebUI and its kin) send their housekeeping prompts (titles, tags,
-# follow-ups, the image prompt) to the chat model itself; in wait mode these must not become
-# image jobs. Open WebUI reads the reply from its first "{" to its last "}" as JSON.
-BACKGROUND_PREFIX = "### Task:"
 MODEL_IDS = ("zimage-turbo", "zimage-base")
 DEFAULT_MODEL = "zimage-turbo"  # a request without `model`; the same as the CLI's and the playground's
-HISTORY_RE = re.compile(r"<chat_history>\s*(.*?)\s*</chat_history>", re.S)
-ROLE_LINE_RE = re.compile(r"^(USER|ASSISTANT|SYSTEM):[ \t]?", re.M)
 
 
 class ModelTable:
@@ -54,7 +46,8 @@ class ChatRequest:
     model: str  # as the client named it, echoed back
     stream: bool = False
     wait: bool | None = None  # None: the server's chat_wait setting decides
-    background: bool = False  # a chat app's housekeeping prompt, not a picture request
+    canned: str | None = None  # a front-end's housekeeping or follow-up: answered so, no job made
+    tool_call: frontends.ToolCall | None = None  # answered with this call: the front-end makes the picture
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
     text: bool = False  # POST /v1/completions
     end_user: str | None = None  # OpenAI's `user`, recorded with the task
@@ -175,16 +168,40 @@ def parse_chat_request(body: Any, limits: Limits, models: ModelTable) -> ChatReq
     if params.get("n") is not None and validation.integer(params["n"], "n", 1, 128) > 1:
         raise unsupported("One chat completion carries one task: for several pictures, set batch_size (extra_body) "
                           "instead of n", "n")
+    canned, call = None, None
     if params.get("prompt") is not None:
-        prompt, background = validation.prompt(params["prompt"], limits), False
+        prompt = validation.prompt(params["prompt"], limits)
     else:
-        prompt = validation.prompt(last_user_text(messages or [], limits.ignore_image_parts), limits,
-                                   param="messages")
-        background = prompt.startswith(BACKGROUND_PREFIX)
+        messages = messages or []
+        prompt = validation.prompt(last_user_text(messages, limits.ignore_image_parts), limits, param="messages")
+        canned = front_end_answer(messages, prompt, limits)
     fields = validation.generation_fields(params, limits)
+    if canned is None and params.get("prompt") is None:
+        tool = frontends.image_tool(params.get("tools"), limits.image_tools)
+        if tool is not None:  # the front-end's image tool makes the picture, with its own settings
+            size = (fields["width"], fields["height"]) if "width" in fields else None
+            call = frontends.new_call(tool[0], frontends.call_arguments(tool[1], prompt, size))
     generation = GenerationRequest(prompt=prompt, model=models.upstream(model), **fields)
-    return ChatRequest(generation, model, stream, wait, background, include_usage, end_user=end_user(params),
+    return ChatRequest(generation, model, stream, wait, canned, call, include_usage, end_user=end_user(params),
                        webhook=webhooks.requested(params))
+
+
+def front_end_answer(messages: list[Any], prompt: str, limits: Limits) -> str | None:
+    """What answers a chat front-end's request that asks for no new picture, or None: its
+    housekeeping templates, the legacy "image created" context, an image tool's result."""
+    if not limits.answer_housekeeping:
+        return None
+    systems = [m["content"] for m in messages if isinstance(m, dict) and m.get("role") == "system"
+               and isinstance(m.get("content"), str)]
+    template = frontends.housekeeping([prompt, *systems])
+    if template is not None:
+        return frontends.housekeeping_reply(template, prompt)
+    if frontends.legacy_context(messages):
+        failed = any("attempted" in text.lower() for text in systems)
+        return frontends.NOT_MADE if failed else frontends.MADE
+    if frontends.answered_tool(messages, limits.image_tools):
+        return frontends.MADE
+    return None
 
 
 def parse_completion_request(body: Any, limits: Limits, models: ModelTable) -> ChatRequest:
@@ -202,7 +219,7 @@ def parse_completion_request(body: Any, limits: Limits, models: ModelTable) -> C
     wait = None if params.get("wait") is None else validation.boolean(params["wait"], "wait")
     fields = validation.generation_fields(params, limits)
     generation = GenerationRequest(prompt=prompt, model=models.upstream(model), **fields)
-    return ChatRequest(generation, model, stream, wait, False, stream_usage(params), text=True,
+    return ChatRequest(generation, model, stream, wait, include_usage=stream_usage(params), text=True,
                        end_user=end_user(params), webhook=webhooks.requested(params))
 
 
@@ -212,25 +229,6 @@ def stream_usage(params: dict[str, Any]) -> bool:
         return False
     options = validation.json_object(options, "stream_options")
     return validation.boolean(options.get("include_usage", False), "stream_options.include_usage")
-
-
-def background_reply(prompt: str) -> str:
-    """One answer to every housekeeping task: a title, tags and follow-ups, and for Open WebUI's
-    image button the image prompt, which is the last user message of its <chat_history>."""
-    history = HISTORY_RE.search(prompt)
-    words = last_user_line(history.group(1)) if history else ""
-    first_line = words.strip().split("\n", 1)[0]
-    title = first_line if len(first_line) <= 60 else first_line[:60].rsplit(" ", 1)[0]
-    title = title or "Image generation"
-    return json.dumps({"title": title, "tags": ["image"], "follow_ups": [], "prompt": words or prompt},
-                      ensure_ascii=False)
-
-
-def last_user_line(history: str) -> str:
-    """Open WebUI writes the history as "ROLE: content" blocks; the last USER block's text."""
-    parts = ROLE_LINE_RE.split(history)  # ["", role, text, role, text, ...]
-    users = [text.strip() for role, text in zip(parts[1::2], parts[2::2]) if role == "USER"]
-    return users[-1] if users else ""
 
 
 def parse_images_request(body: Any, limits: Limits, models: ModelTable) -> ImagesRequest:
@@ -307,6 +305,15 @@ def chat_completion(model: str, task_uuid: str | None, content: str | None = Non
         "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
     }
+
+
+def tool_call_completion(model: str, call: frontends.ToolCall) -> dict[str, Any]:
+    """An assistant message calling a tool (the front-end then runs it), finish_reason tool_calls."""
+    body = chat_completion(model, None, "")
+    body["id"] = completion_id(None)
+    body["choices"][0] = {"index": 0, "message": {"role": "assistant", "content": None,
+                                                  "tool_calls": [call.as_dict()]}, "finish_reason": "tool_calls"}
+    return body
 
 
 def text_completion(model: str, task_uuid: str | None, content: str, created: int | None = None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ TASK_STATUSES = ("submitted", "completed", "failed", "expired")
 USAGE_CSV = ("day", "key", "tasks", "images", "failed", "refused")
 TASK_CSV = ("submitted_at", "uuid", "key", "end_user", "client", "model", "width", "height", "batch_size", "steps",
             "status", "finished_at", "image_count", "error", "prompt", "negative_prompt", "image_urls")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n")
 MAX_PAGE = 1000
 MAX_CSV_ROWS = 10_000
 
@@ -59,7 +60,8 @@ async def own_tasks(store: Store, argument: Callable[[str], str | None],
         if record is None or (owner is not None and record.key != owner):
             raise invalid("after must be the id of one of your tasks", param="after")
         before = record.submitted_at
-    found = await store.find_tasks(dataclasses.replace(query, key=key, before=before, limit=query.limit + 1))
+    found = await store.find_tasks(dataclasses.replace(query, key=key, before=before, limit=query.limit + 1,
+                                                       before_uuid=after))
     return found[:query.limit], len(found) > query.limit  # one more than asked: whether more follow
 
 
@@ -88,8 +90,9 @@ def csv_text(header: tuple[str, ...], rows: list[list[Any]]) -> str:
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(header)
     for row in rows:
-        # A cell starting with = + - @ would run as a formula in a spreadsheet (prompts are client text).
-        writer.writerow(["'" + cell if isinstance(cell, str) and cell[:1] in ("=", "+", "-", "@") else cell
+        # A cell starting with = + - @ (or tab, CR, LF, which some spreadsheets skip before one) would run
+        # as a formula (prompts are client text): OWASP's list
+        writer.writerow(["'" + cell if isinstance(cell, str) and cell[:1] in FORMULA_STARTS else cell
                          for cell in row])
     return out.getvalue()
 

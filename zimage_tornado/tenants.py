@@ -30,7 +30,7 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 from zimage_tornado.signing import parse_secrets
@@ -86,8 +86,11 @@ def digest(key: str) -> str:
 class KeyRing:
     """The configured keys. A bearer token is found by its SHA-256, compared in constant time."""
 
-    def __init__(self, tenants: Iterable[Tenant] = ()) -> None:
+    def __init__(self, tenants: Iterable[Tenant] = (), configured: bool = False) -> None:
         self.tenants = tuple(tenants)
+        # Keys settings given: the gateway is closed, even with no key in force (a file whose last
+        # key was revoked, or that became empty or unreadable, admits nobody; it never opens).
+        self.configured = configured or bool(self.tenants)
         self._by_digest = {tenant.key_sha256: tenant for tenant in self.tenants}
         names = [tenant.name for tenant in self.tenants]
         if len(set(names)) != len(names):
@@ -100,7 +103,8 @@ class KeyRing:
             raise ValueError("api keys: the same key is listed twice")
 
     def __bool__(self) -> bool:
-        return bool(self.tenants)
+        """Whether requests need a key."""
+        return self.configured
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -139,7 +143,7 @@ def load_keys(api_keys: str, api_keys_file: str) -> KeyRing:
         with open(api_keys_file, encoding="utf-8") as f:
             plain += [line.split("#", 1)[0].strip() for line in f if line.split("#", 1)[0].strip()]
     tenants += [Tenant(plain_name(key), digest(key)) for key in plain]
-    return KeyRing(tenants)
+    return KeyRing(tenants, configured=bool(api_keys.strip() or api_keys_file))
 
 
 def plain_name(key: str) -> str:
@@ -224,10 +228,13 @@ def file_stamp(path: str) -> tuple[int, int, int] | None:
 class LiveKeys:
     """The keys of `api_keys` and `api_keys_file`, read again on SIGHUP and when the file changes
     (the server checks every few seconds). A file that does not parse keeps the keys in force and
-    logs why; requests in flight and waiters keep the caller they were given."""
+    logs why; a file that cannot be read (gone, unreadable) admits nobody but `api_keys` until it
+    can, since the keys it held may be revoked ones. Requests in flight and waiters keep the caller
+    they were given."""
 
     def __init__(self, api_keys: str, path: str) -> None:
         self.api_keys, self.path = api_keys, path
+        self.on_removed: Callable[[frozenset[str]], None] = lambda names: None  # the gateway's: close their streams
         self.ring = load_keys(api_keys, path)  # at start, a bad file stops the server instead
         self._stamp = file_stamp(path) if path else None
 
@@ -239,13 +246,25 @@ class LiveKeys:
         self._stamp = file_stamp(self.path) if self.path else None
         try:
             ring = load_keys(self.api_keys, self.path)
-        except (ValueError, OSError) as e:
+        except OSError as e:
+            log.error("keys: %s, but it cannot be read; admitting no key of it until it can: %s", why, e)
+            ring = load_keys(self.api_keys, "")
+            ring.configured = True
+            self._replace(ring)
+            return False
+        except ValueError as e:
             log.error("keys: %s, but it cannot be used; keeping the %d keys in force: %s", why, len(self.ring.tenants),
                       e)
             return False
         added = sorted(set(ring.names) - set(self.ring.names))
         removed = sorted(set(self.ring.names) - set(ring.names))
-        self.ring = ring
+        self._replace(ring)
         log.info("keys: reloaded (%s): %d keys; added %s; removed %s", why, len(ring.tenants),
                  ", ".join(added) or "none", ", ".join(removed) or "none")
         return True
+
+    def _replace(self, ring: KeyRing) -> None:
+        removed = frozenset(self.ring.names) - frozenset(ring.names)
+        self.ring = ring
+        if removed:
+            self.on_removed(removed)

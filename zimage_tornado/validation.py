@@ -14,9 +14,10 @@ from typing import Any, Mapping
 from zimage_tornado.errors import invalid
 from zimage_tornado.store import day_start, utc_day
 
-# Letters, digits and '-' only: a task id is spliced into upstream paths, so nothing that
-# could change the path ('/', '..', '%', '?') may get through.
-TASK_ID_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
+# A UUID (hex digits and '-' in its 8-4-4-4-12 shape, any case): what the upstream and the gateway
+# mint. A task id is spliced into upstream paths, so nothing that could change the path ('/', '..',
+# '%', '?') may get through, and an id that is no uuid is a 400 without an upstream read.
+TASK_ID_RE = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,14 @@ class Limits:
     max_cfg_scale: float
     max_prompt_length: int
     ignore_image_parts: bool = False  # chat: drop image parts instead of refusing them
+    answer_housekeeping: bool = True  # chat: front-ends' housekeeping and follow-ups answered without a job
+    image_tools: frozenset[str] = frozenset()  # chat: function tools that make pictures (called, never drawn)
 
 
 def task_id(value: str) -> str:
     if not TASK_ID_RE.fullmatch(value or ""):
         raise invalid(
-            "Invalid task id: expected 1 to 64 letters, digits or '-'", param="uuid", code="invalid_task_id"
+            "Invalid task id: expected a uuid (8-4-4-4-12 hex digits)", param="uuid", code="invalid_task_id"
         )
     return value
 

@@ -136,6 +136,12 @@ class Webhooks:
         self._lookups: set[asyncio.Future[None]] = set()  # held, so that a running one is not collected
         self._looking: set[str] = set()  # tasks whose subscription is being looked up
 
+    def key_in_force(self, key: str) -> bool:
+        """Whether `key`'s messages may still be sent: a revoked key's are given up, never signed
+        with the shared secret for a party that is gone."""
+        keys = self.keys()
+        return not keys or keys.find(key) is not None
+
     def secrets_for(self, key: str) -> tuple[bytes, ...]:
         """The secrets that sign `key`'s messages now: its own in the keys file, else the setting's."""
         tenant = self.keys().find(key)

@@ -74,6 +74,8 @@ class Claim:
     digest: str
     uuid: str | None = None
     failure: str | None = None  # the first attempt's upstream outcome is unknown: replay that, never resubmit
+    claimed_at: float = 0.0  # when the attempt holding it began
+    boot: str = ""  # the process that holds it (its start's token)
 
 
 @dataclass
@@ -143,6 +145,16 @@ class Notice:
     created_at: float
 
 
+# A task's submit time as recorded: to 100 microseconds, a value that every store keeps exactly
+# (Redis' Lua cjson writes numbers with 14 significant digits, sorted-set scores with 17), so
+# that a page's cursor and the order agree; ties are broken by uuid.
+TIME_DIGITS = 4
+
+
+def recorded_time(now: float) -> float:
+    return round(now, TIME_DIGITS)
+
+
 @dataclass(frozen=True)
 class TaskQuery:
     """Which recorded tasks: filters (None: any), newest first, a page at a time."""
@@ -152,6 +164,7 @@ class TaskQuery:
     since: str | None = None  # first UTC day, YYYY-MM-DD
     until: str | None = None  # last UTC day, included
     before: float | None = None  # only tasks submitted before this (the previous page's last)
+    before_uuid: str | None = None  # and, submitted at the same moment, with a uuid before this one
     limit: int = 50
     end_user: str | None = None
 
@@ -279,8 +292,9 @@ class Store(abc.ABC):
         """Gives back images reserved by admit() for a job the upstream certainly refused."""
 
     @abc.abstractmethod
-    async def claim(self, scope: str, key: str, digest: str, ttl: float, now: float) -> Claim:
-        """Claims an Idempotency-Key for a submit, or tells who has it."""
+    async def claim(self, scope: str, key: str, digest: str, ttl: float, now: float, boot: str) -> Claim:
+        """Claims an Idempotency-Key for a submit by process `boot`, for `ttl` seconds, or tells
+        who has it (and since when: an attempt that never ended is known by it)."""
 
     @abc.abstractmethod
     async def fulfil(self, scope: str, key: str, uuid: str | None, ttl: float, now: float,

@@ -356,16 +356,17 @@ class RedisStore(Store):
 
     # -- idempotency ----------------------------------------------------------------------------
 
-    async def claim(self, scope: str, key: str, digest: str, ttl: float, now: float) -> Claim:
+    async def claim(self, scope: str, key: str, digest: str, ttl: float, now: float, boot: str) -> Claim:
         name = PREFIX + "idem:%s\0%s" % (scope, key)
         for _ in range(3):  # a claim may expire between SET and GET: claim again
-            if await self._do(self.redis.set(name, json.dumps({"d": digest, "u": None}), nx=True,
-                                             px=int(ttl * 1000))):
-                return Claim(True, digest)
+            # the time as a string: cjson (the fulfil script) would round a number to 14 digits
+            if await self._do(self.redis.set(name, json.dumps({"d": digest, "u": None, "t": repr(now), "b": boot}),
+                                             nx=True, px=int(ttl * 1000))):
+                return Claim(True, digest, claimed_at=now, boot=boot)
             value = await self._do(self.redis.get(name))
             if value is not None:
                 held = json.loads(value)
-                return Claim(False, held["d"], held["u"], held.get("f"))
+                return Claim(False, held["d"], held["u"], held.get("f"), float(held.get("t") or 0), held.get("b", ""))
         raise StoreUnavailable("Redis: the Idempotency-Key claim kept changing")
 
     async def fulfil(self, scope: str, key: str, uuid: str | None, ttl: float, now: float,
@@ -490,7 +491,10 @@ class RedisStore(Store):
         """From the recent sorted sets (the last RECENT_KEPT tasks, overall and per key), a page of
         candidates at a time, filtered here."""
         name = PREFIX + "recent" + (":" + query.key if query.key else "")
-        high = "(%r" % query.before if query.before is not None else "+inf"
+        # with a uuid to break ties, the cursor's own moment is included and its earlier uuids kept
+        # (a sorted set orders equal scores by member: newest first is uuid descending, as in SQLite)
+        tied = query.before_uuid if query.before is not None else None
+        high = "+inf" if query.before is None else "%r" % query.before if tied else "(%r" % query.before
         low = repr(day_start(query.since)) if query.since else "-inf"
         until = day_start(query.until) + DAY if query.until else None
         found: list[TaskRecord] = []
@@ -505,6 +509,8 @@ class RedisStore(Store):
                 if value is None:
                     continue
                 task = task_record(value)
+                if tied is not None and task.submitted_at == query.before and task.uuid >= tied:
+                    continue
                 if (query.status is None or task.status == query.status) and (
                         until is None or task.submitted_at < until) and (
                         query.end_user is None or task.end_user == query.end_user):

@@ -93,6 +93,11 @@ MIGRATIONS = (
     CREATE INDEX webhooks_by_time ON webhooks (created_at);
     CREATE TABLE webhook_disabled (key TEXT NOT NULL, url TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (key, url));
     """,
+    # An Idempotency-Key's attempt: when it began and which process runs it (a crash leaves it unended)
+    """
+    ALTER TABLE idempotency ADD COLUMN claimed_at REAL;
+    ALTER TABLE idempotency ADD COLUMN boot TEXT;
+    """,
 )
 MAX_QUEUED = 100_000  # operations waiting for the writer: past this, the disk is not keeping up
 MAX_KEPT = 100_000  # writes nobody waits for, kept across failed commits: past this one is dropped
@@ -407,15 +412,15 @@ class SqliteStore(Store):
             conn.execute("DELETE FROM submits WHERE id = ?", (ticket,))
         self._send(refund)
 
-    async def claim(self, scope: str, key: str, digest: str, ttl: float, now: float) -> Claim:
+    async def claim(self, scope: str, key: str, digest: str, ttl: float, now: float, boot: str) -> Claim:
         def claim(conn: sqlite3.Connection) -> Claim:
-            row = conn.execute("SELECT digest, uuid, failure FROM idempotency "
+            row = conn.execute("SELECT digest, uuid, failure, claimed_at, boot FROM idempotency "
                                "WHERE scope = ? AND key = ? AND expires > ?", (scope, key, now)).fetchone()
             if row is not None:
-                return Claim(False, row[0], row[1], row[2])
-            conn.execute("INSERT OR REPLACE INTO idempotency (scope, key, digest, uuid, expires, failure) "
-                         "VALUES (?, ?, ?, NULL, ?, NULL)", (scope, key, digest, now + ttl))
-            return Claim(True, digest)
+                return Claim(False, row[0], row[1], row[2], row[3] or 0.0, row[4] or "")
+            conn.execute("INSERT OR REPLACE INTO idempotency (scope, key, digest, uuid, expires, failure, claimed_at, "
+                         "boot) VALUES (?, ?, ?, NULL, ?, NULL, ?, ?)", (scope, key, digest, now + ttl, now, boot))
+            return Claim(True, digest, claimed_at=now, boot=boot)
         return await self._call(claim)
 
     async def fulfil(self, scope: str, key: str, uuid: str | None, ttl: float, now: float,
@@ -552,7 +557,7 @@ class SqliteStore(Store):
         where, args = task_filter(query)
 
         def find(conn: sqlite3.Connection) -> list[TaskRecord]:
-            rows = conn.execute("SELECT %s FROM tasks %s ORDER BY submitted_at DESC LIMIT ?"
+            rows = conn.execute("SELECT %s FROM tasks %s ORDER BY submitted_at DESC, uuid DESC LIMIT ?"
                                 % (", ".join(TASK_COLUMNS), where), (*args, query.limit)).fetchall()
             return [record(dict(zip(TASK_COLUMNS, row))) for row in rows]
         return await self._call(find)
@@ -578,10 +583,13 @@ def task_filter(query: TaskQuery) -> tuple[str, tuple[Any, ...]]:
     for clause, value in (("key = ?", query.key), ("status = ?", query.status), ("end_user = ?", query.end_user),
                           ("submitted_at >= ?", day_start(query.since) if query.since else None),
                           ("submitted_at < ?", day_start(query.until) + DAY if query.until else None),
-                          ("submitted_at < ?", query.before)):
+                          ("submitted_at < ?", query.before if query.before_uuid is None else None)):
         if value is not None:
             clauses.append(clause)
             args.append(value)
+    if query.before is not None and query.before_uuid is not None:
+        clauses.append("(submitted_at < ? OR (submitted_at = ? AND uuid < ?))")
+        args += [query.before, query.before, query.before_uuid]
     return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(args)
 
 

@@ -48,6 +48,7 @@ class BaseHandler(RequestHandler):
     caller: Caller  # set by prepare() for /v1/* and /admin/*
     submitted = False  # the upstream accepted a task for this request: a retry would pay twice
     _waiting: asyncio.Future[Outcome] | None = None
+    streaming = False  # answering Server-Sent Events (set by EventStream.start)
 
     def initialize(self, gateway: Gateway, route: str = "unmatched") -> None:
         self.gateway = gateway
@@ -185,6 +186,12 @@ class BaseHandler(RequestHandler):
         self.gateway.bodies.received(self)
         if self._waiting is not None:
             self._waiting.cancel()  # leave the task's polling loop at once
+
+    def revoked(self) -> None:
+        """The caller's key was revoked: its event stream ends, its connection closed."""
+        log.info("closing a %s %s of a revoked key", self.request.method, self.route)
+        if self.request.connection is not None:
+            self.request.connection.close()  # type: ignore[attr-defined] # HTTP1Connection has it
 
     def finish(self, chunk: Any = None) -> asyncio.Future[None]:
         return self.within_write_timeout(super().finish(chunk))
@@ -324,11 +331,19 @@ class BaseHandler(RequestHandler):
             accounts.leave_wait(self.caller)
             raise
         try:
+            tick: asyncio.Future[Task | None] | None = None
             while on_tick is not None and not waiting.done():
-                tick = watcher.next_tick(uuid)
-                await asyncio.wait([waiting, tick], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
-                if not waiting.done():
-                    await on_tick(tick.result())
+                tick = tick or watcher.next_tick(uuid)
+                # a heartbeat on its own timer: a long poll_interval must not leave a stream silent
+                await asyncio.wait([waiting, tick], timeout=self.gateway.settings.stream_heartbeat,  # type: ignore[type-var]
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if waiting.done():
+                    break
+                if tick.done():
+                    read, tick = tick.result(), None
+                    await on_tick(read)
+                else:
+                    await on_tick(None)  # nothing read since: a keep-alive
             return await waiting
         except (asyncio.CancelledError, StreamClosedError):
             waiting.cancel()

@@ -20,6 +20,7 @@ class EventStream:
         self.handler = handler
 
     def start(self) -> None:
+        self.handler.streaming = True
         self.handler.set_header("Content-Type", "text/event-stream; charset=UTF-8")
         self.handler.set_header("Cache-Control", "no-cache")
         self.handler.set_header("X-Accel-Buffering", "no")  # nginx: pass events on as they come
@@ -69,9 +70,13 @@ class CompletionStream(EventStream):
     `text_completion` ones) ending with `data: [DONE]`; with stream_options.include_usage, a
     last chunk with `choices: []` and the usage comes before it."""
 
-    def __init__(self, handler: BaseHandler, request: openai_api.ChatRequest, task_uuid: str | None) -> None:
+    def __init__(self, handler: BaseHandler, request: openai_api.ChatRequest, task_uuid: str | None,
+                 progress_to: str = "content") -> None:
         super().__init__(handler)
         self.request, self.task_uuid = request, task_uuid
+        # where progress lines go (chat_progress): reasoning_content is shown apart by chat front-ends
+        # and left out of the answer; a text completion has no such field
+        self.progress_to = "content" if request.text else progress_to
         self.completion = openai_api.completion_id(task_uuid, request.text)
         self._last: tuple[Any, ...] | None = None  # the task state last reported
 
@@ -99,13 +104,17 @@ class CompletionStream(EventStream):
             self._last = state
             # beside the line for people, the same for programs (the zimage client's progress bar)
             status = {"status": task.status, "progress": task.progress, "queue_position": task.queue_position}
-            await self.delta({"content": openai_api.progress_line(task)}, task_status=status)
+            line = openai_api.progress_line(task)
+            delta = {} if self.progress_to == "none" else {
+                "reasoning_content" if self.progress_to == "reasoning" else "content": line}
+            await self.delta(delta, task_status=status)
         else:
             await self.keepalive()
 
     @property
-    def reported_progress(self) -> bool:
-        return self._last is not None
+    def progress_in_content(self) -> bool:
+        """Progress lines went into the answer's content: the pictures start on a line of their own."""
+        return self._last is not None and self.progress_to == "content"
 
     async def end(self, stop: bool = True) -> None:
         if stop:

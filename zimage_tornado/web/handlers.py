@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zimage_tornado import SERVICE_NAME, __version__, logs, openai_api, openapi, reports, validation, webhooks
+from zimage_tornado import (SERVICE_NAME, __version__, frontends, logs, openai_api, openapi, reports, validation,
+                            webhooks)
 from zimage_tornado.domain import COMPLETED, FAILED
 from zimage_tornado.errors import ApiError
 from zimage_tornado.images import FORMATS
@@ -207,8 +208,10 @@ class ChatCompletionsHandler(BaseHandler):
         request = self.parse(self.json_body(), self.gateway.settings.limits, self.gateway.models)
         prefer = None if request.stream else self.prefer_wait()
         wait = prefer is not None or (self.gateway.settings.chat_wait if request.wait is None else request.wait)
-        if wait and request.background:  # a chat app's housekeeping prompt: no image job for it
-            return await self.reply(request, None, openai_api.background_reply(request.generation.prompt))
+        if request.canned is not None:  # a front-end's housekeeping or follow-up: no job, whatever the mode
+            return await self.reply(request, None, request.canned)
+        if request.tool_call is not None:  # the front-end's image tool makes the picture
+            return await self.call_tool(request, request.tool_call)
         task = await self.submit(request.generation, request.model, request.end_user, request.webhook)
         if not wait:
             return await self.reply(request, task.uuid, task.uuid)
@@ -230,10 +233,19 @@ class ChatCompletionsHandler(BaseHandler):
         await stream.say(content)
         await stream.end()
 
+    async def call_tool(self, request: openai_api.ChatRequest, call: frontends.ToolCall) -> None:
+        if not request.stream:
+            return self.send(openai_api.tool_call_completion(request.model, call))
+        stream = CompletionStream(self, request, None)
+        await stream.begin()
+        await stream.delta({"tool_calls": [call.as_dict(index=0)]})
+        await stream.delta({}, "tool_calls")
+        await stream.end(stop=False)
+
     async def stream_pictures(self, request: openai_api.ChatRequest) -> None:
         """Wait mode, streamed: progress lines while the task runs, then the pictures (or the
         error, as an event: the 200 status is already sent)."""
-        stream = CompletionStream(self, request, self.task_uuid)
+        stream = CompletionStream(self, request, self.task_uuid, self.gateway.settings.chat_progress)
         await stream.begin()
         outcome = await self.wait_for_task(on_tick=stream.progress)
         if outcome is None:
@@ -249,7 +261,7 @@ class ChatCompletionsHandler(BaseHandler):
             self.log_error(error)
             await stream.error(error)
             return await stream.end(stop=False)
-        separator = "\n" if stream.reported_progress else ""
+        separator = "\n" if stream.progress_in_content else ""
         await stream.say(separator + openai_api.markdown_images(done.image_urls))
         await stream.end()
 
@@ -362,6 +374,7 @@ class TaskListHandler(BaseHandler):
     """The caller's own tasks from the store (admins: anyone's with ?key=), newest first."""
 
     async def get(self) -> None:
+        await self.read_allowed()
         owner = None if self.caller.admin else self.caller.name
         records, has_more = await reports.own_tasks(self.gateway.store, self.query_argument, owner)
         self.send(openai_api.task_list(records, has_more))
@@ -374,6 +387,7 @@ class TaskEventsHandler(BaseHandler):
         self.task_uuid = validation.task_id(uuid)
         await self.read_allowed()
         await self.require_readable(self.task_uuid)
+        await self.gateway.watcher.peek(self.task_uuid)  # an unknown task is a 404 before the stream's 200
         stream = TaskEvents(self)
         stream.start()
         await stream.keepalive()  # the headers go now: a client knows it is connected
