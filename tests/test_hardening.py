@@ -439,3 +439,22 @@ async def test_not_a_uuid_is_400_and_an_unknown_tasks_events_are_404(proxy, fake
     assert code == 404, body
     assert body["error"]["code"] == "task_not_found"
 
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_burst_to_one_healthy_receiver_is_not_slowed_by_its_share(make_proxy):
+    seen: list = []
+    live = HTTPServer(Application([(r"/hook", Receiver, {"seen": seen})]))
+    sock, port = bind_unused_port()
+    live.add_sockets([sock])
+    proxy = make_proxy(webhook_secret=SECRET, webhook_deliveries=8, webhook_hosts="127.0.0.1",
+                       upstream_reads_per_second=0, max_attempts=200)
+    started = time.monotonic()
+    for _ in range(30):  # one host's share of 8 slots is 1: the others are held and start as it frees
+        code, _ = await proxy.json("/v1/images/generations", "POST", {
+            "prompt": "x", "webhook": "http://127.0.0.1:%d/hook" % port}, headers={"Prefer": "wait=0"})
+        assert code == 202
+    await eventually(lambda: len(seen) == 30, 15, 0.05, lambda: "delivered %d of 30" % len(seen))
+    assert time.monotonic() - started < 8
+    assert len({json.dumps(body["data"], sort_keys=True) for _, body in seen}) == 30  # 30 tasks, once each
+    live.stop()

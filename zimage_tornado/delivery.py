@@ -14,7 +14,9 @@ POSTs each with the Standard Webhooks headers, and writes the outcome back:
 - any other failure of an attempt (a receiver's header too large to read, ...): retried like a
   connection error, and counted toward webhook_max_attempts.
 One key has at most a quarter of webhook_deliveries in flight, one receiver host an eighth: a
-receiver that never answers holds its share, and another tenant's message is sent at once.
+receiver that never answers holds its share, and another tenant's message is sent at once. A
+message over its share is held here (leased) and started as soon as a slot of its key and host
+frees; past what may be held, it goes back to the store, due a second later.
 A message waiting for its retry is in the store: a restart, or another instance, sends it.
 """
 
@@ -48,7 +50,8 @@ RESPONSE_BYTES = 1024 * 1024  # a receiver's answer is read and dropped; past th
 MAX_RETRY_AFTER = 36000.0
 JITTER = 0.1
 RETRIED_4XX = frozenset({408, 429})
-DEFER_SECONDS = 1.0  # a message whose key or receiver host has its share in flight is looked at again then
+DEFER_SECONDS = 1.0  # a message over its share, and over what is held here, is due again in the store then
+HELD_PER_SLOT = 4  # messages over their share held here (leased), per delivery slot, to start as slots free
 # Shares of webhook_deliveries one key, and one receiver host, may have in flight: a receiver that
 # never answers holds its own share, not every slot (another tenant's message waits for none of them).
 KEY_SHARE, HOST_SHARE = 4, 8
@@ -75,6 +78,7 @@ class Deliverer:
         self.per_key, self.per_host = max(1, concurrency // KEY_SHARE), max(1, concurrency // HOST_SHARE)
         self._by_key: Counter[str] = Counter()  # attempts in flight, by key and by receiver host
         self._by_host: Counter[str] = Counter()
+        self._held: list[tuple[float, WebhookMessage]] = []  # (start by, message): leased, over their share
         self._wake = asyncio.Event()
         self._soonest = float("inf")  # the earliest retry this instance scheduled: looked for then, not a poll later
         self._runner: asyncio.Task[None] | None = None
@@ -114,19 +118,11 @@ class Deliverer:
                     claimed = await self.store.claim_webhooks(self.clock(), free, self.lease)
                 except StoreUnavailable as e:
                     log.warning("webhooks: cannot read due messages (%s); trying again", e)
-            deferred = []
-            for message in claimed:
-                key, host = message.key, host_of(message.url).lower()
-                if self._by_key[key] >= self.per_key or self._by_host[host] >= self.per_host:
-                    deferred.append(message)
-                    continue
-                self._by_key[key] += 1
-                self._by_host[host] += 1
-                attempt = asyncio.ensure_future(self._attempt(message))
-                self._in_flight.add(attempt)
-                attempt.add_done_callback(functools.partial(self._attempted, key, host))
-            if deferred:
-                await self._defer(deferred)
+            start_by = self.clock() + self.lease - self.timeout - LEASE_MARGIN / 2  # an attempt ends in its lease
+            self._held += [(start_by, message) for message in claimed]
+            overflow = self._start_held()
+            if overflow:
+                await self._defer(overflow)
             if time.monotonic() >= next_count:
                 next_count = time.monotonic() + BACKLOG_SECONDS
                 await self._count_backlog()
@@ -136,6 +132,28 @@ class Deliverer:
                 await asyncio.wait_for(self._wake.wait(), min(POLL_SECONDS, max(0.0, self._soonest - self.clock())))
             except asyncio.TimeoutError:
                 pass
+
+    def _start_held(self) -> list[WebhookMessage]:
+        """Starts the held messages whose key and host are under their share; drops those whose
+        lease would end mid-attempt (the store hands them out again); returns those past what
+        may be held, to be put back."""
+        now, kept = self.clock(), []
+        for start_by, message in self._held:
+            key, host = message.key, host_of(message.url).lower()
+            if start_by < now:
+                continue
+            if self._by_key[key] >= self.per_key or self._by_host[host] >= self.per_host or \
+                    len(self._in_flight) >= self.concurrency:
+                kept.append((start_by, message))
+                continue
+            self._by_key[key] += 1
+            self._by_host[host] += 1
+            attempt = asyncio.ensure_future(self._attempt(message))
+            self._in_flight.add(attempt)
+            attempt.add_done_callback(functools.partial(self._attempted, key, host))
+        room = self.concurrency * HELD_PER_SLOT
+        self._held = kept[:room]
+        return [message for _, message in kept[room:]]
 
     async def _defer(self, messages: list[WebhookMessage]) -> None:
         """Back to the store, due again shortly, no attempt counted: their key or host is at its share."""
@@ -154,6 +172,10 @@ class Deliverer:
             counter[name] -= 1
             if counter[name] <= 0:
                 del counter[name]
+        if self._held and not self.closed:
+            overflow = self._start_held()  # a slot of this key or host is free: a held message takes it
+            if overflow:
+                asyncio.ensure_future(self._defer(overflow))
         if not attempt.cancelled() and attempt.exception() is not None:
             log.error("webhooks: an attempt failed unexpectedly", exc_info=attempt.exception())
         self._wake.set()  # a slot is free
