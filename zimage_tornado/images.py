@@ -195,16 +195,6 @@ class Conversions:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def media_type(image: bytes) -> str:
-    """From the picture's first bytes, not from what the image host claims."""
-    for magic, kind in ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif")):
-        if image.startswith(magic):
-            return kind
-    if image[:4] == b"RIFF" and image[8:12] == b"WEBP":
-        return "image/webp"
-    return "application/octet-stream"
-
-
 class ByteBoundedCache:
     """Pictures (raw, or a task's base64 answers), least recently used first out, at most
     `max_bytes` in all."""
