@@ -100,6 +100,24 @@ def proxy(make_proxy) -> Proxy:
     return make_proxy()
 
 
+@pytest.fixture
+def async_sdk(io_loop) -> Callable[..., Any]:
+    """The OpenAI SDK's async client on a proxy, closed when the test ends. An async client left
+    to the garbage collector closes its connection from a finalizer, on whatever file descriptor
+    number the socket had: by then it may be a newer listener's, which then never accepts."""
+    import openai
+    clients: list[openai.AsyncOpenAI] = []
+
+    def client(proxy: Proxy, **options: Any) -> openai.AsyncOpenAI:
+        options.setdefault("api_key", "zimage-free")
+        clients.append(openai.AsyncOpenAI(base_url=proxy.url + "/v1", **options))
+        return clients[-1]
+
+    yield client
+    for each in clients:
+        io_loop.run_sync(each.close)
+
+
 class GatewayProcess:
     """A `python -m zimage_tornado` process on a free port; its stderr goes to a file."""
 

@@ -17,10 +17,6 @@ TAGS_PROMPT = ("### Task:\nGenerate 1-3 broad tags categorizing the main themes 
                "more specific subtopic tags.\n### Output:\nJSON format: { \"tags\": [\"tag1\", \"tag2\"] }")
 
 
-def sdk(proxy, **options):
-    return openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="zimage-free", **options)
-
-
 @pytest.mark.gen_test(timeout=20)
 async def test_wait_mode_answers_markdown_images_and_keeps_the_uuid(proxy, fake):
     code, body = await proxy.json("/v1/chat/completions", "POST", {
@@ -35,52 +31,53 @@ async def test_wait_mode_answers_markdown_images_and_keeps_the_uuid(proxy, fake)
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_chat_wait_setting_makes_every_chat_wait(make_proxy, fake):
+async def test_chat_wait_setting_makes_every_chat_wait(async_sdk, make_proxy, fake):
     proxy = make_proxy(chat_wait=True)
-    response = await sdk(proxy).chat.completions.create(model="zimage-turbo", messages=MESSAGES)
+    response = await async_sdk(proxy).chat.completions.create(model="zimage-turbo", messages=MESSAGES)
     assert response.choices[0].message.content.startswith("![image 1](http://")
     # and a request can still opt out
-    response = await sdk(proxy).chat.completions.create(model="zimage-turbo", messages=MESSAGES,
+    response = await async_sdk(proxy).chat.completions.create(model="zimage-turbo", messages=MESSAGES,
                                                        extra_body={"wait": False})
     assert response.choices[0].message.content in fake.tasks
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_wait_mode_failure_is_an_error_the_sdk_does_not_retry(proxy, fake):
+async def test_wait_mode_failure_is_an_error_the_sdk_does_not_retry(async_sdk, proxy, fake):
     fake.outcome = "fail"
     with pytest.raises(openai.APIStatusError) as info:
-        await sdk(proxy).chat.completions.create(model="zimage-turbo", messages=MESSAGES, extra_body={"wait": True})
+        await async_sdk(proxy).chat.completions.create(model="zimage-turbo", messages=MESSAGES,
+                                                       extra_body={"wait": True})
     assert info.value.status_code == 502
     assert fake.calls["generate"] == 1
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_background_prompts_in_wait_mode_start_no_job(make_proxy, fake):
+async def test_background_prompts_in_wait_mode_start_no_job(async_sdk, make_proxy, fake):
     proxy = make_proxy(chat_wait=True)
     history = MESSAGES + [{"role": "assistant", "content": "![image 1](http://x/1.png)"},
                           {"role": "user", "content": TITLE_PROMPT}]
-    response = await sdk(proxy).chat.completions.create(model="zimage-turbo", messages=history)
+    response = await async_sdk(proxy).chat.completions.create(model="zimage-turbo", messages=history)
     assert json.loads(response.choices[0].message.content)["title"]
     tags = history[:-1] + [{"role": "user", "content": TAGS_PROMPT}]
-    stream = await sdk(proxy).chat.completions.create(model="zimage-turbo", messages=tags, stream=True)
+    stream = await async_sdk(proxy).chat.completions.create(model="zimage-turbo", messages=tags, stream=True)
     text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
     assert json.loads(text)["tags"]
     assert fake.calls["generate"] == 0
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_background_prompts_without_wait_start_no_job_either_unless_turned_off(make_proxy, fake):
-    response = await sdk(make_proxy()).chat.completions.create(
+async def test_background_prompts_without_wait_start_no_job_either_unless_turned_off(async_sdk, make_proxy, fake):
+    response = await async_sdk(make_proxy()).chat.completions.create(
         model="zimage-turbo", messages=[{"role": "user", "content": TITLE_PROMPT}])
     assert json.loads(response.choices[0].message.content)["title"] and fake.calls["generate"] == 0
-    response = await sdk(make_proxy(answer_housekeeping=False)).chat.completions.create(
+    response = await async_sdk(make_proxy(answer_housekeeping=False)).chat.completions.create(
         model="zimage-turbo", messages=[{"role": "user", "content": TITLE_PROMPT}])
     assert response.choices[0].message.content in fake.tasks
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_stream_without_wait_sends_the_uuid(proxy, fake):
-    stream = await sdk(proxy).chat.completions.create(model="zimage-turbo", messages=MESSAGES, stream=True)
+async def test_stream_without_wait_sends_the_uuid(async_sdk, proxy, fake):
+    stream = await async_sdk(proxy).chat.completions.create(model="zimage-turbo", messages=MESSAGES, stream=True)
     chunks = [chunk async for chunk in stream]
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason == "stop"
@@ -90,9 +87,9 @@ async def test_stream_without_wait_sends_the_uuid(proxy, fake):
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_stream_in_wait_mode_reports_progress_then_pictures(proxy, fake):
+async def test_stream_in_wait_mode_reports_progress_then_pictures(async_sdk, proxy, fake):
     fake.reads_to_complete = 4
-    stream = await sdk(proxy).chat.completions.create(model="zimage-turbo", messages=MESSAGES, stream=True,
+    stream = await async_sdk(proxy).chat.completions.create(model="zimage-turbo", messages=MESSAGES, stream=True,
                                                       extra_body={"wait": True, "batch_size": 2})
     chunks = [chunk async for chunk in stream]
     content = "".join(c.choices[0].delta.content or "" for c in chunks)
@@ -106,10 +103,10 @@ async def test_stream_in_wait_mode_reports_progress_then_pictures(proxy, fake):
 
 @pytest.mark.parametrize("where", ["content", "none"])
 @pytest.mark.gen_test(timeout=20)
-async def test_chat_progress_setting_puts_progress_in_content_or_nowhere(make_proxy, fake, where):
+async def test_chat_progress_setting_puts_progress_in_content_or_nowhere(async_sdk, make_proxy, fake, where):
     fake.reads_to_complete = 4
     proxy = make_proxy(chat_progress=where)
-    stream = await sdk(proxy).chat.completions.create(model="zimage-turbo", messages=MESSAGES, stream=True,
+    stream = await async_sdk(proxy).chat.completions.create(model="zimage-turbo", messages=MESSAGES, stream=True,
                                                       extra_body={"wait": True})
     chunks = [chunk async for chunk in stream]
     content = "".join(c.choices[0].delta.content or "" for c in chunks)
@@ -155,9 +152,9 @@ async def test_closing_a_stream_stops_its_wait(make_proxy, fake):
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_failure_mid_stream_is_raised_by_the_sdk(proxy, fake):
+async def test_failure_mid_stream_is_raised_by_the_sdk(async_sdk, proxy, fake):
     fake.outcome = "fail"
-    stream = await sdk(proxy).chat.completions.create(model="zimage-turbo", messages=MESSAGES, stream=True,
+    stream = await async_sdk(proxy).chat.completions.create(model="zimage-turbo", messages=MESSAGES, stream=True,
                                                       extra_body={"wait": True})
     received = []
     with pytest.raises(openai.APIError) as info:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-import openai
 import pytest
 
 HISTORY = "<chat_history>\nUSER: a red fox sleeping in the snow\nASSISTANT: ![image 1](http://x/1.png)\n</chat_history>"
@@ -88,8 +87,9 @@ async def test_legacy_tool_selection_prompt_makes_no_job(proxy, fake):
 
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.gen_test(timeout=30)
-async def test_native_function_calling_makes_exactly_one_job_through_the_images_endpoint(proxy, fake, stream):
-    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="zimage-free")
+async def test_native_function_calling_makes_exactly_one_job_through_the_images_endpoint(async_sdk, proxy, fake,
+                                                                                         stream):
+    client = async_sdk(proxy)
     messages = [{"role": "user", "content": "a red fox sleeping in the snow"}]
     tools = [*OTHER_TOOLS, GENERATE_IMAGE]
     if stream:

@@ -34,13 +34,12 @@ async def test_sdk_extra_body_parameters_arrive_upstream(proxy, fake, io_loop):
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_sdk_async_client_works_on_the_same_loop(proxy, fake):
-    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="zimage-free")
+async def test_sdk_async_client_works_on_the_same_loop(async_sdk, proxy, fake):
+    client = async_sdk(proxy)
     response = await client.chat.completions.create(
         model="zimage-turbo", messages=[{"role": "user", "content": "a lighthouse"}], extra_body={"steps": 12})
     assert response.choices[0].message.content in fake.tasks
     assert fake.generate_bodies[0]["steps"] == 12
-    await client.close()
 
 
 @pytest.mark.gen_test(timeout=20)
