@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Short intervals through settings, so that long-polls take milliseconds.
 FAST = dict(poll_interval=0.05, max_attempts=20, upstream_timeout=2.0, upstream_connect_timeout=1.0,
-            database=":memory:")
+            database=":memory:", pictures="link")  # tests/test_pictures.py covers pictures=keep
 
 
 def serve(app, **server_options: Any) -> tuple[HTTPServer, int]:

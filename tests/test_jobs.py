@@ -72,7 +72,8 @@ async def test_prefer_wait_answers_202_with_location_or_the_pictures(make_proxy,
     assert slow.code == 202, slow.body
     body = json.loads(slow.body)
     assert body["object"] == "task" and body["status"] in ("pending", "processing")
-    assert slow.headers["Location"] == "/v1/tasks/%s" % body["id"] and slow.headers["Preference-Applied"] == "wait=1"
+    assert slow.headers["Location"] == "/v1/images/generations/%s" % body["id"]  # where the answer will be
+    assert slow.headers["Preference-Applied"] == "wait=1"
     fake.seconds_to_complete = 0.3
     quick = await proxy.request("/v1/images/generations", "POST", {"prompt": "quick"}, headers={"Prefer": "wait=1"})
     assert quick.code == 200 and json.loads(quick.body)["data"][0]["url"]

@@ -98,6 +98,15 @@ async def test_real_answers_match_the_document(make_proxy, fake, tmp_path):
     await call("/v1/images/{uuid}/{index}", "/v1/images/%s/0" % task_uuid)
     await call("/v1/images/{uuid}/{index}", "/v1/images/%s/7" % task_uuid)
     await call("/v1/images/{uuid}/{index}", "/v1/images/%s/x" % task_uuid)
+    await call("/v1/images/generations/{uuid}", "/v1/images/generations/%s?response_format=b64_json" % task_uuid)
+    await call("/v1/images/generations/{uuid}", "/v1/images/generations/%s?output_format=gif" % task_uuid)
+    kept = make_proxy(poll_interval=0.02, max_attempts=5, pictures="keep", pictures_dir=str(tmp_path / "pictures"))
+    link = json.loads((await kept.request("/v1/images/generations", "POST", {"prompt": "a fox"})).body)["data"][0]
+    for headers in ({}, {"Range": "bytes=0-9"}, {"Range": "bytes=99999999-"}):
+        response = await kept.http.fetch(link["url"], headers=headers, raise_error=False)
+        contract.check("/v1/images/{uuid}/{index}", "GET", response)
+    forged = await kept.http.fetch(link["url"][:-3] + "abc", raise_error=False)
+    contract.check("/v1/images/{uuid}/{index}", "GET", forged)
     await call("/v1/images/{uuid}", "/v1/images/00000000-0000-4000-8000-00000000dead")
     fake.outcome = "never"
     running = json.loads((await call("/v1/chat/completions", "/v1/chat/completions", "POST", chat)).body)

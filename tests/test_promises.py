@@ -117,15 +117,14 @@ def small_disk(tmp_path):
 
 def fill(disk):
     filler = disk / "filler"
-    with open(filler, "wb") as f:
+    with open(filler, "wb", buffering=0) as f:  # unbuffered: closing it has nothing left to fail on
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError:
             pass
     try:  # the last partial block too
-        with open(filler, "ab") as f:
+        with open(filler, "ab", buffering=0) as f:
             while True:
                 f.write(b"\0")
                 f.flush()
@@ -136,7 +135,8 @@ def fill(disk):
 
 @pytest.mark.gen_test(timeout=60)
 async def test_a_full_disk_refuses_submits_before_the_upstream_then_recovers(gateways, fake, tmp_path, small_disk):
-    gateway = gateways("--api_keys_file=%s" % keys_file(tmp_path), "--database=%s" % (small_disk / "db.sqlite3"))
+    gateway = gateways("--api_keys_file=%s" % keys_file(tmp_path), "--database=%s" % (small_disk / "db.sqlite3"),
+                       "--pictures_dir=%s" % (tmp_path / "pictures"))  # the database's disk alone fills up
     await gateway.started()
     first = await submit(gateway)
     assert first.code == 200

@@ -296,9 +296,10 @@ async def test_only_http_urls_reach_clients(gateways, fake, fake_url):
     fake.result_urls["links"] = ["javascript:alert(1)", "JAVASCRIPT:alert(2)", "file:///etc/passwd", picture]
     chat = body_of(await post(gateway, "/v1/chat/completions", {**CHAT, "prompt": "links"}))
     content = chat["choices"][0]["message"]["content"]
-    assert "javascript" not in content.lower() and "file:" not in content and picture in content
+    assert "javascript:" not in content.lower() and "file:" not in content
+    assert content.count("](%s/v1/images/" % gateway.url) == 1  # one picture, at the gateway's own link
     poll = body_of(await gateway.fetch("/v1/images/" + chat["choices"][0]["message"]["task_uuid"]))
-    assert poll["image_urls"] == [picture]
+    assert poll["source_urls"] == [picture] and len(poll["image_urls"]) == 1
     playground = (await gateway.fetch("/playground")).body.decode()
     assert "const isHttp = (url) => /^https?:\\/\\//i.test(url);" in playground and ".filter(isHttp)" in playground
 

@@ -19,7 +19,7 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
-from zimage_tornado import __version__, database, eventloop, keys_cli, usage_cli
+from zimage_tornado import __version__, database, eventloop, keys_cli, pictures_cli, usage_cli
 from zimage_tornado.config import SETTING_DEFAULTS, Settings, help_text, load_settings
 from zimage_tornado.fake_upstream import FakeZImage
 from zimage_tornado.logs import redact_url, setup_logging
@@ -41,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(usage_cli.main(argv[2:]))
     if argv[1:2] == ["keys"]:
         sys.exit(keys_cli.main(argv[2:]))
+    if argv[1:2] == ["pictures"]:
+        sys.exit(pictures_cli.main(argv[2:]))
     if any(arg in ("--help", "-h", "-help") for arg in argv[1:]):
         print(help_text())
         sys.exit(0)

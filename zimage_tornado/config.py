@@ -102,6 +102,21 @@ class Settings:
     database: str = setting("zimage-tornado.sqlite3", "SQLite file of the usage record, quotas, ownership and "
                                                       "idempotency keys (':memory:' keeps nothing)")
     record_prompts: bool = setting(True, "Keep prompts in the usage record")
+    pictures: str = setting("keep", "keep: every finished task's pictures are fetched once and kept by the gateway, "
+                                    "whose own signed links answers give; link: answers give the provider's links "
+                                    "and nothing is kept")
+    pictures_dir: str = setting("", "Directory of kept pictures (default: pictures/ beside the database file; "
+                                    "with database :memory:, a temporary directory removed at exit)")
+    pictures_max_bytes: int = setting(10 * 2 ** 30, "Bytes of kept pictures; past it the oldest are removed "
+                                                    "(answered 410 picture_expired) (0: no budget)")
+    pictures_ttl: float = setting(30 * 86400.0, "Seconds a kept picture is served; then removed, and answered 410 "
+                                                "picture_expired (0: kept until the budget needs room)")
+    public_url: str = setting("", "This gateway's address as clients reach it (https://images.example.com), for the "
+                                  "links in answers; default: each request's scheme and host (X-Forwarded-Proto and "
+                                  "-Host believed from trusted_proxies only)")
+    link_secret: str = setting("", "Secret that signs picture links (at least 32 characters); default: one generated "
+                                   "once and kept in the store, so that a fleet agrees")
+    link_ttl: float = setting(7 * 86400.0, "Seconds a signed picture link works")
     record_ttl: float = setting(90 * 86400.0, "Seconds a task's usage row is kept")
     redis_url: str = setting("", "Redis for a fleet (redis://[:password@]host:6379/0, rediss://...): shared limits, "
                                  "idempotency, ownership, usage, and one upstream read per task per interval")
@@ -191,6 +206,16 @@ class Settings:
             raise ValueError("ip_requests_per_minute, ip_images_per_day and ip_max_waiters must be 0 or more")
         if self.chat_progress not in ("reasoning", "content", "none"):
             raise ValueError("chat_progress must be reasoning, content or none")
+        if self.pictures not in ("keep", "link"):
+            raise ValueError("pictures must be keep or link")
+        if self.pictures_max_bytes < 0 or self.pictures_ttl < 0 or self.link_ttl <= 0:
+            raise ValueError("pictures_max_bytes and pictures_ttl must be 0 or more, link_ttl positive")
+        if self.link_secret and len(self.link_secret) < 32:
+            raise ValueError("link_secret must be at least 32 characters (or unset: one is generated)")
+        if self.public_url and (not self.public_url.startswith(("http://", "https://"))
+                                or any(c in self.public_url for c in "?# ")):
+            raise ValueError("public_url must be an http:// or https:// URL without a query, e.g. "
+                             "https://images.example.com")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError("log_level must be debug, info, warning or error")
 
@@ -263,6 +288,15 @@ class Settings:
     @property
     def listen_backlog(self) -> int:
         return self.backlog or kernel_somaxconn()
+
+    @property
+    def pictures_path(self) -> str | None:
+        """Where kept pictures go; None: a temporary directory (the database keeps nothing either)."""
+        if self.pictures_dir:
+            return self.pictures_dir
+        if self.database == ":memory:":
+            return None
+        return os.path.join(os.path.dirname(os.path.abspath(self.database)), "pictures")
 
     @property
     def wait_budget(self) -> float:
@@ -353,6 +387,8 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Keys", ("api_keys", "api_keys_file", "task_visibility", "reads_per_minute", "metrics_public", "metrics_port",
               "metrics_address")),
     ("Store", ("database", "record_prompts", "record_ttl")),
+    ("Pictures", ("pictures", "pictures_dir", "pictures_max_bytes", "pictures_ttl", "public_url", "link_secret",
+                  "link_ttl")),
     ("Webhooks", ("webhook_secret", "webhook_hosts", "webhook_max_attempts", "webhook_retry_delays",
                   "webhook_timeout", "webhook_deliveries")),
     ("Fleet", ("redis_url", "redis_timeout", "redis_connections")),
@@ -361,6 +397,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 SUBCOMMANDS = (
     ("usage", "per-key usage from the database the server uses (zimage-tornado usage --help)"),
     ("keys", "add, list or revoke API keys in the keys file (zimage-tornado keys --help)"),
+    ("pictures", "the kept pictures: gc applies pictures_ttl and pictures_max_bytes now, stats shows them"),
 )
 
 
@@ -375,7 +412,8 @@ def shown(value: object) -> str:
 
 def help_text() -> str:
     """`zimage-tornado --help`: what it is, its subcommands, and the settings by concern."""
-    lines = ["usage: zimage-tornado [--name=value ...] [--config=FILE]", "       zimage-tornado usage|keys ...", "",
+    lines = ["usage: zimage-tornado [--name=value ...] [--config=FILE]",
+             "       zimage-tornado usage|keys|pictures ...", "",
              "An OpenAI-compatible gateway for the Z-Image text-to-image service.", "", "subcommands:"]
     lines += ["  %-8s %s" % item for item in SUBCOMMANDS]
     lines += ["", "Every setting is --name=value (or --name value), a line `name = value` of the --config file, or "

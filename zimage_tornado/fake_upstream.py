@@ -70,6 +70,7 @@ class FakeZImage:
         self.image_bytes_sent = 0
         self.images_served = 0
         self.image_override: bytes | None = None  # every picture is these bytes (a large one, say)
+        self.links_live_for: float | None = None  # a task's pictures are gone this many seconds after its submit
         self.redirects = 0
         self.request_headers: list[dict[str, str]] = []  # of every call, in order
         self.peers: set[Any] = set()  # the client addresses (ip, port) calls came from: one per connection
@@ -296,6 +297,9 @@ class _ImageHandler(_FakeHandler):
         task = self.fake.tasks.get(task_uuid)
         if task is None or int(index) >= task["batch_size"]:
             return self.reply({"success": False, "error": "Image not found"}, 404)
+        lifetime = self.fake.links_live_for
+        if lifetime is not None and time.monotonic() - task["created"] > lifetime:  # a host that deletes outputs
+            return self.reply({"success": False, "error": "This output has expired"}, 404)
         self.set_header("Content-Type", "image/png")
         png = self.fake.image_override or render_png(task["prompt"], int(index), task["width"], task["height"])
         self.fake.image_bytes_sent += len(png)
@@ -374,12 +378,15 @@ def main() -> None:
     parser.add_argument("--fault-rate", type=float, default=0.0, help="share of calls that fail at random")
     parser.add_argument("--hang-seconds", type=float, default=5.0)
     parser.add_argument("--image-bytes", type=int, default=0, help="serve every picture as this many bytes")
+    parser.add_argument("--links-live-for", type=float, default=None,
+                        help="a task's pictures answer 404 this many seconds after its submit")
     args = parser.parse_args()
 
     async def run() -> None:
         fake = FakeZImage(reads_to_complete=args.reads_to_complete, seconds_to_complete=args.seconds_to_complete,
                           completion_spread=args.completion_spread, fault_rate=args.fault_rate,
                           hang_seconds=args.hang_seconds)
+        fake.links_live_for = args.links_live_for
         if args.image_bytes:
             fake.image_override = b"\x89PNG\r\n\x1a\n" + random.Random(0).randbytes(args.image_bytes - 8)
         HTTPServer(fake.make_app()).listen(args.port, args.address)

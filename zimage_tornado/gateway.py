@@ -7,26 +7,30 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from tornado.ioloop import IOLoop
+from tornado.ioloop import IOLoop, PeriodicCallback
 
 from zimage_tornado.accounts import Accounts
 from zimage_tornado.cache import ResultCache
 from zimage_tornado.config import Settings
 from zimage_tornado.deadlines import BodyDeadlines
 from zimage_tornado.delivery import Deliverer
-from zimage_tornado.domain import GenerationRequest, Task
+from zimage_tornado.domain import COMPLETED, GenerationRequest, Task
 from zimage_tornado.idempotency import IdempotencyStore
 from zimage_tornado.images import SIDE_MARGIN, ImageFetcher, make_image_client
+from zimage_tornado.links import Links
 from zimage_tornado.metrics import Metrics
 from zimage_tornado.openai_api import ModelTable
+from zimage_tornado.pictures import Keeper, Shelf
 from zimage_tornado.store import Admission, Store, StoreUnavailable
 from zimage_tornado.store.sqlite import SqliteStore
 from zimage_tornado.tenants import Caller, KeyRing, LiveKeys, Plan
-from zimage_tornado.upstream import UpstreamError, UpstreamOutcomeUnknown, ZImageClient, make_http_client
+from zimage_tornado.upstream import (UpstreamBadResponse, UpstreamError, UpstreamOutcomeUnknown, ZImageClient,
+                                     make_http_client)
 from zimage_tornado.watcher import Coordination, TaskWatcher
 from zimage_tornado.webhooks import WebhookRequest, Webhooks
 
@@ -34,6 +38,7 @@ log = logging.getLogger("zimage_tornado.gateway")
 
 
 RESUMED_AT_MOST = 100_000  # unfinished tasks taken up again at start
+PICTURES_GC_SECONDS = 3600.0  # kept pictures past their age are removed at least this often
 
 
 @dataclass
@@ -107,7 +112,7 @@ class Gateway:
             budget=settings.wait_budget,
             max_waiters=settings.max_waiters,
             cache=ResultCache(settings.cache_size, settings.cache_ttl),
-            on_final=self.accounts.finished,
+            on_final=self.finished,
             coordination=make_coordination(settings),
             follow_budget=settings.follow_budget,
             follow_interval=settings.follow_interval,
@@ -117,9 +122,23 @@ class Gateway:
         )
         self.metrics.watch(self.watcher, self.idempotency, self.store)
         self.metrics.watch_webhooks(self.deliverer)
+        max_side = math.ceil(settings.max_size * SIDE_MARGIN)
         self.images = ImageFetcher(self.upstream, max_bytes=settings.max_image_bytes,
                                    cache_bytes=settings.image_cache_bytes, at_once=settings.image_fetches,
-                                   max_side=math.ceil(settings.max_size * SIDE_MARGIN))
+                                   max_side=max_side)
+        self.links = Links(self.store, secret=settings.link_secret, ttl=settings.link_ttl,
+                           public_url=settings.public_url, clock=clock)
+        self.keeper: Keeper | None = None
+        if settings.pictures == "keep":
+            path = settings.pictures_path
+            self.keeper = Keeper(Shelf(path or tempfile.mkdtemp(prefix="zimage-pictures-"),
+                                       settings.pictures_max_bytes, settings.pictures_ttl, clock),
+                                 fetch=self.images.fetch, conversions=self.images.conversions, max_side=max_side,
+                                 cache_bytes=settings.image_cache_bytes, temporary=path is None)
+            self.images.kept = self.kept_picture
+            self.metrics.watch_pictures(self.keeper)
+            self._pictures_gc = PeriodicCallback(self.keeper.gc, PICTURES_GC_SECONDS * 1000)
+            self._pictures_gc.start()
         self.models = ModelTable(settings.aliases)
         self.shutting_down = False
         self.bodies = BodyDeadlines(settings.body_timeout)
@@ -177,6 +196,31 @@ class Gateway:
             task = await self.idempotency.submit(caller.scope, idempotency_key, request, fresh)
         return submitted or Submitted(task)
 
+    async def finished(self, task: Task) -> None:
+        """The engine saw a task end: its record, then (completed) its pictures kept, in the background."""
+        await self.accounts.finished(task)
+        if self.keeper is not None and task.status == COMPLETED:
+            self.keeper.start(task.uuid, await self.picture_sources(task))
+
+    async def picture_sources(self, task: Task) -> tuple[str, ...]:
+        """The links of a completed task's pictures that the gateway fetches: no more than it asked
+        for (a hostile upstream may list hundreds), max_batch_size for a task of another record."""
+        try:
+            record = await self.store.get_task(task.uuid)
+        except StoreUnavailable:
+            record = None
+        count = record.batch_size if record is not None else self.settings.max_batch_size
+        return task.image_urls[:count]
+
+    async def kept_picture(self, task: Task, index: int) -> bytes:
+        """A completed task's picture from the picture store (kept now if it was not yet)."""
+        assert self.keeper is not None
+        manifest = await self.keeper.manifest(task.uuid, lambda: self.picture_sources(task))
+        if index >= len(manifest.pictures):
+            raise UpstreamBadResponse("Task %s has %d pictures kept, not %d" % (task.uuid, len(manifest.pictures),
+                                                                                 index + 1))
+        return await self.keeper.read(manifest, index)
+
     def revoked(self, names: frozenset[str]) -> None:
         """Keys just removed: their event streams end now, not at follow_budget (a long-poll that
         began before keeps its answer: it ends within its own budget)."""
@@ -186,8 +230,15 @@ class Gateway:
                 handler.revoked()
 
     async def resume(self) -> None:
-        """At start: tasks recorded as submitted and not known to have ended are followed again,
-        or, past follow_budget, recorded as expired."""
+        """At start: the link secret is loaded; tasks recorded as submitted and not known to have
+        ended are followed again, or, past follow_budget, recorded as expired; completed tasks
+        whose pictures were not kept are kept now."""
+        try:
+            await self.links.ready()
+            if self.keeper is not None:
+                await self.keeper.resume(self.store, self.clock())
+        except StoreUnavailable as e:
+            log.warning("could not read the store to resume keeping pictures: %s", e)
         if self.settings.follow_budget <= 0:
             return
         try:
@@ -210,6 +261,9 @@ class Gateway:
         await self.watcher.close()
         self.http.close()
         self.image_http.close()
+        if self.keeper is not None:
+            self._pictures_gc.stop()
+            await self.keeper.close()
         self.images.conversions.close()
         await self.store.close()
         await self.watcher.coordination.close()

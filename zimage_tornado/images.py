@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import io
 import ipaddress
 import socket
 from collections import OrderedDict
-from typing import Any, Awaitable, Callable, Hashable
+from typing import Any, Awaitable, Callable, Hashable, Iterator
 from urllib.parse import urlsplit
 
 from tornado.netutil import DefaultLoopResolver, Resolver
@@ -142,13 +143,11 @@ def quality_level(compression: int | None) -> int | None:
     return next(level for level in QUALITY_LEVELS if level >= compression)
 
 
-def prepare(image: bytes, fmt: str, level: int | None, max_side: int) -> bytes:
-    """The picture as `fmt`, checked: run in the conversion pool (Pillow is CPU work).
-
-    The declared size is read from the header and refused before anything is decoded: a small
-    file may declare 13000 x 13000 (below Pillow's own bomb guard), which decodes to gigabytes.
-    A picture already in `fmt` is verified (every chunk read, nothing kept) and served as it came;
-    another is decoded and encoded once, at the quality `level`."""
+@contextlib.contextmanager
+def opened_picture(image: bytes, max_side: int) -> Iterator[Any]:
+    """The picture opened by Pillow, its declared size checked before anything is decoded (a
+    small file may declare 13000 x 13000, below Pillow's own bomb guard, which decodes to
+    gigabytes). Any decoder failure is NotAPicture: the bytes are not what they claim."""
     from PIL import Image
 
     try:
@@ -157,18 +156,34 @@ def prepare(image: bytes, fmt: str, level: int | None, max_side: int) -> bytes:
             if max(width, height) > max_side:
                 raise NotAPicture("it declares %dx%d, larger than any model here makes (%d a side)"
                                   % (width, height, max_side))
-            if opened.format == fmt.upper():
-                opened.verify()  # a truncated or corrupt file is refused, not passed on
-                return image
-            opened.load()
-            picture = opened.convert("RGB") if fmt == "jpeg" and opened.mode not in ("RGB", "L") else opened  # no alpha
-            out = io.BytesIO()
-            picture.save(out, format=fmt.upper(), **({"quality": level} if level is not None else {}))
-            return out.getvalue()
+            yield opened
     except NotAPicture:
         raise
-    except Exception as e:  # noqa: BLE001 - any decoder failure: the bytes are not what they claim
+    except Exception as e:  # noqa: BLE001 - any decoder failure
         raise NotAPicture("it is not a readable PNG, JPEG or WebP picture") from e
+
+
+def prepare(image: bytes, fmt: str, level: int | None, max_side: int) -> bytes:
+    """The picture as `fmt`, checked: run in the conversion pool (Pillow is CPU work). A picture
+    already in `fmt` is verified (every chunk read, nothing kept) and served as it came; another
+    is decoded and encoded once, at the quality `level`."""
+    with opened_picture(image, max_side) as opened:
+        if opened.format == fmt.upper():
+            opened.verify()  # a truncated or corrupt file is refused, not passed on
+            return image
+        opened.load()
+        picture = opened.convert("RGB") if fmt == "jpeg" and opened.mode not in ("RGB", "L") else opened  # no alpha
+        out = io.BytesIO()
+        picture.save(out, format=fmt.upper(), **({"quality": level} if level is not None else {}))
+        return out.getvalue()
+
+
+def identify(image: bytes, max_side: int) -> str:
+    """The media type of a picture kept as it came, verified like prepare()'s."""
+    with opened_picture(image, max_side) as opened:
+        kind = DECODED[str(opened.format)]
+        opened.verify()
+        return kind
 
 
 class Conversions:
@@ -190,6 +205,11 @@ class Conversions:
             return await asyncio.get_running_loop().run_in_executor(self._pool, prepare, image, fmt, level, max_side)
         finally:
             self.busy -= 1
+
+    async def identify(self, image: bytes, max_side: int) -> str:
+        """identify() in the pool: the picture store's check before it keeps a picture (it waits
+        its turn rather than being refused: nobody is waiting on the other end)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, identify, image, max_side)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -233,10 +253,12 @@ class ImageFetcher:
         self._pending: dict[str, asyncio.Future[list[str]]] = {}
         self._pictures: dict[tuple[Any, ...], asyncio.Future[bytes]] = {}
         self._slots = asyncio.Semaphore(at_once)  # downloads in flight, over all tasks
+        # pictures=keep: a task's picture comes from the picture store (which fetched it once)
+        self.kept: Callable[[Task, int], Awaitable[bytes]] | None = None
 
     async def b64(self, task: Task, batch_size: int, fmt: str = "png", compression: int | None = None) -> list[str]:
         """The task's first `batch_size` images, base64-encoded, in order (converted to `fmt`)."""
-        if fmt != "png":
+        if fmt != "png" or self.kept is not None:
             pictures = await asyncio.gather(*(self.picture(task, i, fmt, compression)
                                               for i in range(min(batch_size, len(task.image_urls)))))
             return await asyncio.get_running_loop().run_in_executor(None, encode, [p for p, _ in pictures])
@@ -279,8 +301,9 @@ class ImageFetcher:
         the byte-bounded cache: every client is then written from the same bytes. It is checked
         (or converted to `fmt`, at the quality level of `compression`) once per picture, format
         and level, in the conversion pool."""
+        kept = self.kept
         image = await self._once(("picture", task.uuid, index),
-                                 lambda: self._one(task.image_urls[index], asyncio.Event()))
+                                 lambda: kept(task, index) if kept else self.fetch(task.image_urls[index]))
         level = quality_level(compression)
         return await self._once(("ready", task.uuid, index, fmt, level),
                                 lambda: self._prepared(task.uuid, index, image, fmt, level)), FORMATS[fmt]
@@ -309,6 +332,10 @@ class ImageFetcher:
         self._pictures.pop(key, None)
         if not done.cancelled() and done.exception() is None:
             self.cache.put(key, done.result())
+
+    async def fetch(self, url: str) -> bytes:
+        """One picture's bytes from its source, under the rules above."""
+        return await self._one(url, asyncio.Event())
 
     async def _one(self, url: str, aborted: asyncio.Event) -> bytes:
         async with self._slots:

@@ -111,6 +111,24 @@ class Metrics:
             return {}
         self._sources.append(sync)
 
+    def watch_pictures(self, keeper: Any) -> None:
+        """Pictures kept, removed (evicted by the budget, expired by age) and fetches that failed."""
+        pictures = Counter("zimage_pictures", "Kept pictures, by event (stored, evicted, expired, failed)",
+                           ["event"], registry=self.registry)
+        kept = Gauge("zimage_pictures_bytes", "Bytes of kept pictures, as this process last counted them",
+                     registry=self.registry, multiprocess_mode="max")
+        synced: dict[str, int] = {}
+
+        def sync() -> dict[str, float]:
+            counts = {**keeper.shelf.counters, "failed": keeper.failed}
+            for event, count in counts.items():
+                if count > synced.get(event, 0):
+                    pictures.labels(event).inc(count - synced.get(event, 0))
+                    synced[event] = count
+            kept.set(keeper.shelf.usage()["bytes"])
+            return {}
+        self._sources.append(sync)
+
     def sync(self) -> None:
         """Carries the engine's counts (as increments since the last sync) and state into the metrics."""
         values: dict[str, float] = {}

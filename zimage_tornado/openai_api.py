@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 import uuid as uuidlib
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from zimage_tornado import frontends, validation, webhooks
 from zimage_tornado.webhooks import WebhookRequest
@@ -204,6 +204,25 @@ def front_end_answer(messages: list[Any], prompt: str, limits: Limits) -> str | 
     return None
 
 
+def parse_images_result(query: Callable[[str], str | None], record: Any) -> ImagesRequest:
+    """`GET /v1/images/generations/{uuid}`: the answer `POST /v1/images/generations` would have
+    given for a recorded task (store.TaskRecord), in the form the query asks for."""
+    params: dict[str, Any] = {name: query(name) for name in ("response_format", "output_format")}
+    text = query("output_compression")
+    if text is not None:
+        params["output_compression"] = validation.integer(validation.whole_number(text, 3),
+                                                          "output_compression", 0, 100)
+    output_format, compression = output_options(params)
+    gpt_image = record.model.lower().startswith("gpt-image") or params["output_format"] is not None
+    default_format = "b64_json" if record.model.lower().startswith("gpt-image") else "url"
+    response_format = validation.choice(params["response_format"] or default_format, "response_format",
+                                        ("url", "b64_json"))
+    generation = GenerationRequest(prompt="", width=record.width, height=record.height, batch_size=record.batch_size,
+                                   steps=record.steps)
+    return ImagesRequest(generation, record.model, response_format, gpt_image=gpt_image, output_format=output_format,
+                         output_compression=compression)
+
+
 def parse_completion_request(body: Any, limits: Limits, models: ModelTable) -> ChatRequest:
     """`POST /v1/completions` (LangChain's OpenAI, llama-index's OpenAILike): `prompt` is a
     string, or a list of them (the last one is the picture's)."""
@@ -392,8 +411,15 @@ def model_list(model_ids: list[str]) -> dict[str, Any]:
     return {"object": "list", "data": [model_object(m) for m in model_ids]}
 
 
-def images_ready(task: Task) -> dict[str, Any]:
-    return {"uuid": task.uuid, "status": task.status, "image_urls": list(task.image_urls), "task_info": task.raw}
+def images_ready(task: Task, urls: tuple[str, ...] | None = None,
+                 source_urls: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """A finished task: `urls` the pictures as answers give them (default: the task's own), and
+    the provider's links as source_urls when those are not the answer (pictures=keep)."""
+    body = {"uuid": task.uuid, "status": task.status, "image_urls": list(task.image_urls if urls is None else urls),
+            "task_info": task.raw}
+    if source_urls is not None:
+        body["source_urls"] = list(source_urls)
+    return body
 
 
 def task_progress(task: Task) -> dict[str, Any]:
@@ -405,18 +431,23 @@ def task_progress(task: Task) -> dict[str, Any]:
     return body
 
 
-def task_object(record: Any) -> dict[str, Any]:
-    """A recorded task (store.TaskRecord) as GET /v1/tasks lists it."""
-    return {"id": record.uuid, "object": "task", "status": record.status, "model": record.model,
+def task_object(record: Any, links: Callable[[str, int], tuple[str, ...]] | None = None) -> dict[str, Any]:
+    """A recorded task (store.TaskRecord) as GET /v1/tasks lists it; `links` gives the gateway's
+    own picture links (pictures=keep), the provider's then being source_urls."""
+    body = {"id": record.uuid, "object": "task", "status": record.status, "model": record.model,
             "created_at": int(record.submitted_at),
             "finished_at": None if record.finished_at is None else int(record.finished_at),
             "prompt": record.prompt, "size": "%dx%d" % (record.width, record.height), "n": record.batch_size,
             "image_urls": list(record.image_urls), "error": record.error}
+    if links is not None and record.image_urls:
+        body.update(image_urls=list(links(record.uuid, len(record.image_urls))), source_urls=list(record.image_urls))
+    return body
 
 
-def task_list(records: list[Any], has_more: bool) -> dict[str, Any]:
+def task_list(records: list[Any], has_more: bool,
+              links: Callable[[str, int], tuple[str, ...]] | None = None) -> dict[str, Any]:
     """OpenAI's list shape."""
-    data = [task_object(record) for record in records]
+    data = [task_object(record, links) for record in records]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": has_more}
 

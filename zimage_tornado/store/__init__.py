@@ -406,6 +406,11 @@ class Store(abc.ABC):
     async def last_seen(self, keys: list[str]) -> dict[str, float]:
         """When each of `keys` last submitted a task that is still recorded."""
 
+    @abc.abstractmethod
+    async def secret(self, name: str, candidate: str) -> str:
+        """The secret kept under `name`; the first caller's `candidate` becomes it (every process
+        and instance sharing the store then agrees)."""
+
     async def admit_read(self, scope: str, per_minute: int, now: float) -> Admission:
         """One task read or picture download against `per_minute` (0: unlimited). Not durable, and
         counted per process here (a fleet's store counts for the whole fleet): reads cost the

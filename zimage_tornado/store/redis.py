@@ -528,6 +528,12 @@ class RedisStore(Store):
         answers = await self._do(pipe.execute())
         return {key: float(answer[0][1]) for key, answer in zip(keys, answers) if answer}
 
+    async def secret(self, name: str, candidate: str) -> str:
+        key = PREFIX + "secret:" + name
+        await self._do(self.redis.set(key, candidate, nx=True))
+        value = await self._do(self.redis.get(key))
+        return value.decode() if isinstance(value, bytes) else str(value)
+
 
 def task_record(value: str | bytes) -> TaskRecord:
     """A task's stored JSON (its usage row, with the day it counts on) as a TaskRecord."""

@@ -98,6 +98,10 @@ MIGRATIONS = (
     ALTER TABLE idempotency ADD COLUMN claimed_at REAL;
     ALTER TABLE idempotency ADD COLUMN boot TEXT;
     """,
+    # Secrets the gateway makes for itself (the key that signs picture links)
+    """
+    CREATE TABLE secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
 )
 MAX_QUEUED = 100_000  # operations waiting for the writer: past this, the disk is not keeping up
 MAX_KEPT = 100_000  # writes nobody waits for, kept across failed commits: past this one is dropped
@@ -575,6 +579,12 @@ class SqliteStore(Store):
         wanted = set(keys)
         return await self._call(lambda conn: {str(key): float(at) for key, at in conn.execute(
             "SELECT key, MAX(submitted_at) FROM tasks GROUP BY key") if key in wanted})
+
+    async def secret(self, name: str, candidate: str) -> str:
+        def secret(conn: sqlite3.Connection) -> str:
+            conn.execute("INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)", (name, candidate))
+            return str(conn.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()[0])
+        return await self._call(secret)
 
 
 def task_filter(query: TaskQuery) -> tuple[str, tuple[Any, ...]]:

@@ -100,6 +100,17 @@ def duration(seconds: float) -> str:
     return ("%dh" % hours if hours else "") + "%dm%ds" % divmod(rest, 60)
 
 
+def from_trusted_proxy(remote_ip: str | None, trusted: Sequence[Network]) -> bool:
+    """The connection comes from one of trusted_proxies (whose X-Forwarded-* headers are believed)."""
+    if not trusted:
+        return False
+    try:
+        remote = ipaddress.ip_address((remote_ip or "").strip())
+    except ValueError:
+        return False
+    return any(remote in network for network in trusted)
+
+
 def client_address(remote_ip: str | None, headers: Mapping[str, str], trusted: Sequence[Network]) -> str:
     """The client's IP: X-Forwarded-For / X-Real-IP are believed only from trusted proxies, and
     only where they are IP addresses (anything else would reach logs and limits as given)."""

@@ -126,10 +126,11 @@ class BaseHandler(RequestHandler):
                     return min(float(seconds), self.gateway.settings.wait_budget)
         return None
 
-    def accepted(self, outcome: Outcome, waited: float) -> None:
-        """202 for a `Prefer: wait` that ran out while the task runs."""
+    def accepted(self, outcome: Outcome, waited: float, location: str | None = None) -> None:
+        """202 for a `Prefer: wait` that ran out while the task runs; `location`: where its answer
+        will be (default: the task)."""
         self.send(openai_api.task_pending(outcome.task, outcome.uuid), 202, {
-            "Location": "/v1/tasks/%s" % outcome.uuid, "Preference-Applied": "wait=%d" % waited,
+            "Location": location or "/v1/tasks/%s" % outcome.uuid, "Preference-Applied": "wait=%d" % waited,
             "Retry-After": self.retry_after})
 
     async def read_allowed(self) -> None:
@@ -234,21 +235,50 @@ class BaseHandler(RequestHandler):
             self.set_header(name, value)
         self.finish(text)
 
-    async def stream_bytes(self, data: bytes) -> None:
-        """A large answer (a picture) written a chunk at a time, each flushed before the next: a
-        client that does not read holds one chunk of it, never a copy of the whole (the bytes are
-        shared with every other client of the picture)."""
-        self.set_header("Content-Length", len(data))
+    async def stream_bytes(self, data: bytes, start: int = 0, end: int | None = None) -> None:
+        """A large answer (a picture, or `start:end` of it) written a chunk at a time, each flushed
+        before the next: a client that does not read holds one chunk of it, never a copy of the
+        whole (the bytes are shared with every other client of the picture)."""
+        end = len(data) if end is None else end
+        self.set_header("Content-Length", end - start)
         view = memoryview(data)
-        for start in range(0, len(data), STREAM_CHUNK):
-            self.write(bytes(view[start:start + STREAM_CHUNK]))
+        for offset in range(start, end, STREAM_CHUNK):
+            self.write(bytes(view[offset:min(offset + STREAM_CHUNK, end)]))
             await self.within_write_timeout(self.flush())
         await self.finish()
 
     def picture_url(self, uuid: str, index: int, fmt: str, compression: int | None) -> str:
         """This gateway's URL of a task's picture in another format (the same ownership rules)."""
         query = "format=%s" % fmt + ("" if compression is None else "&compression=%d" % compression)
-        return "%s://%s/v1/images/%s/%d?%s" % (self.request.protocol, self.request.host, uuid, index, query)
+        return "%s/v1/images/%s/%d?%s" % (self.origin, uuid, index, query)
+
+    @functools.cached_property
+    def origin(self) -> str:
+        """This gateway as the client reached it: public_url, else the request's scheme and host
+        (X-Forwarded-Proto and X-Forwarded-Host believed from trusted_proxies only)."""
+        headers, trusted = self.request.headers, self.gateway.settings.proxy_networks
+        scheme, host = self.request.protocol, self.request.host
+        if access.from_trusted_proxy(self.request.remote_ip, trusted):
+            scheme = headers.get("X-Forwarded-Proto", scheme).split(",")[0].strip().lower()
+            host = headers.get("X-Forwarded-Host", host).split(",")[0].strip()
+        return self.gateway.links.base(scheme, host)
+
+    async def linker(self, fmt: str | None = None,
+                     compression: int | None = None) -> Callable[[str, int], tuple[str, ...]] | None:
+        """pictures=keep: (uuid, count) -> the gateway's signed links to a task's kept pictures.
+        None with pictures=link: the provider's own links are the answer."""
+        if self.gateway.keeper is None:
+            return None
+        await self.gateway.links.ready()
+        links, origin = self.gateway.links, self.origin
+        return lambda uuid, count: tuple(links.picture(origin, uuid, index, fmt, compression)
+                                         for index in range(count))
+
+    async def shown(self, task: Task) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
+        """A completed task's picture URLs as answers give them, and the provider's own links
+        (source_urls) when those are not the answer."""
+        links = await self.linker()
+        return (task.image_urls, None) if links is None else (links(task.uuid, len(task.image_urls)), task.image_urls)
 
     def send_csv(self, text: str, filename: str) -> None:
         self.set_header("Content-Type", "text/csv; charset=UTF-8")

@@ -10,16 +10,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zimage_tornado import (SERVICE_NAME, __version__, frontends, logs, openai_api, openapi, reports, validation,
-                            webhooks)
-from zimage_tornado.domain import COMPLETED, FAILED
+from zimage_tornado import (SERVICE_NAME, __version__, frontends, images, logs, openai_api, openapi, reports,
+                            validation, webhooks)
+from zimage_tornado.domain import COMPLETED, FAILED, Task
 from zimage_tornado.errors import ApiError
 from zimage_tornado.images import FORMATS
 from zimage_tornado.metrics import CONTENT_TYPE
 from zimage_tornado.store import utc_day
 from zimage_tornado.watcher import INTERRUPTED, RUNNING, TIMEOUT, Outcome
 from zimage_tornado.web.base import BaseHandler, json_text
-from zimage_tornado.web import statuses
+from zimage_tornado.tenants import ANONYMOUS, Caller
+from zimage_tornado.web import ranges, statuses
 from zimage_tornado.upstream import UpstreamError
 from zimage_tornado.web.events import CompletionStream, EventStream, TaskEvents
 from zimage_tornado.web.statuses import OutcomeError
@@ -222,7 +223,8 @@ class ChatCompletionsHandler(BaseHandler):
             return
         if prefer is not None and outcome.state == TIMEOUT:
             return self.accepted(outcome, prefer)
-        await self.reply(request, task.uuid, openai_api.markdown_images(self.pictures(outcome).image_urls))
+        urls, _ = await self.shown(self.pictures(outcome))
+        await self.reply(request, task.uuid, openai_api.markdown_images(urls))
 
     async def reply(self, request: openai_api.ChatRequest, task_uuid: str | None, content: str) -> None:
         if not request.stream:
@@ -262,7 +264,8 @@ class ChatCompletionsHandler(BaseHandler):
             await stream.error(error)
             return await stream.end(stop=False)
         separator = "\n" if stream.progress_in_content else ""
-        await stream.say(separator + openai_api.markdown_images(done.image_urls))
+        urls, _ = await self.shown(done)
+        await stream.say(separator + openai_api.markdown_images(urls))
         await stream.end()
 
 
@@ -281,7 +284,23 @@ class UnsupportedHandler(BaseHandler):
                        code="unsupported_endpoint")
 
 
-class ImagesGenerationsHandler(BaseHandler):
+class ImagesAnswering(BaseHandler):
+    async def images_answer(self, done: Task, request: openai_api.ImagesRequest) -> dict[str, Any]:
+        """A completed task as `client.images.generate(...)` reads it: URLs (the gateway's signed
+        links with pictures=keep) or base64, in the format asked for."""
+        b64, urls = None, done.image_urls
+        fmt, compression = request.output_format, request.output_compression
+        links = await self.linker(None if fmt == "png" else fmt, compression)
+        if request.response_format == "b64_json":
+            b64 = await self.gateway.images.b64(done, request.generation.batch_size, fmt, compression)
+        elif links is not None:
+            urls = links(done.uuid, len(urls))
+        elif fmt != "png":  # the image host has PNGs: the gateway's own picture URLs convert
+            urls = tuple(self.picture_url(done.uuid, i, fmt, compression) for i in range(len(urls)))
+        return openai_api.images_response(urls, b64, request=request)
+
+
+class ImagesGenerationsHandler(ImagesAnswering):
     """What `client.images.generate(...)` sends: submit, wait for the pictures, answer them."""
 
     async def post(self) -> None:
@@ -293,17 +312,9 @@ class ImagesGenerationsHandler(BaseHandler):
         outcome = await self.wait_for_task(prefer)
         if outcome is None:
             return
-        if prefer is not None and outcome.state == TIMEOUT:
-            return self.accepted(outcome, prefer)
-        done = self.pictures(outcome)
-        b64, urls = None, list(done.image_urls)
-        if request.response_format == "b64_json":
-            b64 = await self.gateway.images.b64(done, request.generation.batch_size, request.output_format,
-                                                request.output_compression)
-        elif request.output_format != "png":  # the image host has PNGs: the gateway's own picture URLs convert
-            urls = [self.picture_url(done.uuid, i, request.output_format, request.output_compression)
-                    for i in range(len(urls))]
-        self.send(openai_api.images_response(urls, b64, request=request))
+        if prefer is not None and outcome.state == TIMEOUT:  # collected later at the same answer's URL
+            return self.accepted(outcome, prefer, "/v1/images/generations/%s" % outcome.uuid)
+        self.send(await self.images_answer(self.pictures(outcome), request))
 
 
     async def stream_images(self, request: openai_api.ImagesRequest) -> None:
@@ -333,29 +344,115 @@ class ImagesGenerationsHandler(BaseHandler):
         self.finish()
 
 
-class PictureHandler(BaseHandler):
-    """One picture of a finished task, from this origin: a page can download it (a `download`
-    link to the image host's own origin is ignored by browsers) and send its API key."""
+class ImagesResultHandler(ImagesAnswering):
+    """`GET /v1/images/generations/{uuid}`: a handed-off task's answer, as the POST would have
+    given it (202 with the task while it runs)."""
 
-    async def get(self, uuid: str, index: str) -> None:
+    async def get(self, uuid: str) -> None:
         self.task_uuid = validation.task_id(uuid)
         await self.read_allowed()
         await self.require_readable(self.task_uuid)
+        record = await self.gateway.store.get_task(self.task_uuid)
+        if record is None:
+            raise ApiError(404, "Task %s was not found" % self.task_uuid, code="task_not_found")
+        request = openai_api.parse_images_result(self.query_argument, record)
+        task = await self.gateway.watcher.peek(self.task_uuid)
+        if not task.is_final:
+            return self.send(openai_api.task_pending(task, task.uuid), 202, {"Retry-After": self.retry_after})
+        self.send(await self.images_answer(self.pictures(Outcome(task.status, task.uuid, task)), request))
+
+
+# Who loads a picture by its signed link: nobody in particular (no key, no limits of a key).
+ANONYMOUS_CALLER = Caller(ANONYMOUS, "signed-link")
+
+
+class PictureHandler(BaseHandler):
+    """One picture of a finished task, from this origin. pictures=keep: from the picture store,
+    to anyone holding a signed link (no key needed: an <img>, a chat front-end, a webhook
+    receiver), else under the owner rules; pictures=link: fetched from the provider, for a page
+    that downloads it (a `download` link to another origin is ignored by browsers)."""
+
+    signed = False  # this request carries a valid link signature
+    signed_for = 0  # seconds the link has left
+
+    async def prepare(self) -> None:  # type: ignore[override] # Tornado awaits a coroutine prepare()
+        if self.query_argument("signature") is not None:
+            await self.gateway.links.ready()  # the secret, from the store on the first link checked
+        super().prepare()
+
+    def identify(self) -> Caller:
+        expires, signature = self.query_argument("expires"), self.query_argument("signature")
+        if expires is None and signature is None:
+            return super().identify()
+        self.signed_for = self.gateway.links.check(self.request.path, expires or "", signature or "")
+        self.signed = True
+        self.caller = ANONYMOUS_CALLER
+        return self.caller
+
+    async def get(self, uuid: str, index: str) -> None:
+        self.task_uuid = validation.task_id(uuid)
         number = validation.picture_index(index)
-        fmt = validation.choice(self.query_argument("format") or "png", "format", tuple(FORMATS))
+        fmt = self.query_argument("format")
+        fmt = None if fmt is None else validation.choice(fmt, "format", tuple(FORMATS))
         compression = self.query_argument("compression")
         quality = None if compression is None else validation.integer(
             validation.whole_number(compression, 3), "compression", 0, 100)
+        if not self.signed:
+            await self.read_allowed()
+            await self.require_readable(self.task_uuid)
+        keeper = self.gateway.keeper
+        if keeper is None:
+            return await self.send_picture(*await self.from_source(number, fmt or "png", quality))
+        manifest = await keeper.manifest(self.task_uuid, functools.partial(self.completed_urls, number))
+        if number >= len(manifest.pictures):
+            raise self.no_picture(number, "completed")
+        kept = manifest.pictures[number]
+        if fmt is None or FORMATS[fmt] == kept.media_type:
+            data, kind, tag = await keeper.read(manifest, number), kept.media_type, kept.sha256
+        else:
+            task = await self.gateway.watcher.peek(self.task_uuid)
+            data, kind = await self.gateway.images.picture(task, number, fmt, quality)
+            tag = "%s-%s-%s" % (kept.sha256, fmt, images.quality_level(quality))
+        await self.send_picture(data, kind, tag)
+
+    async def completed_urls(self, number: int) -> tuple[str, ...]:
+        assert self.task_uuid is not None
         task = await self.gateway.watcher.peek(self.task_uuid)
         if task.status != COMPLETED or number >= len(task.image_urls):
-            raise ApiError(404, "Task %s has no picture %d (it is %s)" % (task.uuid, number, task.status),
-                           param="index", code="picture_not_found")
-        image, kind = await self.gateway.images.picture(task, number, fmt, quality)
+            raise self.no_picture(number, task.status)
+        return await self.gateway.picture_sources(task)
+
+    def no_picture(self, number: int, status: str) -> ApiError:
+        return ApiError(404, "Task %s has no picture %d (it is %s)" % (self.task_uuid, number, status),
+                        param="index", code="picture_not_found")
+
+    async def from_source(self, number: int, fmt: str, quality: int | None) -> tuple[bytes, str, str | None]:
+        await self.completed_urls(number)
+        task = await self.gateway.watcher.peek(self.task_uuid or "")
+        data, kind = await self.gateway.images.picture(task, number, fmt, quality)
+        return data, kind, None
+
+    async def send_picture(self, data: bytes, kind: str, tag: str | None) -> None:
         self.set_header("Content-Type", kind)
-        self.set_header("Content-Disposition", 'attachment; filename="%s_%d.%s"' % (task.uuid, number,
-                                                                                   kind.rpartition("/")[2]))
-        self.set_header("Cache-Control", "private, max-age=3600")
-        await self.stream_bytes(image)
+        self.set_header("Content-Disposition", 'attachment; filename="%s_%s.%s"' % (
+            self.task_uuid, self.path_args[1], kind.rpartition("/")[2]))
+        if self.signed:  # the link names one picture that never changes: cached until the link ends
+            self.set_header("Cache-Control", "public, max-age=%d, immutable" % self.signed_for)
+        else:
+            self.set_header("Cache-Control", "private, max-age=3600")
+        if tag is not None:
+            self.set_header("ETag", '"%s"' % tag)
+            self.set_header("Accept-Ranges", "bytes")
+            if self.check_etag_header():
+                self.set_status(304)
+                return await self.finish()
+            part = ranges.requested(self.request.headers.get("Range"), len(data))
+            if part is not None:
+                start, end = part
+                self.set_status(206)
+                self.set_header("Content-Range", "bytes %d-%d/%d" % (start, end - 1, len(data)))
+                return await self.stream_bytes(data, start, end)
+        await self.stream_bytes(data)
 
 
 class ModelsHandler(BaseHandler):
@@ -377,7 +474,7 @@ class TaskListHandler(BaseHandler):
         await self.read_allowed()
         owner = None if self.caller.admin else self.caller.name
         records, has_more = await reports.own_tasks(self.gateway.store, self.query_argument, owner)
-        self.send(openai_api.task_list(records, has_more))
+        self.send(openai_api.task_list(records, has_more, await self.linker()))
 
 
 class TaskEventsHandler(BaseHandler):
@@ -397,7 +494,8 @@ class TaskEventsHandler(BaseHandler):
             return
         if outcome.state in (COMPLETED, FAILED):
             assert outcome.task is not None
-            return await stream.end(outcome.state, openai_api.images_ready(outcome.task))
+            shown = await self.shown(outcome.task)
+            return await stream.end(outcome.state, openai_api.images_ready(outcome.task, *shown))
         if outcome.state == TIMEOUT:
             return await stream.end("expired", {"uuid": outcome.uuid, "status": "expired"})
         error = self.api_error(statuses.OutcomeError(outcome))
@@ -429,7 +527,8 @@ class ImagesHandler(BaseHandler):
             body: dict[str, Any] = (openai_api.task_progress(outcome.task) if outcome.task
                                     else {"uuid": outcome.uuid, "status": "unknown"})
             return self.send(body, 202, {"Retry-After": self.retry_after})
-        self.send(openai_api.images_ready(self.pictures(outcome)))
+        done = self.pictures(outcome)
+        self.send(openai_api.images_ready(done, *await self.shown(done)))
 
     async def peek_outcome(self) -> Outcome:
         assert self.task_uuid is not None

@@ -32,6 +32,9 @@ ROUTES = (
           "or the pictures in wait mode"),
     Route("/v1/images/generations", handlers.ImagesGenerationsHandler, ("POST",),
           "OpenAI images.generate: submit, wait, answer URLs or b64_json"),
+    Route("/v1/images/generations/{uuid}", handlers.ImagesResultHandler, ("GET",),
+          "A handed-off images.generate task's answer, as the POST would have given it (?response_format=, "
+          "?output_format=, ?output_compression=); 202 while it runs"),
     Route("/v1/models", handlers.ModelsHandler, ("GET",), "The models this gateway serves"),
     Route("/v1/models/{model}", handlers.ModelHandler, ("GET",), "One model"),
     Route("/v1/tasks", handlers.TaskListHandler, ("GET",),
@@ -44,7 +47,8 @@ ROUTES = (
     Route("/v1/images/{uuid}", handlers.ImagesHandler, ("GET",),
           "Long-poll until the task's images are ready (?timeout=, ?wait=false)"),
     Route("/v1/images/{uuid}/{index}", handlers.PictureHandler, ("GET",),
-          "One picture of a finished task, from the gateway's origin (for downloads from a page)"),
+          "One picture of a finished task, kept by the gateway (pictures=keep): with its link's signature "
+          "(?expires=&signature=) no key is needed; ?format=, ?compression= convert it; Range, ETag"),
     Route("/health", handlers.HealthHandler, ("GET",), "Liveness: cheap, never calls the upstream"),
     Route("/health/ready", handlers.ReadinessHandler, ("GET",),
           "Readiness: 503 while shutting down; whether the upstream answered recently"),

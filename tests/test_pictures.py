@@ -1,0 +1,240 @@
+"""Pictures that outlive their links (pictures=keep): fetched once on completion and kept, served
+by the gateway under signed links, 410 once removed, the OpenAI answer collected later."""
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import os
+import signal
+import time
+from urllib.parse import parse_qs, urlsplit
+
+import openai
+import pytest
+from PIL import Image
+
+from helpers import eventually
+from zimage_tornado.fake_upstream import render_png
+from zimage_tornado.links import ROUNDING
+from zimage_tornado.web import ranges
+from zimage_tornado.errors import ApiError
+
+KEYS = "sk-alice"
+AUTH = {"Authorization": "Bearer sk-alice"}
+
+
+def keeping(make_proxy, tmp_path, **overrides):
+    return make_proxy(pictures="keep", pictures_dir=str(tmp_path / "pictures"), **overrides)
+
+
+def kept_files(tmp_path):
+    objects = tmp_path / "pictures" / "objects"
+    return sorted(p for p in objects.rglob("*") if p.is_file()) if objects.exists() else []
+
+
+async def submit_and_wait(proxy, n=1, prompt="a lighthouse at dusk", headers=None, **extra):
+    code, body = await proxy.json("/v1/images/generations", "POST", {
+        "model": "zimage-turbo", "prompt": prompt, "n": n, "size": "256x256", **extra}, headers=headers)
+    assert code == 200, body
+    return body
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_completed_task_is_kept_with_nobody_waiting(make_proxy, fake, tmp_path):
+    proxy = keeping(make_proxy, tmp_path)
+    uuid = await proxy.submit("a red kite over the sea", batch_size=2)  # answered at once: nobody waits
+    manifest = tmp_path / "pictures" / "tasks" / ("%s.json" % uuid)
+    await eventually(manifest.exists, 10, 0.05, "the pictures were not kept")
+    kept = json.loads(manifest.read_text())
+    task = fake.tasks[uuid]
+    originals = [render_png(task["prompt"], i, task["width"], task["height"]) for i in range(2)]
+    assert [p["sha256"] for p in kept["pictures"]] == [hashlib.sha256(o).hexdigest() for o in originals]
+    assert [p["type"] for p in kept["pictures"]] == ["image/png", "image/png"]
+    assert len(kept["source_urls"]) == 2 and all(fake_url in kept["source_urls"][0] for fake_url in ["/images/"])
+    assert len(kept_files(tmp_path)) == 2
+    assert not list((tmp_path / "pictures" / "tmp").glob("tmp*"))  # written by rename, nothing left half-done
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_signed_links_serve_every_picture_after_the_providers_links_die(make_proxy, fake, tmp_path):
+    proxy = keeping(make_proxy, tmp_path, api_keys=KEYS)
+    body = await submit_and_wait(proxy, n=2, headers=AUTH)
+    links = [item["url"] for item in body["data"]]
+    assert all(link.startswith(proxy.url + "/v1/images/") and "signature=" in link for link in links)
+    uuid = urlsplit(links[0]).path.split("/")[3]
+    task = fake.tasks[uuid]
+    await eventually(lambda: (tmp_path / "pictures" / "tasks" / ("%s.json" % uuid)).exists(), 10, 0.05)
+    fake.links_live_for = 0  # the provider deletes its outputs
+    served_before = fake.images_served
+    for i, link in enumerate(links):
+        response = await proxy.http.fetch(link, raise_error=False)  # no Authorization: the signature is the key
+        assert response.code == 200, response.body
+        assert response.body == render_png(task["prompt"], i, task["width"], task["height"])
+        assert response.headers["Content-Type"] == "image/png"
+        assert response.headers["ETag"] == '"%s"' % hashlib.sha256(response.body).hexdigest()
+        assert "public" in response.headers["Cache-Control"] and "immutable" in response.headers["Cache-Control"]
+    assert fake.images_served == served_before  # from the store, not the dead links
+    whole = (await proxy.http.fetch(links[0])).body
+    part = await proxy.http.fetch(links[0], headers={"Range": "bytes=10-19"}, raise_error=False)
+    assert part.code == 206 and part.body == whole[10:20]
+    assert part.headers["Content-Range"] == "bytes 10-19/%d" % len(whole)
+    etag = part.headers["ETag"]
+    again = await proxy.http.fetch(links[0], headers={"If-None-Match": etag}, raise_error=False)
+    assert again.code == 304 and not again.body
+    # the long-poll, the task list and the event stream give the same links, the provider's as source_urls
+    code, ready = await proxy.json("/v1/images/%s" % uuid, headers=AUTH)
+    assert code == 200 and ready["image_urls"] == links and len(ready["source_urls"]) == 2
+    assert all("/images/%s_" % uuid in url for url in ready["source_urls"])
+    code, listed = await proxy.json("/v1/tasks", headers=AUTH)
+    assert listed["data"][0]["image_urls"] == links and listed["data"][0]["source_urls"] == ready["source_urls"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_tampered_or_expired_link_is_403_and_a_key_still_works(make_proxy, fake, tmp_path):
+    now = [time.time()]
+    proxy = keeping(make_proxy, tmp_path, api_keys=KEYS, clock=lambda: now[0], link_ttl=3600.0)
+    link = (await submit_and_wait(proxy, headers=AUTH))["data"][0]["url"]
+    query = parse_qs(urlsplit(link).query)
+    signature = query["signature"][0]
+    forged = link.replace(signature, ("A" if signature[0] != "A" else "B") + signature[1:])
+    response = await proxy.http.fetch(forged, raise_error=False)
+    assert response.code == 403 and json.loads(response.body)["error"]["code"] == "invalid_signature"
+    other_picture = link.replace("/0?", "/1?")  # a valid signature of another path
+    assert (await proxy.http.fetch(other_picture, raise_error=False)).code == 403
+    longer = link.replace("expires=%s" % query["expires"][0], "expires=%d" % (int(query["expires"][0]) + 86400))
+    assert (await proxy.http.fetch(longer, raise_error=False)).code == 403
+    now[0] += 3600 + ROUNDING + 1  # past its expiry
+    response = await proxy.http.fetch(link, raise_error=False)
+    assert response.code == 403 and json.loads(response.body)["error"]["code"] == "link_expired"
+    bare = link.split("?")[0]
+    assert (await proxy.http.fetch(bare, raise_error=False)).code == 401  # no signature, no key
+    assert (await proxy.http.fetch(bare, headers=AUTH, raise_error=False)).code == 200  # the owner's key
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_budget_keeps_at_most_its_bytes_and_the_oldest_answer_410(make_proxy, fake, tmp_path):
+    size = len(render_png("prompt 0", 0, 256, 256))
+    budget = 20 * size  # about 20 pictures
+    proxy = keeping(make_proxy, tmp_path, pictures_max_bytes=budget, upstream_reads_per_second=0, max_attempts=200)
+
+    async def one(i):
+        body = await submit_and_wait(proxy, prompt="prompt %d" % i)
+        return body["data"][0]["url"]
+    links = []
+    for start in range(0, 200, 20):
+        links += await asyncio.gather(*(one(i) for i in range(start, start + 20)))
+        tasks, wanted = tmp_path / "pictures" / "tasks", start + 20
+        await eventually(lambda: len(list(tasks.iterdir())) >= wanted, 10, 0.02)  # noqa: B023 - awaited here
+        files = kept_files(tmp_path)
+        assert sum(f.stat().st_size for f in files) <= budget  # after every settled write, not only at the end
+    response = await proxy.http.fetch(links[0], raise_error=False)
+    assert response.code == 410 and json.loads(response.body)["error"]["code"] == "picture_expired"
+    assert (await proxy.http.fetch(links[-1], raise_error=False)).code == 200
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_openai_answer_is_collected_later_through_the_sdk(make_proxy, fake, tmp_path, io_loop):
+    fake.reads_to_complete = 4
+    proxy = keeping(make_proxy, tmp_path)
+    response = await proxy.request("/v1/images/generations", "POST", {
+        "model": "zimage-turbo", "prompt": "a quiet harbour", "size": "512x512"}, headers={"Prefer": "wait=0"})
+    assert response.code == 202
+    location = response.headers["Location"]
+    assert location.startswith("/v1/images/generations/")
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="zimage-free", max_retries=0)
+
+    def collect():
+        return client.get(location.removeprefix("/v1"), cast_to=openai.types.ImagesResponse,
+                          options={"params": {"response_format": "b64_json", "output_format": "webp"}})
+    uuid = location.rsplit("/", 1)[1]
+    await eventually(lambda: fake.tasks[uuid]["reads"] >= 4 or None, 10, 0.05)
+    answer = await eventually(lambda: proxy.json(location), 10, 0.05)
+    assert answer[0] in (200, 202)
+    await eventually(lambda: _done(proxy, location), 10, 0.05)
+    images = await io_loop.run_in_executor(None, collect)
+    picture = Image.open(io.BytesIO(base64.b64decode(images.data[0].b64_json)))
+    assert picture.format == "WEBP" and picture.size == (512, 512)
+
+
+async def _done(proxy, location):
+    code, _ = await proxy.json(location)
+    return code == 200
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_the_answer_later_is_202_while_running_and_404_for_another_task(make_proxy, fake, tmp_path):
+    fake.outcome = "never"
+    proxy = keeping(make_proxy, tmp_path)
+    uuid = await proxy.submit("never ends")
+    code, body = await proxy.json("/v1/images/generations/%s" % uuid)
+    assert code == 202 and body["status"] in ("pending", "processing")
+    code, body = await proxy.json("/v1/images/generations/%s" % "0" * 8 + "-0000-4000-8000-000000000000")
+    assert code == 404
+    code, body = await proxy.json("/v1/images/generations/%s?output_compression=many" % uuid)
+    assert code == 400 and body["error"]["param"] == "output_compression"
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_pictures_link_keeps_the_providers_links(make_proxy, fake, tmp_path):
+    proxy = make_proxy(pictures="link", pictures_dir=str(tmp_path / "pictures"))
+    body = await submit_and_wait(proxy)
+    assert "/images/" in body["data"][0]["url"] and "signature" not in body["data"][0]["url"]
+    uuid = next(iter(fake.tasks))
+    code, ready = await proxy.json("/v1/images/%s" % uuid)
+    assert "source_urls" not in ready and ready["image_urls"][0].startswith(fake_origin(fake, ready))
+    await asyncio.sleep(0.3)
+    assert not kept_files(tmp_path)
+
+
+def fake_origin(fake, ready):
+    return ready["image_urls"][0].split("/images/")[0]
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_links_use_public_url_or_only_a_trusted_proxys_forwarded_host(make_proxy, fake, tmp_path):
+    proxy = keeping(make_proxy, tmp_path, public_url="https://images.example.com/")
+    assert (await submit_and_wait(proxy))["data"][0]["url"].startswith("https://images.example.com/v1/images/")
+    proxy = keeping(make_proxy, tmp_path, trusted_proxies="127.0.0.1")
+    body = await submit_and_wait(proxy, headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "gw.example"})
+    assert body["data"][0]["url"].startswith("https://gw.example/v1/images/")
+    proxy = keeping(make_proxy, tmp_path)
+    body = await submit_and_wait(proxy, headers={"X-Forwarded-Host": "evil.example"})
+    assert body["data"][0]["url"].startswith(proxy.url)
+
+
+def test_a_range_header_is_one_range_within_the_picture_or_the_whole():
+    assert ranges.requested(None, 100) is None
+    assert ranges.requested("bytes=0-9", 100) == (0, 10)
+    assert ranges.requested("bytes=90-", 100) == (90, 100)
+    assert ranges.requested("bytes=-10", 100) == (90, 100)
+    assert ranges.requested("bytes=0-999", 100) == (0, 100)
+    assert ranges.requested("bytes=0-1,5-9", 100) is None  # several: the whole picture
+    assert ranges.requested("items=0-1", 100) is None
+    with pytest.raises(ApiError) as raised:
+        ranges.requested("bytes=100-", 100)
+    assert raised.value.status == 416
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_crash_between_completion_and_the_fetch_keeps_the_pictures_after_restart(gateways, fake, tmp_path):
+    fake.hang_seconds = 30
+    fake.always("image", "hang")  # the fetch is under way, and stays so
+    gateway = gateways("--follow-interval=0.1")
+    await gateway.started()
+    response = await gateway.fetch("/v1/chat/completions", method="POST", body=json.dumps({
+        "model": "zimage-turbo", "messages": [{"role": "user", "content": "a lantern in the fog"}]}))
+    uuid = json.loads(response.body)["choices"][0]["message"]["content"]
+    await eventually(lambda: fake.calls["image"] >= 1, 15, 0.05, "the gateway did not start the fetch")
+    os.kill(gateway.proc.pid, signal.SIGKILL)
+    await gateway.stopped(None)
+    manifest = tmp_path / "pictures" / "tasks" / ("%s.json" % uuid)
+    assert not manifest.exists()
+    fake.always("image", None)
+    again = gateways()
+    await again.started()
+    await eventually(manifest.exists, 15, 0.05, lambda: "not kept after the restart:\n" + again.log())
+    task = fake.tasks[uuid]
+    picture = kept_files(tmp_path)[0].read_bytes()
+    assert picture == render_png(task["prompt"], 0, task["width"], task["height"])
