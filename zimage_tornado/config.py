@@ -111,6 +111,12 @@ class Settings:
                                                     "(answered 410 picture_expired) (0: no budget)")
     pictures_ttl: float = setting(30 * 86400.0, "Seconds a kept picture is served; then removed, and answered 410 "
                                                 "picture_expired (0: kept until the budget needs room)")
+    pictures_s3_url: str = setting("", "Keep pictures in an S3-compatible bucket instead of pictures_dir, so that "
+                                       "every instance of a fleet serves every picture: s3://bucket/prefix "
+                                       "(credentials: the standard AWS environment variables or credentials file)")
+    pictures_s3_endpoint: str = setting("https://s3.amazonaws.com", "The S3-compatible server of pictures_s3_url "
+                                                                    "(R2, MinIO, Ceph, rclone: http(s)://host:port)")
+    pictures_s3_region: str = setting("", "The bucket's region, if the server needs one named (AWS: us-east-1...)")
     public_url: str = setting("", "This gateway's address as clients reach it (https://images.example.com), for the "
                                   "links in answers; default: each request's scheme and host (X-Forwarded-Proto and "
                                   "-Host believed from trusted_proxies only)")
@@ -210,6 +216,10 @@ class Settings:
             raise ValueError("pictures must be keep or link")
         if self.pictures_max_bytes < 0 or self.pictures_ttl < 0 or self.link_ttl <= 0:
             raise ValueError("pictures_max_bytes and pictures_ttl must be 0 or more, link_ttl positive")
+        if self.pictures_s3_url:
+            from zimage_tornado.pictures.s3 import parse_bucket_url, parse_endpoint
+            parse_bucket_url(self.pictures_s3_url)
+            parse_endpoint(self.pictures_s3_endpoint)
         if self.link_secret and len(self.link_secret) < 32:
             raise ValueError("link_secret must be at least 32 characters (or unset: one is generated)")
         if self.public_url and (not self.public_url.startswith(("http://", "https://"))
@@ -387,8 +397,8 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Keys", ("api_keys", "api_keys_file", "task_visibility", "reads_per_minute", "metrics_public", "metrics_port",
               "metrics_address")),
     ("Store", ("database", "record_prompts", "record_ttl")),
-    ("Pictures", ("pictures", "pictures_dir", "pictures_max_bytes", "pictures_ttl", "public_url", "link_secret",
-                  "link_ttl")),
+    ("Pictures", ("pictures", "pictures_dir", "pictures_max_bytes", "pictures_ttl", "pictures_s3_url",
+                  "pictures_s3_endpoint", "pictures_s3_region", "public_url", "link_secret", "link_ttl")),
     ("Webhooks", ("webhook_secret", "webhook_hosts", "webhook_max_attempts", "webhook_retry_delays",
                   "webhook_timeout", "webhook_deliveries")),
     ("Fleet", ("redis_url", "redis_timeout", "redis_connections")),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -25,7 +24,7 @@ from zimage_tornado.images import SIDE_MARGIN, ImageFetcher, make_image_client
 from zimage_tornado.links import Links
 from zimage_tornado.metrics import Metrics
 from zimage_tornado.openai_api import ModelTable
-from zimage_tornado.pictures import Keeper, Shelf
+from zimage_tornado.pictures import Keeper, Shelf, open_backend
 from zimage_tornado.store import Admission, Store, StoreUnavailable
 from zimage_tornado.store.sqlite import SqliteStore
 from zimage_tornado.tenants import Caller, KeyRing, LiveKeys, Plan
@@ -130,11 +129,9 @@ class Gateway:
                            public_url=settings.public_url, clock=clock)
         self.keeper: Keeper | None = None
         if settings.pictures == "keep":
-            path = settings.pictures_path
-            self.keeper = Keeper(Shelf(path or tempfile.mkdtemp(prefix="zimage-pictures-"),
-                                       settings.pictures_max_bytes, settings.pictures_ttl, clock),
-                                 fetch=self.images.fetch, conversions=self.images.conversions, max_side=max_side,
-                                 cache_bytes=settings.image_cache_bytes, temporary=path is None)
+            shelf = Shelf(open_backend(settings), settings.pictures_max_bytes, settings.pictures_ttl, clock)
+            self.keeper = Keeper(shelf, fetch=self.images.fetch, conversions=self.images.conversions, max_side=max_side,
+                                 cache_bytes=settings.image_cache_bytes)
             self.images.kept = self.kept_picture
             self.metrics.watch_pictures(self.keeper)
             self._pictures_gc = PeriodicCallback(self.keeper.gc, PICTURES_GC_SECONDS * 1000)

@@ -549,6 +549,17 @@ def operations() -> dict[str, Any]:
         "security": [{"bearer": []}],
         "responses": {"200": json_response("Every key's limits, today's use and last submit", ref("KeyList")),
                       **ADMIN_ERRORS}}},
+    "/admin/pictures": {"get": {
+        "security": [{"bearer": []}],
+        "responses": {"200": json_response("The picture store", {
+            "type": "object", "required": ["object", "mode"],
+            "properties": {"object": {"const": "picture_store"}, "mode": {"enum": ["keep", "link"]},
+                           "store": {"type": "string"}, "bytes": {"type": "integer"},
+                           "pictures": {"type": "integer"}, "budget_bytes": {"type": "integer"},
+                           "ttl_seconds": {"type": "number"}, "oldest_kept_at": NUMBER_OR_NULL,
+                           "stored": {"type": "integer"}, "evicted": {"type": "integer"},
+                           "expired": {"type": "integer"}, "failed": {"type": "integer"}}}),
+                      **ADMIN_ERRORS}}},
     "/admin/webhooks": {"get": {
         "security": [{"bearer": []}],
         "parameters": [KEY_PARAM, WEBHOOK_STATUS, LIMIT_PARAM(1000)],

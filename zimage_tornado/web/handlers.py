@@ -104,6 +104,16 @@ class AdminKeysHandler(BaseHandler):
         self.send({"object": "list", "data": summaries})
 
 
+class AdminPicturesHandler(BaseHandler):
+    def get(self) -> None:
+        self.require_admin()
+        keeper = self.gateway.keeper
+        if keeper is None:
+            return self.send({"object": "picture_store", "mode": "link"})
+        self.send({"object": "picture_store", "mode": "keep", "store": keeper.shelf.backend.describe(),
+                   **keeper.shelf.usage(), "failed": keeper.failed})
+
+
 class AdminUsageCsvHandler(BaseHandler):
     async def get(self) -> None:
         self.require_admin()

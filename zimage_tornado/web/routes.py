@@ -66,6 +66,9 @@ ROUTES = (
           "Admin keys: the filtered tasks as CSV (the same filters; up to 10,000 rows)"),
     Route("/admin/keys", handlers.AdminKeysHandler, ("GET",),
           "Admin keys: every key's limits, today's use and when it last submitted (never a secret)"),
+    Route("/admin/pictures", handlers.AdminPicturesHandler, ("GET",),
+          "Admin keys: the picture store: where, bytes, pictures, budget, age limit, oldest picture, and pictures "
+          "stored, evicted, expired and failed since start"),
     Route("/admin/webhooks", handlers.AdminWebhooksHandler, ("GET",),
           "Admin keys: webhook messages with their URL, type, attempts, last status or error and next attempt "
           "(?key=, ?status=, ?limit=)"),

@@ -1,12 +1,11 @@
 """Pictures that outlive their links: every finished task's pictures, fetched once and kept.
 
-The shelf is a directory: `objects/ab/<sha256>` for the pictures (named by their content, so a
-picture is written once however many tasks share it), `tasks/<uuid>.json` for what each task
-holds (its pictures' hashes, media types and sizes, when they were kept, and the provider's
-links as `source_urls`). Every file is written to `tmp/` and renamed into place, so a reader
-never sees half of one and a crash leaves no torn file. The budget (`pictures_max_bytes`) and
-age (`pictures_ttl`) are applied after each write: the oldest pictures go first, and a task
-whose picture is gone answers 410 picture_expired.
+The shelf holds the pictures, named by their SHA-256 (a picture is written once however many
+tasks share it), and a manifest per task (its pictures' hashes, media types and sizes, when they
+were kept, and the provider's links as `source_urls`), in a directory (pictures/directory.py)
+or an S3-compatible bucket (pictures/s3.py); either writes a file whole or not at all. The
+budget (`pictures_max_bytes`) and age (`pictures_ttl`) are applied after each write: the
+oldest pictures go first, and a task whose picture is gone answers 410 picture_expired.
 
 The keeper fetches a task's pictures the moment the engine sees it complete, whether anyone
 waits or not; a read that arrives during the fetch joins it. At start, completed tasks recorded
@@ -15,23 +14,22 @@ without their pictures (a crash between completion and the fetch) are fetched ag
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, ContextManager, Iterator
 
+from zimage_tornado.config import Settings
 from zimage_tornado.errors import ApiError
 from zimage_tornado.images import ByteBoundedCache, Conversions, NotAPicture
 from zimage_tornado.store import Store, TaskQuery, utc_day
@@ -78,89 +76,122 @@ class PictureGone(ApiError):
                               "generate it again" % (index, uuid), param="index", code="picture_expired")
 
 
-class Shelf:
-    """The directory. Its methods block (file I/O): the keeper runs them on its own thread."""
+class Backend(abc.ABC):
+    """Where the shelf's bytes live: a directory (pictures/directory.py) or an S3-compatible
+    bucket (pictures/s3.py). Every method blocks: the keeper calls them on its own thread."""
 
-    def __init__(self, root: str, max_bytes: int, ttl: float, clock: Callable[[], float] = time.time) -> None:
-        self.root = root
+    name = "directory"
+
+    @abc.abstractmethod
+    def put_object(self, digest: str, data: bytes, media_type: str) -> None:
+        """Writes a picture whole or not at all (never half of one under its name)."""
+
+    @abc.abstractmethod
+    def refresh_object(self, digest: str, data: bytes) -> bool:
+        """Marks a picture kept now, if it is there (False if not)."""
+
+    @abc.abstractmethod
+    def get_object(self, digest: str, limit: int) -> bytes | None:
+        """At most `limit` bytes of a picture; None if it is not there."""
+
+    @abc.abstractmethod
+    def delete_object(self, digest: str) -> None:
+        """Removes a picture (nothing if it is gone already)."""
+
+    @abc.abstractmethod
+    def list_objects(self) -> Iterator[tuple[str, int, float]]:
+        """Every picture: (sha256, bytes, kept at)."""
+
+    @abc.abstractmethod
+    def put_manifest(self, uuid: str, data: bytes) -> None:
+        """Writes a task's manifest whole or not at all."""
+
+    @abc.abstractmethod
+    def get_manifest(self, uuid: str) -> bytes | None:
+        """A task's manifest; None if it has none."""
+
+    @abc.abstractmethod
+    def old_manifests(self, before: float) -> Iterator[str]:
+        """The uuids of manifests written before `before`."""
+
+    @abc.abstractmethod
+    def delete_manifest(self, uuid: str) -> None:
+        """Removes a task's manifest."""
+
+    def lock(self) -> ContextManager[Any]:
+        """Held while writing and removing (processes sharing a directory take turns)."""
+        return contextlib.nullcontext()
+
+    def cleanup(self, now: float) -> None:  # noqa: B027 - an optional step: most backends have nothing to do
+        """Removes what a crash left half-done, if the backend can leave any."""
+
+    def close(self) -> None:  # noqa: B027 - likewise
+        """Lets go of what it holds."""
+
+    def describe(self) -> str:
+        """Where the pictures are, for logs and the admin page (never a credential)."""
+        return self.name
+
+
+def open_backend(settings: Settings) -> Backend:
+    """The backend the settings name: a bucket with pictures_s3_url, else a directory (a
+    temporary one, removed at close, when the database keeps nothing either)."""
+    if settings.pictures_s3_url:
+        from zimage_tornado.pictures.s3 import Bucket
+        return Bucket(settings.pictures_s3_url, settings.pictures_s3_endpoint, settings.pictures_s3_region)
+    from zimage_tornado.pictures.directory import Directory
+    path = settings.pictures_path
+    return Directory(path or tempfile.mkdtemp(prefix="zimage-pictures-"), temporary=path is None)
+
+
+MANIFEST_LIMIT = 1024 * 1024  # a manifest names a batch's pictures: far less than this
+
+
+class Shelf:
+    """The pictures and what each task holds, over a backend: the budget and age are applied
+    here, on an index of what is stored (rebuilt at start and every RESCAN_SECONDS, for what
+    other processes or instances stored meanwhile)."""
+
+    def __init__(self, backend: Backend, max_bytes: int, ttl: float, clock: Callable[[], float] = time.time) -> None:
+        self.backend = backend
         self.max_bytes = max_bytes
         self.ttl = ttl
         self.clock = clock
         self.counters: Counter[str] = Counter()
-        for part in ("objects", "tasks", "tmp"):
-            os.makedirs(os.path.join(root, part), exist_ok=True)
         self._index: dict[str, tuple[int, float]] = {}  # sha256 -> (bytes, kept at)
         self._scanned = 0.0
         self.scan()
 
-    def _object(self, digest: str) -> str:
-        return os.path.join(self.root, "objects", digest[:2], digest)
-
-    def _manifest(self, uuid: str) -> str:
-        return os.path.join(self.root, "tasks", uuid.lower() + ".json")
-
-    def _write(self, path: str, data: bytes) -> None:
-        """Written whole or not at all: a temporary file, flushed to disk, renamed into place."""
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=os.path.join(self.root, "tmp"))
-        try:
-            with os.fdopen(handle, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-            raise
-
-    def _locked(self) -> Any:
-        """Processes sharing the directory write and evict one at a time."""
-        lock = open(os.path.join(self.root, "tmp", ".lock"), "w")
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return lock
-
     def scan(self) -> None:
-        """The index of what is on disk (at start, and every RESCAN_SECONDS for other processes' writes)."""
-        index: dict[str, tuple[int, float]] = {}
-        objects = os.path.join(self.root, "objects")
-        for sub in os.scandir(objects):
-            if not sub.is_dir():
-                continue
-            for entry in os.scandir(sub.path):
-                if DIGEST_RE.match(entry.name):
-                    stat = entry.stat()
-                    index[entry.name] = (stat.st_size, stat.st_mtime)
-        self._index = index
+        self._index = {digest: (size, at) for digest, size, at in self.backend.list_objects()
+                       if DIGEST_RE.match(digest)}
         self._scanned = self.clock()
 
     def put(self, uuid: str, pictures: list[tuple[bytes, str]], source_urls: tuple[str, ...]) -> Manifest:
-        """Keeps a task's pictures and then its manifest; applies the budget and age after."""
+        """Keeps a task's pictures, then its manifest (a manifest never names a picture not yet
+        stored); applies the budget and age after."""
         now = self.clock()
         kept = []
-        with self._locked():
+        with self.backend.lock():
             for data, media_type in pictures:
                 digest = hashlib.sha256(data).hexdigest()
-                path = self._object(digest)
-                if os.path.exists(path):
-                    os.utime(path)  # kept again: young again
-                else:
-                    self._write(path, data)
+                if not self.backend.refresh_object(digest, data):  # kept again: young again
+                    self.backend.put_object(digest, data, media_type)
                 self._index[digest] = (len(data), now)
                 kept.append(Kept(digest, media_type, len(data)))
                 self.counters["stored"] += 1
             manifest = Manifest(uuid, now, tuple(kept), source_urls)
-            self._write(self._manifest(uuid), json.dumps(manifest.as_dict()).encode())
+            self.backend.put_manifest(uuid.lower(), json.dumps(manifest.as_dict()).encode())
             self._settle(now)
         return manifest
 
     def manifest(self, uuid: str) -> Manifest | None:
-        try:
-            with open(self._manifest(uuid), "rb") as f:
-                return Manifest.parse(json.load(f))
-        except FileNotFoundError:
+        data = self.backend.get_manifest(uuid.lower())
+        if data is None:
             return None
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        try:
+            return Manifest.parse(json.loads(data))
+        except (ValueError, KeyError, TypeError) as e:
             log.warning("task %s: its picture manifest is unreadable (%s); fetching its pictures again", uuid, e)
             return None
 
@@ -169,12 +200,8 @@ class Shelf:
         picture = manifest.pictures[index]
         if self.ttl and self.clock() - manifest.kept_at > self.ttl:
             raise PictureGone(manifest.uuid, index)
-        try:
-            with open(self._object(picture.sha256), "rb") as f:
-                data = f.read(picture.size + 1)
-        except FileNotFoundError:
-            raise PictureGone(manifest.uuid, index) from None
-        if len(data) != picture.size:  # not what was kept: never served as if it were
+        data = self.backend.get_object(picture.sha256, picture.size + 1)
+        if data is None or len(data) != picture.size:  # gone, or not what was kept: never served as if it were
             raise PictureGone(manifest.uuid, index)
         return data
 
@@ -188,27 +215,21 @@ class Shelf:
             old = bool(self.ttl) and now - kept_at > self.ttl
             if not old and (not self.max_bytes or total <= self.max_bytes):
                 break
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._object(digest))
+            self.backend.delete_object(digest)
             del self._index[digest]
             total -= size
             self.counters["expired" if old else "evicted"] += 1
 
-    def gc(self) -> dict[str, int]:
+    def gc(self) -> dict[str, Any]:
         """The budget and age applied now, and manifests of tasks past the age removed."""
         now = self.clock()
-        with self._locked():
+        with self.backend.lock():
             self.scan()
             self._settle(now)
             if self.ttl:
-                for entry in os.scandir(os.path.join(self.root, "tasks")):
-                    if entry.name.endswith(".json") and now - entry.stat().st_mtime > self.ttl:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(entry.path)
-            for entry in os.scandir(os.path.join(self.root, "tmp")):  # a crash's leftovers
-                if entry.name != ".lock" and now - entry.stat().st_mtime > 3600:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
+                for uuid in list(self.backend.old_manifests(now - self.ttl)):
+                    self.backend.delete_manifest(uuid)
+            self.backend.cleanup(now)
         return self.usage()
 
     def usage(self) -> dict[str, Any]:
@@ -223,12 +244,11 @@ class Keeper:
     """Fetches, checks and keeps a task's pictures once, and serves them."""
 
     def __init__(self, shelf: Shelf, *, fetch: Callable[[str], Awaitable[bytes]], conversions: Conversions,
-                 max_side: int, cache_bytes: int, temporary: bool = False) -> None:
+                 max_side: int, cache_bytes: int) -> None:
         self.shelf = shelf
         self.fetch = fetch  # one URL's bytes, through the image fetcher's rules (public hosts, size limit)
         self.conversions = conversions
         self.max_side = max_side
-        self.temporary = temporary  # a directory of its own, removed at close (database :memory:)
         self.failed = 0
         self.cache = ByteBoundedCache(cache_bytes)  # pictures being served, shared by every client
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="picture-store")
@@ -330,5 +350,4 @@ class Keeper:
             future.cancel()
         await asyncio.gather(*self._keeping.values(), return_exceptions=True)
         self._thread.shutdown(wait=True)
-        if self.temporary:
-            shutil.rmtree(self.shelf.root, ignore_errors=True)
+        self.shelf.backend.close()
