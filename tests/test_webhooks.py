@@ -310,3 +310,22 @@ def test_secrets_are_checked_at_start_and_keys_secret_makes_a_good_one(capsys, t
         load_keys("", str(keys))
     with pytest.raises(ValueError, match="webhook_retry_delays"):
         Settings(webhook_retry_delays="soon")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_with_public_url_a_completed_webhook_gives_links_that_outlive_the_providers(
+        make_proxy, fake, receiver, tmp_path):
+    shared = dict(WEBHOOKS, pictures="keep", pictures_dir=str(tmp_path / "pictures"), link_secret="s" * 32)
+    public = make_proxy(**shared)  # the address receivers are given: another gateway on the same store
+    proxy = make_proxy(**shared, public_url=public.url)
+    uuid = await submit(proxy, {"webhook": receiver.url, "batch_size": 2})
+    await eventually(lambda: len(receiver.calls) == 1, 10)
+    event = receiver.payloads()[0]
+    assert event["type"] == "task.completed" and len(event["image_urls"]) == 2
+    assert event["data"]["data"]["task"]["taskStatus"] == "completed"  # the provider's document, unchanged
+    await eventually(lambda: (tmp_path / "pictures" / "tasks" / ("%s.json" % uuid)).exists(), 10)
+    fake.links_live_for = 0
+    for link in event["image_urls"]:  # a late receiver: no key, the provider's links dead
+        assert link.startswith(public.url + "/v1/images/%s/" % uuid)
+        response = await proxy.http.fetch(link, raise_error=False)
+        assert response.code == 200 and response.body.startswith(b"\x89PNG")

@@ -99,12 +99,13 @@ class Accounts:
                       caller.name, e)
             raise NotRecorded(task.uuid, e) from e
 
-    async def finished(self, task: Task) -> None:
+    async def finished(self, task: Task, links: tuple[str, ...] | None = None) -> None:
         """The engine saw a task's final state (once per task while it is cached); its webhook
-        message, if it has a webhook, goes in the same store write."""
+        message, if it has a webhook, goes in the same store write (with `links`, the gateway's
+        own links to its pictures)."""
         now = self.clock()
         await self.store.finish_task(task.uuid, task.status, now, len(task.image_urls), task.error,
-                                     list(task.image_urls), final_notice(task, now))
+                                     list(task.image_urls), final_notice(task, now, links))
         self.on_notice()
 
     async def expired(self, uuid: str) -> None:

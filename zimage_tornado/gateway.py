@@ -195,9 +195,18 @@ class Gateway:
 
     async def finished(self, task: Task) -> None:
         """The engine saw a task end: its record, then (completed) its pictures kept, in the background."""
-        await self.accounts.finished(task)
-        if self.keeper is not None and task.status == COMPLETED:
-            self.keeper.start(task.uuid, await self.picture_sources(task))
+        if self.keeper is None or task.status != COMPLETED:
+            return await self.accounts.finished(task)
+        sources = await self.picture_sources(task)
+        links = None
+        if self.settings.public_url:  # a webhook receiver gets links that outlive the provider's
+            try:
+                await self.links.ready()
+                links = self.links.pictures(self.settings.public_url, task.uuid, len(sources))
+            except StoreUnavailable as e:
+                log.warning("task %s: its webhook gives the provider's links (no link secret: %s)", task.uuid, e)
+        await self.accounts.finished(task, links)
+        self.keeper.start(task.uuid, sources)
 
     async def picture_sources(self, task: Task) -> tuple[str, ...]:
         """The links of a completed task's pictures that the gateway fetches: no more than it asked

@@ -81,10 +81,12 @@ def requested(params: dict[str, Any]) -> WebhookRequest | None:
     return WebhookRequest(url, events)
 
 
-def body(event: str, at: float, data: Any) -> str:
-    """A message's JSON, as sent and signed."""
-    return json.dumps({"type": event, "timestamp": iso_time(at), "data": data}, ensure_ascii=False,
-                      separators=(",", ":"))
+def body(event: str, at: float, data: Any, image_urls: tuple[str, ...] | None = None) -> str:
+    """A message's JSON, as sent and signed; `image_urls`: the gateway's own links to the pictures."""
+    message: dict[str, Any] = {"type": event, "timestamp": iso_time(at), "data": data}
+    if image_urls is not None:
+        message["image_urls"] = list(image_urls)
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
 
 
 def iso_time(at: float) -> str:
@@ -95,10 +97,10 @@ def message_id() -> str:
     return "msg_" + uuidlib.uuid4().hex
 
 
-def final_notice(task: Task, at: float) -> Notice | None:
+def final_notice(task: Task, at: float, image_urls: tuple[str, ...] | None = None) -> Notice | None:
     """The message of a task's end, for finish_task (written only if the task subscribed)."""
     event = FINAL_EVENTS.get(task.status)
-    return None if event is None else Notice(message_id(), event, body(event, at, task.document), at)
+    return None if event is None else Notice(message_id(), event, body(event, at, task.document, image_urls), at)
 
 
 def expired_notice(uuid: str, at: float, reason: str) -> Notice:
