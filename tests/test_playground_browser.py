@@ -132,6 +132,25 @@ def test_prompt_to_pictures_in_the_demo(browser, gateways):
     assert loaded_images(browser) == []
 
 
+def test_a_signed_picture_link_loads_as_an_img_with_no_key_and_a_forged_one_does_not(browser, gateways):
+    url = gateways("--demo", "--demo-seconds=0.3", "--poll_interval=0.1", "--api_keys=sk-owner")
+    request = urllib.request.Request(url + "/v1/images/generations", method="POST", headers={
+        "Authorization": "Bearer sk-owner", "Content-Type": "application/json"},
+        data=json.dumps({"prompt": "a kite", "size": "256x256"}).encode())
+    with urllib.request.urlopen(request, timeout=20) as answer:
+        link = json.loads(answer.read())["data"][0]["url"]
+    assert "signature=" in link
+    browser.get(url + "/playground")  # any page of the gateway's: the <img> has no key to send
+
+    def loaded(src):
+        return browser.execute_async_script(
+            "const done = arguments[arguments.length - 1], img = new Image();"
+            "img.onload = () => done([img.naturalWidth, img.naturalHeight]); img.onerror = () => done(null);"
+            "img.src = arguments[0];", src)
+    assert loaded(link) == [256, 256]
+    assert loaded(link.replace("signature=", "signature=x")) is None  # 403: not a picture
+
+
 def test_root_sends_browsers_to_the_playground(browser, gateways):
     url = gateways("--demo")
     browser.get(url + "/")
@@ -198,6 +217,8 @@ def test_admin_page_charts_usage_lists_keys_filters_pages_and_downloads_csv(brow
                   for row in browser.find_elements(By.CSS_SELECTOR, "#keys tbody tr")}
     assert keys_table["alice"][3:6] == ["3 / 3", "2", "0"]  # today's images against the quota, tasks, refused
     assert keys_table["ops"][1] == "yes" and keys_table["bob"][4] == "53" and keys_table["ops"][-1] == "never"
+    store = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#pictures tbody td")]
+    assert store[0].startswith("directory ") and store[0].endswith("pictures") and store[3] != "0"  # kept pictures
     # numbers sit under their headings: both right-aligned
     aligned = browser.execute_script(
         "const h = document.querySelectorAll('#keys th')[4], c = document.querySelector('#keys tbody td:nth-child(5)');"
