@@ -7,15 +7,13 @@ import asyncio
 import hashlib
 import http.client
 import json
-import os
-import struct
 import time
-import zlib
 
 import pytest
 from tornado.testing import bind_unused_port
 
 from helpers import eventually, port_of
+from zimage_tornado.fake_upstream import noise_png
 
 CHAT = {"model": "zimage-turbo", "prompt": "a lighthouse"}
 
@@ -83,17 +81,6 @@ async def test_addresses_of_one_ipv6_network_share_one_limit(make_proxy, fake):
     other = await proxy.request("/v1/chat/completions", "POST", CHAT, headers={"X-Forwarded-For": "2001:db8:1:3::1"})
     assert other.code == 200  # another /64 is another client
     assert fake.calls["generate"] == 4
-
-
-def noise_png(side: int) -> bytes:
-    """A valid RGB PNG of random pixels, stored uncompressed: side * side * 3 bytes and a little more."""
-    raw = b"".join(b"\0" + os.urandom(side * 3) for _ in range(side))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 0))
-            + chunk(b"IEND", b""))
 
 
 @pytest.mark.gen_test(timeout=60)

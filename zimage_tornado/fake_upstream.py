@@ -71,6 +71,7 @@ class FakeZImage:
         self.images_served = 0
         self.image_override: bytes | None = None  # every picture is these bytes (a large one, say)
         self.links_live_for: float | None = None  # a task's pictures are gone this many seconds after its submit
+        self.noise_side = 0  # every picture random noise of this side (large, incompressible, distinct)
         self.redirects = 0
         self.request_headers: list[dict[str, str]] = []  # of every call, in order
         self.peers: set[Any] = set()  # the client addresses (ip, port) calls came from: one per connection
@@ -301,10 +302,13 @@ class _ImageHandler(_FakeHandler):
         if lifetime is not None and time.monotonic() - task["created"] > lifetime:  # a host that deletes outputs
             return self.reply({"success": False, "error": "This output has expired"}, 404)
         self.set_header("Content-Type", "image/png")
-        png = self.fake.image_override or render_png(task["prompt"], int(index), task["width"], task["height"])
-        self.fake.image_bytes_sent += len(png)
+        if self.fake.noise_side:
+            picture = noise_png(self.fake.noise_side, "%s#%s" % (task_uuid, index))
+        else:
+            picture = self.fake.image_override or render_png(task["prompt"], int(index), task["width"], task["height"])
+        self.fake.image_bytes_sent += len(picture)
         self.fake.images_served += 1
-        self.finish(png)
+        self.finish(picture)
 
     async def endless(self) -> None:
         self.set_header("Content-Type", "image/png")
@@ -355,13 +359,24 @@ def render_png(prompt: str, index: int, width: int, height: int) -> bytes:
             * (edges[s + 1] - edges[s])
             for s in range(stripes))
         rows.append(b"\x00" + pixels)  # filter type 0 for each scanline
-    raw = b"".join(rows)
+    return png(width, height, b"".join(rows), 6)
 
+
+def noise_png(side: int, seed: Any = None) -> bytes:
+    """A valid RGB PNG of random pixels, stored uncompressed (side * side * 3 bytes and a little
+    more): what a large picture costs, byte for byte. `seed` makes it the same each time."""
+    draw = random.Random(seed).randbytes if seed is not None else random.randbytes
+    return png(side, side, b"".join(b"\0" + draw(side * 3) for _ in range(side)), 0)
+
+
+def png(width: int, height: int, raw: bytes, level: int) -> bytes:
+    """8-bit RGB scanlines (each with its filter byte) as a PNG file."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, level))
+            + chunk(b"IEND", b""))
 
 
 def main() -> None:
@@ -378,6 +393,8 @@ def main() -> None:
     parser.add_argument("--fault-rate", type=float, default=0.0, help="share of calls that fail at random")
     parser.add_argument("--hang-seconds", type=float, default=5.0)
     parser.add_argument("--image-bytes", type=int, default=0, help="serve every picture as this many bytes")
+    parser.add_argument("--noise-side", type=int, default=0,
+                        help="every picture random noise of this side (3 x side^2 bytes, distinct per picture)")
     parser.add_argument("--links-live-for", type=float, default=None,
                         help="a task's pictures answer 404 this many seconds after its submit")
     args = parser.parse_args()
@@ -387,6 +404,7 @@ def main() -> None:
                           completion_spread=args.completion_spread, fault_rate=args.fault_rate,
                           hang_seconds=args.hang_seconds)
         fake.links_live_for = args.links_live_for
+        fake.noise_side = args.noise_side
         if args.image_bytes:
             fake.image_override = b"\x89PNG\r\n\x1a\n" + random.Random(0).randbytes(args.image_bytes - 8)
         HTTPServer(fake.make_app()).listen(args.port, args.address)

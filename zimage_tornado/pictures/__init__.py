@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, ContextManager, Iterator
 
 from zimage_tornado.config import Settings
+from zimage_tornado.cache import ResultCache
 from zimage_tornado.errors import ApiError
 from zimage_tornado.images import ByteBoundedCache, Conversions, NotAPicture
 from zimage_tornado.store import Store, TaskQuery, utc_day
@@ -144,6 +145,8 @@ def open_backend(settings: Settings) -> Backend:
     return Directory(path or tempfile.mkdtemp(prefix="zimage-pictures-"), temporary=path is None)
 
 
+MANIFESTS_CACHED = 10_000
+MANIFEST_SECONDS = 3600.0  # another instance may remove a task's manifest (gc): forgotten within this
 MANIFEST_LIMIT = 1024 * 1024  # a manifest names a batch's pictures: far less than this
 
 
@@ -254,6 +257,8 @@ class Keeper:
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="picture-store")
         self._keeping: dict[str, asyncio.Future[Manifest]] = {}
         self._reading: dict[str, asyncio.Future[bytes]] = {}
+        # manifests never change once written: a hot picture costs no disk or bucket read for its manifest
+        self.manifests: ResultCache[Manifest, str] = ResultCache(MANIFESTS_CACHED, MANIFEST_SECONDS)
         self._background: set[asyncio.Future[Manifest]] = set()
 
     async def _io(self, call: Callable[..., Any], *args: Any) -> Any:
@@ -300,13 +305,16 @@ class Keeper:
     async def manifest(self, uuid: str, urls: Callable[[], Awaitable[tuple[str, ...]]]) -> Manifest:
         """The task's kept pictures: kept now (joining a fetch in flight) if they are not yet;
         `urls` gives the provider's links then."""
-        pending = self._keeping.get(uuid)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        manifest: Manifest | None = await self._io(self.shelf.manifest, uuid)
+        manifest: Manifest | None = self.manifests.get(uuid)
         if manifest is not None:
             return manifest
-        return await asyncio.shield(self._join(uuid, await urls()))
+        pending = self._keeping.get(uuid)
+        if pending is None:
+            manifest = await self._io(self.shelf.manifest, uuid)
+        if manifest is None:
+            manifest = await asyncio.shield(pending or self._join(uuid, await urls()))
+        self.manifests.put(uuid, manifest)
+        return manifest
 
     async def read(self, manifest: Manifest, index: int) -> bytes:
         """A kept picture's bytes: from the cache, or one read from disk shared by every client
