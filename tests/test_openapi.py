@@ -79,6 +79,10 @@ async def test_real_answers_match_the_document(make_proxy, fake, tmp_path):
     await call("/v1/chat/completions", "/v1/chat/completions", "POST", {**chat, "prompt": "x" * 6000})
     await call("/v1/chat/completions", "/v1/chat/completions", "POST", {**chat, "wait": True})
     await call("/v1/chat/completions", "/v1/chat/completions", "POST", {**chat, "stream": True})
+    await call("/v1/chat/completions", "/v1/chat/completions", "POST", {  # an image tool offered: called
+        "model": "zimage-turbo", "messages": [{"role": "user", "content": "a fox"}],
+        "tools": [{"type": "function", "function": {"name": "generate_image", "parameters": {
+            "type": "object", "properties": {"prompt": {"type": "string"}}}}}]})
     for fault in ("429", "500"):
         fake.inject("generate", fault)
         await call("/v1/chat/completions", "/v1/chat/completions", "POST", chat)

@@ -120,9 +120,22 @@ SCHEMAS: dict[str, Any] = {
                     "index": {"type": "integer"},
                     "message": {"type": "object", "required": ["role", "content"], "properties": {
                         "role": {"const": "assistant"},
-                        "content": {"type": "string", "description": "The task uuid, or markdown images in wait mode"},
-                        "task_uuid": {"type": "string"}}},
-                    "finish_reason": {"const": "stop"}}}},
+                        "content": {"type": ["string", "null"],
+                                    "description": "The task uuid, or markdown images in wait mode; null with "
+                                                   "tool_calls"},
+                        "task_uuid": {"type": "string"},
+                        "tool_calls": {"type": "array", "description": "A request offering an image tool "
+                                                                       "(generate_image, image_tools): one call of "
+                                                                       "it with the prompt; no job is made",
+                                       "items": {"type": "object", "required": ["id", "type", "function"],
+                                                 "properties": {"id": {"type": "string"},
+                                                                "type": {"const": "function"},
+                                                                "function": {"type": "object",
+                                                                             "required": ["name", "arguments"],
+                                                                             "properties": {
+                                                                                 "name": {"type": "string"},
+                                                                                 "arguments": {"type": "string"}}}}}}}},
+                    "finish_reason": {"enum": ["stop", "tool_calls"]}}}},
             "usage": {"type": "object", "properties": {"prompt_tokens": {"type": "integer"},
                                                         "completion_tokens": {"type": "integer"},
                                                         "total_tokens": {"type": "integer"}}},
@@ -395,7 +408,12 @@ def operations() -> dict[str, Any]:
                 "200": {"description": "The chat completion, or with stream=true Server-Sent Events of "
                                        "chat.completion.chunk objects ending with data: [DONE]",
                         "content": {"application/json": {"schema": ref("ChatCompletion")},
-                                    "text/event-stream": {"schema": {"type": "string"}}}},
+                                    "text/event-stream": {"schema": {
+                                        "type": "string",
+                                        "description": "chat.completion.chunk events; in wait mode progress in "
+                                                       "delta.reasoning_content (chat_progress), the pictures in "
+                                                       "delta.content; an image tool call as delta.tool_calls "
+                                                       "with finish_reason tool_calls"}}}},
                 **PREFERRED_WAIT_RAN_OUT, **submit_errors, **ACCEPTED_ERRORS},
         }},
         "/v1/completions": {"post": {
