@@ -308,3 +308,24 @@ async def test_admins_see_the_store_and_the_command_line_applies_its_age(make_pr
         os.utime(picture, (time.time() - 10, time.time() - 10))  # kept ten seconds ago
     after = command("gc")
     assert after["pictures"] == 0 and after["expired"] == 2 and not kept_files(tmp_path)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_keys_own_pictures_ttl_ends_its_pictures_sooner_and_gc_removes_them(make_proxy, fake, tmp_path):
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[keys.alice]\nkey = "sk-alice"\npictures_ttl = 60\n[keys.bob]\nkey = "sk-bob"\n')
+    now = [time.time()]
+    proxy = keeping(make_proxy, tmp_path, api_keys_file=str(keys), clock=lambda: now[0])
+    alice = (await submit_and_wait(proxy, prompt="alice's", headers={"Authorization": "Bearer sk-alice"}))["data"]
+    bob = (await submit_and_wait(proxy, prompt="bob's", headers={"Authorization": "Bearer sk-bob"}))["data"]
+    await eventually(lambda: len(kept_files(tmp_path)) == 2, 10, 0.05)
+    alices_picture = tmp_path / "pictures" / "objects"
+    assert (await proxy.http.fetch(alice[0]["url"], raise_error=False)).code == 200
+    now[0] += 61
+    response = await proxy.http.fetch(alice[0]["url"], raise_error=False)
+    assert response.code == 410 and json.loads(response.body)["error"]["code"] == "picture_expired"
+    assert (await proxy.http.fetch(bob[0]["url"], raise_error=False)).code == 200
+    usage = await proxy.gateway.keeper.gc()
+    assert usage["pictures"] == 1 and len(kept_files(tmp_path)) == 1  # alice's bytes are gone too
+    assert not list((tmp_path / "pictures" / "expiring").iterdir()) and alices_picture.exists()
+    assert (await proxy.http.fetch(bob[0]["url"], raise_error=False)).code == 200

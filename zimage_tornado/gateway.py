@@ -24,7 +24,7 @@ from zimage_tornado.images import SIDE_MARGIN, ImageFetcher, make_image_client
 from zimage_tornado.links import Links
 from zimage_tornado.metrics import Metrics
 from zimage_tornado.openai_api import ModelTable
-from zimage_tornado.pictures import Keeper, Shelf, open_backend
+from zimage_tornado.pictures import Keeper, Shelf, Sources, open_backend
 from zimage_tornado.store import Admission, Store, StoreUnavailable
 from zimage_tornado.store.sqlite import SqliteStore
 from zimage_tornado.tenants import Caller, KeyRing, LiveKeys, Plan
@@ -202,21 +202,28 @@ class Gateway:
         if self.settings.public_url:  # a webhook receiver gets links that outlive the provider's
             try:
                 await self.links.ready()
-                links = self.links.pictures(self.settings.public_url, task.uuid, len(sources))
+                links = self.links.pictures(self.settings.public_url, task.uuid, len(sources.urls))
             except StoreUnavailable as e:
                 log.warning("task %s: its webhook gives the provider's links (no link secret: %s)", task.uuid, e)
         await self.accounts.finished(task, links)
         self.keeper.start(task.uuid, sources)
 
-    async def picture_sources(self, task: Task) -> tuple[str, ...]:
+    async def picture_sources(self, task: Task) -> Sources:
         """The links of a completed task's pictures that the gateway fetches: no more than it asked
-        for (a hostile upstream may list hundreds), max_batch_size for a task of another record."""
+        for (a hostile upstream may list hundreds), max_batch_size for a task of another record;
+        and how long its key keeps pictures."""
         try:
             record = await self.store.get_task(task.uuid)
         except StoreUnavailable:
             record = None
-        count = record.batch_size if record is not None else self.settings.max_batch_size
-        return task.image_urls[:count]
+        if record is None:
+            return Sources(task.image_urls[:self.settings.max_batch_size])
+        return Sources(task.image_urls[:record.batch_size], self.pictures_ttl(record.key))
+
+    def pictures_ttl(self, key: str) -> float | None:
+        """A key's own pictures_ttl from the keys file, if it has one."""
+        tenant = self.keys.find(key)
+        return tenant.pictures_ttl if tenant is not None else None
 
     async def kept_picture(self, task: Task, index: int) -> bytes:
         """A completed task's picture from the picture store (kept now if it was not yet)."""
@@ -242,7 +249,7 @@ class Gateway:
         try:
             await self.links.ready()
             if self.keeper is not None:
-                await self.keeper.resume(self.store, self.clock())
+                await self.keeper.resume(self.store, self.clock(), self.pictures_ttl)
         except StoreUnavailable as e:
             log.warning("could not read the store to resume keeping pictures: %s", e)
         if self.settings.follow_budget <= 0:

@@ -16,6 +16,7 @@ key name, so deleting a line must not hand one key's tasks to the next.
     images_per_day = 500
     webhook_url = "https://alice.example.com/hooks"   # tasks call back here unless they name another
     webhook_secret = "whsec_..."                       # signs alice's webhooks (else the setting's)
+    pictures_ttl = 86400     # alice's kept pictures go after a day (at most the pictures_ttl setting)
     [keys.ops]
     key_sha256 = "..."
     admin = true
@@ -68,6 +69,7 @@ class Tenant:
     plan: Plan = Plan()
     webhook_url: str | None = None  # the key's default webhook
     webhook_secrets: tuple[bytes, ...] = field(default=(), repr=False)  # its own; else the setting's
+    pictures_ttl: float | None = None  # seconds its kept pictures are served; None: the setting's
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,8 @@ def toml_tenants(document: dict[str, Any], where: str) -> list[Tenant]:
                              % (context, name))
         if not NAME_RE.fullmatch(name) or not isinstance(entry, dict):
             raise ValueError("%s: a key name is 1 to 64 of A-Z a-z 0-9 . _ -, and its entry a table" % context)
-        unknown = set(entry) - {"key", "key_sha256", "admin", "webhook_url", "webhook_secret", *PLAN_FIELDS}
+        unknown = set(entry) - {"key", "key_sha256", "admin", "webhook_url", "webhook_secret", "pictures_ttl",
+                                *PLAN_FIELDS}
         if unknown:
             raise ValueError("%s: unknown field %s" % (context, sorted(unknown)[0]))
         if ("key" in entry) == ("key_sha256" in entry):
@@ -186,8 +189,11 @@ def toml_tenants(document: dict[str, Any], where: str) -> list[Tenant]:
         secret = entry.get("webhook_secret", "")
         if not isinstance(secret, str):
             raise ValueError("%s: webhook_secret must be a string" % context)
+        ttl = entry.get("pictures_ttl")
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0):
+            raise ValueError("%s: pictures_ttl must be a number of seconds, more than 0" % context)
         tenants.append(Tenant(name, key_sha256, entry.get("admin", False), plan, webhook_url,
-                              parse_secrets(secret, context)))
+                              parse_secrets(secret, context), None if ttl is None else float(ttl)))
     return tenants
 
 

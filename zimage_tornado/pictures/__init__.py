@@ -58,9 +58,10 @@ class Manifest:
     kept_at: float
     pictures: tuple[Kept, ...]
     source_urls: tuple[str, ...]
+    ttl: float | None = None  # its key's pictures_ttl, when shorter than the store's
 
     def as_dict(self) -> dict[str, Any]:
-        return {"uuid": self.uuid, "kept_at": self.kept_at, "source_urls": list(self.source_urls),
+        return {"uuid": self.uuid, "kept_at": self.kept_at, "source_urls": list(self.source_urls), "ttl": self.ttl,
                 "pictures": [{"sha256": p.sha256, "type": p.media_type, "bytes": p.size} for p in self.pictures]}
 
     @classmethod
@@ -68,7 +69,17 @@ class Manifest:
         pictures = tuple(Kept(str(p["sha256"]), str(p["type"]), int(p["bytes"])) for p in data["pictures"])
         if not all(DIGEST_RE.match(p.sha256) for p in pictures):
             raise ValueError("a picture's name is not a SHA-256")
-        return cls(str(data["uuid"]), float(data["kept_at"]), pictures, tuple(str(u) for u in data["source_urls"]))
+        ttl = data.get("ttl")
+        return cls(str(data["uuid"]), float(data["kept_at"]), pictures, tuple(str(u) for u in data["source_urls"]),
+                   None if ttl is None else float(ttl))
+
+
+@dataclass(frozen=True)
+class Sources:
+    """What the keeper fetches for a task: the provider's links, and its key's pictures_ttl."""
+
+    urls: tuple[str, ...]
+    ttl: float | None = None
 
 
 class PictureGone(ApiError):
@@ -119,6 +130,18 @@ class Backend(abc.ABC):
     def delete_manifest(self, uuid: str) -> None:
         """Removes a task's manifest."""
 
+    @abc.abstractmethod
+    def mark_expiry(self, uuid: str, at: float) -> None:
+        """Notes that a task's pictures go at `at`, before the store's age (its key's pictures_ttl)."""
+
+    @abc.abstractmethod
+    def due_expiries(self, now: float) -> Iterator[tuple[str, str]]:
+        """(uuid, mark) of the tasks whose noted expiry has come."""
+
+    @abc.abstractmethod
+    def clear_expiry(self, mark: str) -> None:
+        """Removes a mark once its task's pictures are gone."""
+
     def lock(self) -> ContextManager[Any]:
         """Held while writing and removing (processes sharing a directory take turns)."""
         return contextlib.nullcontext()
@@ -145,6 +168,9 @@ def open_backend(settings: Settings) -> Backend:
     return Directory(path or tempfile.mkdtemp(prefix="zimage-pictures-"), temporary=path is None)
 
 
+# A picture's stored time (a file's mtime, an object's Last-Modified) trails its task's kept_at by
+# the write itself: within this, it is the same write (not another task keeping it again since).
+SAME_WRITE_SECONDS = 60.0
 MANIFESTS_CACHED = 10_000
 MANIFEST_SECONDS = 3600.0  # another instance may remove a task's manifest (gc): forgotten within this
 MANIFEST_LIMIT = 1024 * 1024  # a manifest names a batch's pictures: far less than this
@@ -170,10 +196,14 @@ class Shelf:
                        if DIGEST_RE.match(digest)}
         self._scanned = self.clock()
 
-    def put(self, uuid: str, pictures: list[tuple[bytes, str]], source_urls: tuple[str, ...]) -> Manifest:
+    def put(self, uuid: str, pictures: list[tuple[bytes, str]], source_urls: tuple[str, ...],
+            ttl: float | None = None) -> Manifest:
         """Keeps a task's pictures, then its manifest (a manifest never names a picture not yet
-        stored); applies the budget and age after."""
+        stored); applies the budget and age after. `ttl`: its key's pictures_ttl, which can only
+        shorten the store's (the store's is the operator's promise about the disk)."""
         now = self.clock()
+        if ttl is not None and self.ttl and ttl >= self.ttl:
+            ttl = None
         kept = []
         with self.backend.lock():
             for data, media_type in pictures:
@@ -183,7 +213,9 @@ class Shelf:
                 self._index[digest] = (len(data), now)
                 kept.append(Kept(digest, media_type, len(data)))
                 self.counters["stored"] += 1
-            manifest = Manifest(uuid, now, tuple(kept), source_urls)
+            manifest = Manifest(uuid, now, tuple(kept), source_urls, ttl)
+            if ttl is not None:
+                self.backend.mark_expiry(uuid.lower(), now + ttl)
             self.backend.put_manifest(uuid.lower(), json.dumps(manifest.as_dict()).encode())
             self._settle(now)
         return manifest
@@ -201,12 +233,17 @@ class Shelf:
     def read(self, manifest: Manifest, index: int) -> bytes:
         """A kept picture's bytes; PictureGone once it was removed (age or budget)."""
         picture = manifest.pictures[index]
-        if self.ttl and self.clock() - manifest.kept_at > self.ttl:
-            raise PictureGone(manifest.uuid, index)
+        self.check_age(manifest, index)
         data = self.backend.get_object(picture.sha256, picture.size + 1)
         if data is None or len(data) != picture.size:  # gone, or not what was kept: never served as if it were
             raise PictureGone(manifest.uuid, index)
         return data
+
+    def check_age(self, manifest: Manifest, index: int) -> None:
+        """PictureGone once the task's pictures are past their age (its key's, or the store's)."""
+        ttl = manifest.ttl or self.ttl
+        if ttl and self.clock() - manifest.kept_at > ttl:
+            raise PictureGone(manifest.uuid, index)
 
     def _settle(self, now: float) -> None:
         """Removes pictures past the age, then the oldest until the rest fits the budget."""
@@ -232,8 +269,24 @@ class Shelf:
             if self.ttl:
                 for uuid in list(self.backend.old_manifests(now - self.ttl)):
                     self.backend.delete_manifest(uuid)
+            for uuid, mark in list(self.backend.due_expiries(now)):
+                self._expire(uuid)
+                self.backend.clear_expiry(mark)
             self.backend.cleanup(now)
         return self.usage()
+
+    def _expire(self, uuid: str) -> None:
+        """A task whose key's pictures_ttl has passed: its pictures and manifest go (a picture kept
+        again since, by another task, stays for that one)."""
+        manifest = self.manifest(uuid)
+        if manifest is not None:
+            for picture in manifest.pictures:
+                entry = self._index.get(picture.sha256)
+                if entry is not None and entry[1] <= manifest.kept_at + SAME_WRITE_SECONDS:
+                    self.backend.delete_object(picture.sha256)
+                    del self._index[picture.sha256]
+                    self.counters["expired"] += 1
+        self.backend.delete_manifest(uuid)
 
     def usage(self) -> dict[str, Any]:
         oldest = min((kept_at for _, kept_at in self._index.values()), default=None)
@@ -264,17 +317,18 @@ class Keeper:
     async def _io(self, call: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)
 
-    def start(self, uuid: str, urls: tuple[str, ...]) -> None:
+    def start(self, uuid: str, sources: Sources) -> None:
         """Keeps the task's pictures in the background (the engine just saw it complete)."""
-        future = self._join(uuid, urls)
+        future = self._join(uuid, sources)
         self._background.add(future)
         future.add_done_callback(self._background.discard)
 
-    def _join(self, uuid: str, urls: tuple[str, ...]) -> asyncio.Future[Manifest]:
+    def _join(self, uuid: str, sources: Sources) -> asyncio.Future[Manifest]:
         pending = self._keeping.get(uuid)
         if pending is None:
             # a context of its own: the first request's id must not tag the fetch's log lines
-            pending = asyncio.get_running_loop().create_task(self._keep(uuid, urls), context=contextvars.Context())
+            pending = asyncio.get_running_loop().create_task(self._keep(uuid, sources),
+                                                             context=contextvars.Context())
             self._keeping[uuid] = pending
             pending.add_done_callback(lambda done: self._kept(uuid, done))
         return pending
@@ -285,10 +339,11 @@ class Keeper:
             self.failed += 1
             log.warning("task %s: its pictures could not be kept: %s", uuid, done.exception())
 
-    async def _keep(self, uuid: str, urls: tuple[str, ...]) -> Manifest:
+    async def _keep(self, uuid: str, sources: Sources) -> Manifest:
         existing = await self._io(self.shelf.manifest, uuid)
         if existing is not None:
             return existing
+        urls = sources.urls
         if not urls:
             raise UpstreamBadResponse("Task %s completed without pictures" % uuid)
         fetched = await asyncio.gather(*(self.fetch(url) for url in urls))
@@ -298,13 +353,13 @@ class Keeper:
                 pictures.append((data, await self.conversions.identify(data, self.max_side)))
             except NotAPicture as e:
                 raise UpstreamBadResponse("Picture %d of task %s is not kept: %s" % (index, uuid, e)) from e
-        manifest: Manifest = await self._io(self.shelf.put, uuid, pictures, tuple(urls))
+        manifest: Manifest = await self._io(self.shelf.put, uuid, pictures, urls, sources.ttl)
         log.info("task %s: %d pictures kept", uuid, len(pictures))
         return manifest
 
-    async def manifest(self, uuid: str, urls: Callable[[], Awaitable[tuple[str, ...]]]) -> Manifest:
-        """The task's kept pictures: kept now (joining a fetch in flight) if they are not yet;
-        `urls` gives the provider's links then."""
+    async def manifest(self, uuid: str, sources: Callable[[], Awaitable[Sources]]) -> Manifest:
+        """The task's kept pictures: kept now (joining a fetch in flight) if they are not yet,
+        from what `sources` gives then."""
         manifest: Manifest | None = self.manifests.get(uuid)
         if manifest is not None:
             return manifest
@@ -312,7 +367,7 @@ class Keeper:
         if pending is None:
             manifest = await self._io(self.shelf.manifest, uuid)
         if manifest is None:
-            manifest = await asyncio.shield(pending or self._join(uuid, await urls()))
+            manifest = await asyncio.shield(pending or self._join(uuid, await sources()))
         self.manifests.put(uuid, manifest)
         return manifest
 
@@ -320,6 +375,7 @@ class Keeper:
         """A kept picture's bytes: from the cache, or one read from disk shared by every client
         asking meanwhile (sixty clients of a 15 MiB picture hold one copy, not sixty)."""
         digest = manifest.pictures[index].sha256
+        self.shelf.check_age(manifest, index)  # a cached picture too: its age is the task's
         cached = self.cache.get(digest)
         if cached is not None:
             return bytes(cached)
@@ -336,7 +392,7 @@ class Keeper:
         if not done.cancelled() and done.exception() is None:
             self.cache.put(digest, done.result())
 
-    async def resume(self, store: Store, now: float) -> int:
+    async def resume(self, store: Store, now: float, ttl_of: Callable[[str], float | None]) -> int:
         """Completed tasks recorded within the age whose pictures are not kept (a crash between
         the completion and the fetch): kept now, in the background. Returns how many."""
         since = utc_day(now - self.shelf.ttl) if self.shelf.ttl else None
@@ -344,7 +400,7 @@ class Keeper:
         missing = [record for record in records
                    if record.image_urls and await self._io(self.shelf.manifest, record.uuid) is None]
         for record in missing:
-            self.start(record.uuid, tuple(record.image_urls[:record.batch_size]))
+            self.start(record.uuid, Sources(tuple(record.image_urls[:record.batch_size]), ttl_of(record.key)))
         if missing:
             log.info("keeping the pictures of %d completed tasks not kept before a restart", len(missing))
         return len(missing)

@@ -1,4 +1,5 @@
-"""The picture store in a directory: `objects/ab/<sha256>`, `tasks/<uuid>.json`, and `tmp/`,
+"""The picture store in a directory: `objects/ab/<sha256>`, `tasks/<uuid>.json`,
+`expiring/<when>_<uuid>` (tasks whose key keeps pictures for less than the store), and `tmp/`,
 where every file is written, flushed and renamed into place (a reader never sees half of one,
 and a crash leaves no torn file, only a temporary one that gc removes)."""
 
@@ -22,7 +23,7 @@ class Directory(Backend):
     def __init__(self, root: str, temporary: bool = False) -> None:
         self.root = root
         self.temporary = temporary  # a directory of its own, removed at close (database :memory:)
-        for part in ("objects", "tasks", "tmp"):
+        for part in ("objects", "tasks", "tmp", "expiring"):
             os.makedirs(os.path.join(root, part), exist_ok=True)
 
     def _object(self, digest: str) -> str:
@@ -90,6 +91,19 @@ class Directory(Backend):
     def delete_manifest(self, uuid: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._manifest(uuid))
+
+    def mark_expiry(self, uuid: str, at: float) -> None:
+        self._write(os.path.join(self.root, "expiring", "%d_%s" % (at, uuid)), b"")
+
+    def due_expiries(self, now: float) -> Iterator[tuple[str, str]]:
+        for entry in os.scandir(os.path.join(self.root, "expiring")):
+            at, _, uuid = entry.name.partition("_")
+            if at.isdigit() and int(at) <= now:
+                yield uuid, entry.path
+
+    def clear_expiry(self, mark: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(mark)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

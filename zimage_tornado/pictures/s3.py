@@ -1,6 +1,7 @@
 """The picture store in an S3-compatible bucket (AWS S3, R2, MinIO, Ceph, rclone serve s3), so
-that every instance of a fleet serves every picture: `{prefix}/objects/<sha256>` and
-`{prefix}/tasks/<uuid>.json`. A PUT is whole or nothing by S3's own rule, so no temporary names.
+that every instance of a fleet serves every picture: `{prefix}/objects/<sha256>`,
+`{prefix}/tasks/<uuid>.json` and `{prefix}/expiring/<when>_<uuid>` (a key's shorter
+pictures_ttl). A PUT is whole or nothing by S3's own rule, so no temporary names.
 
 The client is MinIO's Python SDK (`minio`): small, pure Python, kept by MinIO, and it speaks to
 any S3-compatible server with AWS Signature V4; it is blocking, and runs on the keeper's own
@@ -126,6 +127,18 @@ class Bucket(Backend):
 
     def delete_manifest(self, uuid: str) -> None:
         self.client.remove_object(self.bucket, self._manifest(uuid))
+
+    def mark_expiry(self, uuid: str, at: float) -> None:
+        self._put("%sexpiring/%d_%s" % (self.prefix, at, uuid), b"", "application/octet-stream")
+
+    def due_expiries(self, now: float) -> Iterator[tuple[str, str]]:
+        for item in self.client.list_objects(self.bucket, prefix=self.prefix + "expiring/", recursive=True):
+            at, _, uuid = item.object_name.rpartition("/")[2].partition("_")
+            if at.isdigit() and int(at) <= now:
+                yield uuid, item.object_name
+
+    def clear_expiry(self, mark: str) -> None:
+        self.client.remove_object(self.bucket, mark)
 
     def describe(self) -> str:
         return self.url

@@ -16,6 +16,7 @@ from zimage_tornado.domain import COMPLETED, FAILED, Task
 from zimage_tornado.errors import ApiError
 from zimage_tornado.images import FORMATS
 from zimage_tornado.metrics import CONTENT_TYPE
+from zimage_tornado.pictures import Sources
 from zimage_tornado.store import utc_day
 from zimage_tornado.watcher import INTERRUPTED, RUNNING, TIMEOUT, Outcome
 from zimage_tornado.web.base import BaseHandler, json_text
@@ -425,7 +426,7 @@ class PictureHandler(BaseHandler):
             tag = "%s-%s-%s" % (kept.sha256, fmt, images.quality_level(quality))
         await self.send_picture(data, kind, tag)
 
-    async def completed_urls(self, number: int) -> tuple[str, ...]:
+    async def completed_urls(self, number: int) -> Sources:
         assert self.task_uuid is not None
         task = await self.gateway.watcher.peek(self.task_uuid)
         if task.status != COMPLETED or number >= len(task.image_urls):
