@@ -1,12 +1,13 @@
-"""Open WebUI's requests to a chat model, replayed as Open WebUI 0.12 sends them (its default
-task templates, native function calling with its builtin generate_image tool and the tool's
-result, legacy mode's "image created" context), against a gateway and the fake upstream. The
-bodies are rebuilt from Open WebUI's source (backend/open_webui/config.py templates,
-utils/middleware.py); see docs/clients.md for how to re-record them from a running Open WebUI."""
+"""Open WebUI's requests to a chat model, against a gateway and the fake upstream: first rebuilt
+from its source (its default task templates, native function calling with its builtin
+generate_image tool and the tool's result, legacy mode's "image created" context), then, below,
+exactly as a real Open WebUI 0.12.4 sent them (tests/recordings/, re-recorded as docs/testing.md
+says)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -145,3 +146,77 @@ async def test_legacy_function_calling_draws_once(make_proxy, fake, wait):
                                       {"role": "user", "content": "a red fox sleeping in the snow"}], stream=False)
     assert code == 200 and "picture" in answer["choices"][0]["message"]["content"]
     assert fake.calls["generate"] == 1
+
+
+# -- Open WebUI 0.12.4, recorded live (tests/recordings/record_open_webui.py; docs/testing.md) -------------------
+
+RECORDING = json.loads((Path(__file__).parent / "recordings" / "open_webui-0.12.4.json").read_text())
+
+
+async def replay(proxy, recorded):
+    """One recorded request, sent as Open WebUI sent it; (status, the answer's text: the message's
+    content, a tool call's name and arguments, or the streamed deltas joined)."""
+    response = await proxy.request(recorded["path"], recorded["method"], recorded["body"])
+    body = response.body.decode()
+    if recorded["body"].get("stream"):
+        chunks = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: {")]
+        deltas = [c["choices"][0]["delta"] for c in chunks if c.get("choices")]
+        calls = [call for d in deltas for call in d.get("tool_calls") or []]
+        if calls:
+            return response.code, "%s %s" % (calls[0]["function"]["name"], calls[0]["function"]["arguments"])
+        return response.code, "".join(d.get("content") or "" for d in deltas)
+    answer = json.loads(body)
+    if "data" in answer:  # the images endpoint
+        return response.code, answer["data"]
+    message = answer["choices"][0]["message"]
+    return response.code, message["content"]
+
+
+@pytest.mark.parametrize("chat_wait", [False, True])
+@pytest.mark.gen_test(timeout=30)
+async def test_every_recorded_housekeeping_request_makes_no_job(make_proxy, fake, chat_wait):
+    proxy = make_proxy(chat_wait=chat_wait)
+    for recorded in RECORDING["flows"]["housekeeping"]:
+        code, text = await replay(proxy, recorded)
+        assert code == 200, text
+        assert text == "🎨" or text == "" or isinstance(json.loads(text[text.index("{"):text.rindex("}") + 1]), dict)
+    assert fake.calls["generate"] == 0
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_recorded_native_flow_makes_exactly_one_job_through_the_images_endpoint(make_proxy, fake):
+    proxy = make_proxy()
+    offer, images, result = RECORDING["flows"]["native"]
+    code, call = await replay(proxy, offer)
+    assert code == 200 and call.startswith("generate_image ")
+    assert json.loads(call.split(" ", 1)[1])["prompt"] == offer["body"]["messages"][-1]["content"]
+    code, data = await replay(proxy, images)
+    assert code == 200 and data[0]["b64_json"]
+    code, text = await replay(proxy, result)
+    assert code == 200 and text and fake.calls["generate"] == 1
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_recorded_legacy_flow_makes_exactly_one_job(make_proxy, fake):
+    proxy = make_proxy()
+    for recorded in RECORDING["flows"]["legacy"]:
+        code, text = await replay(proxy, recorded)
+        assert code == 200, text
+    assert fake.calls["generate"] == 1
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_recorded_request_with_a_file_attached_draws_the_users_words(make_proxy, fake):
+    proxy = make_proxy()
+    (recorded,) = RECORDING["flows"]["rag"]
+    assert recorded["body"]["messages"][-1]["content"].startswith("### Task:\nRespond to the user query")
+    code, text = await replay(proxy, recorded)
+    assert code == 200 and fake.calls["generate"] == 1
+    assert fake.generate_bodies[0]["prompt"] == "draw our mascot on a beach"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_recorded_plain_request_makes_one_job(make_proxy, fake):
+    proxy = make_proxy()
+    code, text = await replay(proxy, RECORDING["flows"]["picture"][0])
+    assert code == 200 and text in fake.tasks and fake.calls["generate"] == 1

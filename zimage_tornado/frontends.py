@@ -55,21 +55,23 @@ class Template:
     name: str
     opening: str
     reply: Callable[[str], Any]  # the prompt -> a JSON value (or a plain string) to answer
+    in_system: bool = False  # it comes as a system message (the others, as the only user message)
 
 
-# Open WebUI's default task templates (backend/open_webui/config.py), by their first words. Every
-# reply is what its parser reads: JSON between the first "{" and the last "}", or an emoji.
+# Open WebUI's default task templates (open_webui/config.py, 0.6 to 0.12.4), by their first words.
+# Every reply is what its parser reads: JSON between the first "{" and the last "}", or an emoji.
 TEMPLATES = (
-    Template("title", "### Task:\nGenerate a concise, 3-5 word title", lambda p: {"title": title_of(p)}),
+    Template("title", "### Task:\nGenerate a concise", lambda p: {"title": title_of(p)}),  # "3-5 word title", "title"
     Template("tags", "### Task:\nGenerate 1-3 broad tags", lambda p: {"tags": ["Image"]}),
     Template("follow_ups", "### Task:\nSuggest 3-5 relevant follow-up", lambda p: {"follow_ups": []}),
+    Template("follow_ups", "### Task:\nPredict 3-5 useful messages", lambda p: {"follow_ups": []}),  # 0.12
     Template("queries", "### Task:\nAnalyze the chat history to determine the necessity of generating search",
              lambda p: {"queries": []}),
     Template("image_prompt", "### Task:\nGenerate a detailed prompt for a",
              lambda p: {"prompt": history_request(p) or p, "title": title_of(p)}),
     Template("autocomplete", "### Task:\nYou are an autocompletion system", lambda p: {"text": ""}),
     Template("emoji", "Your task is to reflect the speaker's likely facial expression", lambda p: "🎨"),
-    Template("tools", "Available Tools:", lambda p: {"tool_calls": []}),
+    Template("tools", "Available Tools:", lambda p: {"tool_calls": []}, in_system=True),
     Template("moa", "You have been provided with a set of responses from various models", lambda p: ""),
     # any other template of theirs: a title, tags and follow-ups at once, whichever it reads
     Template("task", "### Task:", lambda p: {"title": title_of(p), "tags": ["Image"], "follow_ups": [],
@@ -77,13 +79,31 @@ TEMPLATES = (
 )
 
 
-def housekeeping(texts: list[str]) -> Template | None:
-    """The template that one of a request's message texts (the last user one, or a system one)
-    opens with, if any."""
-    for text in texts:
+# Open WebUI's retrieval template (a file, a knowledge base or web search attached): it comes
+# before the user's own words, in the last user message (or, with RAG_SYSTEM_CONTEXT, a system
+# message). It is a picture request with context, never housekeeping: the words after it are the
+# prompt.
+RAG_OPENING = "### Task:\nRespond to the user query using the provided context"
+
+
+def user_request(text: str) -> str:
+    """The user's own words of a last user message: without a retrieval template before them."""
+    if not text.lstrip().lower().startswith(RAG_OPENING.lower()):
+        return text
+    _, closing, after = text.rpartition("</context>")
+    return after.strip() if closing else text
+
+
+def housekeeping(prompt: str, systems: list[str]) -> Template | None:
+    """The template the last user message (`prompt`) opens with, or a system message for the
+    templates that come as one; None for a picture request."""
+    candidates = [(prompt, False)] + [(text, True) for text in systems]
+    for text, is_system in candidates:
         opened = text.lstrip().lower()
+        if opened.startswith(RAG_OPENING.lower()):
+            continue
         for template in TEMPLATES:
-            if opened.startswith(template.opening.lower()):
+            if template.in_system == is_system and opened.startswith(template.opening.lower()):
                 return template
     return None
 

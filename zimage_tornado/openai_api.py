@@ -173,7 +173,8 @@ def parse_chat_request(body: Any, limits: Limits, models: ModelTable) -> ChatReq
         prompt = validation.prompt(params["prompt"], limits)
     else:
         messages = messages or []
-        prompt = validation.prompt(last_user_text(messages, limits.ignore_image_parts), limits, param="messages")
+        said = frontends.user_request(last_user_text(messages, limits.ignore_image_parts))  # no retrieval preamble
+        prompt = validation.prompt(said, limits, param="messages")
         canned = front_end_answer(messages, prompt, limits)
     fields = validation.generation_fields(params, limits)
     if canned is None and params.get("prompt") is None:
@@ -193,7 +194,7 @@ def front_end_answer(messages: list[Any], prompt: str, limits: Limits) -> str | 
         return None
     systems = [m["content"] for m in messages if isinstance(m, dict) and m.get("role") == "system"
                and isinstance(m.get("content"), str)]
-    template = frontends.housekeeping([prompt, *systems])
+    template = frontends.housekeeping(prompt, systems)
     if template is not None:
         return frontends.housekeeping_reply(template, prompt)
     if frontends.legacy_context(messages):
