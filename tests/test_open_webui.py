@@ -220,3 +220,16 @@ async def test_the_recorded_plain_request_makes_one_job(make_proxy, fake):
     proxy = make_proxy()
     code, text = await replay(proxy, RECORDING["flows"]["picture"][0])
     assert code == 200 and text in fake.tasks and fake.calls["generate"] == 1
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_recorded_streamed_chat_in_wait_mode_keeps_progress_out_of_the_message(make_proxy, fake):
+    fake.reads_to_complete = 4
+    proxy = make_proxy(chat_wait=True)
+    (recorded,) = RECORDING["flows"]["rag"]  # streamed, as Open WebUI always asks
+    response = await proxy.request(recorded["path"], recorded["method"], recorded["body"])
+    chunks = [json.loads(line[6:]) for line in response.body.decode().splitlines() if line.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c.get("choices")]
+    content = "".join(d.get("content") or "" for d in deltas)
+    thinking = "".join(d.get("reasoning_content") or "" for d in deltas)
+    assert content.startswith("![image 1](") and "Generating" not in content and "Generating" in thinking
