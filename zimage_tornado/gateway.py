@@ -197,16 +197,21 @@ class Gateway:
         """The engine saw a task end: its record, then (completed) its pictures kept, in the background."""
         if self.keeper is None or task.status != COMPLETED:
             return await self.accounts.finished(task)
+        if not self.settings.public_url:  # the record first: its webhook waits on nothing else
+            await self.accounts.finished(task)
+            return self.keeper.start(task.uuid, lambda: self.picture_sources(task))
         sources = await self.picture_sources(task)
         links = None
-        if self.settings.public_url:  # a webhook receiver gets links that outlive the provider's
-            try:
-                await self.links.ready()
-                links = self.links.pictures(self.settings.public_url, task.uuid, len(sources.urls))
-            except StoreUnavailable as e:
-                log.warning("task %s: its webhook gives the provider's links (no link secret: %s)", task.uuid, e)
+        try:  # a webhook receiver gets links that outlive the provider's
+            await self.links.ready()
+            links = self.links.pictures(self.settings.public_url, task.uuid, len(sources.urls))
+        except StoreUnavailable as e:
+            log.warning("task %s: its webhook gives the provider's links (no link secret: %s)", task.uuid, e)
         await self.accounts.finished(task, links)
-        self.keeper.start(task.uuid, sources)
+
+        async def known() -> Sources:
+            return sources
+        self.keeper.start(task.uuid, known)
 
     async def picture_sources(self, task: Task) -> Sources:
         """The links of a completed task's pictures that the gateway fetches: no more than it asked

@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
+import functools
 import hashlib
 import json
 import logging
@@ -171,6 +172,7 @@ def open_backend(settings: Settings) -> Backend:
 # A picture's stored time (a file's mtime, an object's Last-Modified) trails its task's kept_at by
 # the write itself: within this, it is the same write (not another task keeping it again since).
 SAME_WRITE_SECONDS = 60.0
+KEPT_AT_ONCE = 4
 MANIFESTS_CACHED = 10_000
 MANIFEST_SECONDS = 3600.0  # another instance may remove a task's manifest (gc): forgotten within this
 MANIFEST_LIMIT = 1024 * 1024  # a manifest names a batch's pictures: far less than this
@@ -296,6 +298,11 @@ class Shelf:
                 "expired": self.counters["expired"]}
 
 
+async def resumed(record: Any, ttl_of: Callable[[str], float | None]) -> Sources:
+    """A recorded task's sources: its links (at most its batch size) and its key's pictures_ttl."""
+    return Sources(tuple(record.image_urls[:record.batch_size]), ttl_of(record.key))
+
+
 class Keeper:
     """Fetches, checks and keeps a task's pictures once, and serves them."""
 
@@ -313,17 +320,21 @@ class Keeper:
         # manifests never change once written: a hot picture costs no disk or bucket read for its manifest
         self.manifests: ResultCache[Manifest, str] = ResultCache(MANIFESTS_CACHED, MANIFEST_SECONDS)
         self._background: set[asyncio.Future[Manifest]] = set()
+        # Tasks whose pictures are being fetched and written at once: a burst of completions is
+        # kept a few at a time, so that it never crowds out answers and webhooks on the IOLoop.
+        self._turns = asyncio.Semaphore(KEPT_AT_ONCE)
 
     async def _io(self, call: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)
 
-    def start(self, uuid: str, sources: Sources) -> None:
-        """Keeps the task's pictures in the background (the engine just saw it complete)."""
+    def start(self, uuid: str, sources: Callable[[], Awaitable[Sources]]) -> None:
+        """Keeps the task's pictures in the background (the engine just saw it complete); what to
+        fetch is asked for when its turn comes."""
         future = self._join(uuid, sources)
         self._background.add(future)
         future.add_done_callback(self._background.discard)
 
-    def _join(self, uuid: str, sources: Sources) -> asyncio.Future[Manifest]:
+    def _join(self, uuid: str, sources: Callable[[], Awaitable[Sources]]) -> asyncio.Future[Manifest]:
         pending = self._keeping.get(uuid)
         if pending is None:
             # a context of its own: the first request's id must not tag the fetch's log lines
@@ -339,7 +350,11 @@ class Keeper:
             self.failed += 1
             log.warning("task %s: its pictures could not be kept: %s", uuid, done.exception())
 
-    async def _keep(self, uuid: str, sources: Sources) -> Manifest:
+    async def _keep(self, uuid: str, sources: Callable[[], Awaitable[Sources]]) -> Manifest:
+        async with self._turns:
+            return await self._keep_now(uuid, await sources())
+
+    async def _keep_now(self, uuid: str, sources: Sources) -> Manifest:
         existing = await self._io(self.shelf.manifest, uuid)
         if existing is not None:
             return existing
@@ -367,7 +382,13 @@ class Keeper:
         if pending is None:
             manifest = await self._io(self.shelf.manifest, uuid)
         if manifest is None:
-            manifest = await asyncio.shield(pending or self._join(uuid, await sources()))
+            if pending is None:
+                found = await sources()  # before any fetch: a task that has no such picture is told so here
+
+                async def known() -> Sources:
+                    return found
+                pending = self._keeping.get(uuid) or self._join(uuid, known)
+            manifest = await asyncio.shield(pending)
         self.manifests.put(uuid, manifest)
         return manifest
 
@@ -400,7 +421,7 @@ class Keeper:
         missing = [record for record in records
                    if record.image_urls and await self._io(self.shelf.manifest, record.uuid) is None]
         for record in missing:
-            self.start(record.uuid, Sources(tuple(record.image_urls[:record.batch_size]), ttl_of(record.key)))
+            self.start(record.uuid, functools.partial(resumed, record, ttl_of))
         if missing:
             log.info("keeping the pictures of %d completed tasks not kept before a restart", len(missing))
         return len(missing)
