@@ -140,3 +140,11 @@ async def test_every_error_is_logged_once_with_method_path_and_uuid(proxy, fake,
     lines = [r.getMessage() for r in caplog.records if r.name == "zimage_tornado.handlers"]
     assert len(lines) == 1
     assert "POST /v1/chat/completions" in lines[0] and "502" in lines[0]
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_last_user_message_without_text_is_told_plainly(proxy, fake):
+    code, body = await proxy.json("/v1/chat/completions", "POST", {
+        "model": "zimage-turbo", "messages": [{"role": "user", "content": "a fox"}, {"role": "user", "content": " "}]})
+    assert code == 400 and body["error"]["message"] == "The last user message has no text: write what to draw in it"
+    assert body["error"]["param"] == "messages" and fake.calls["generate"] == 0

@@ -123,7 +123,9 @@ async def test_exit_statuses_say_what_went_wrong(make_proxy, fake, tmp_path):
     assert bad_args[0] == 2 and "--size must look like 1024x768" in bad_args[2]
     assert (await zimage("-n", "many", *key))[0] == 2  # argparse's own
     refused = await zimage("x", "--steps", "0", *key)
-    assert refused[0] == 2 and "steps must be between 1 and 50" in refused[2]
+    assert refused[0] == 2 and "--steps must be between 1 and 50" in refused[2]
+    too_many = await zimage("x", "-n", "9", *key)
+    assert too_many[0] == 2 and "-n" in too_many[2] and "batch_size" not in too_many[2]  # the flag typed
     unauthorized = await zimage("x", "--url", proxy.url, "--api-key", "sk-wrong")
     assert unauthorized[0] == 2 and "API key" in unauthorized[2]
     assert "--api-key" in unauthorized[2] and "$ZIMAGE_API_KEY" in unauthorized[2]
@@ -140,6 +142,23 @@ async def test_exit_statuses_say_what_went_wrong(make_proxy, fake, tmp_path):
     for _status, _, err in (bad_args, refused, unauthorized, failed, slow, broken):
         # one line saying what went wrong (after any progress lines), never a traceback
         assert "Traceback" not in err and [line.startswith("zimage: ") for line in err.splitlines()].count(True) == 1
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_unwritable_folder_or_a_short_timeout_costs_no_second_job_and_says_what_to_do(
+        make_proxy, fake, tmp_path):
+    proxy = make_proxy(poll_interval=0.05, max_attempts=400)
+    (tmp_path / "a-file").write_text("not a folder")
+    unwritable = await zimage("a lantern", "--url", proxy.url, "-o", str(tmp_path / "a-file" / "pictures"))
+    assert unwritable[0] == 2 and "cannot write pictures to" in unwritable[2] and "nothing was submitted" in \
+        unwritable[2]
+    assert fake.calls["generate"] == 0  # checked before anything was paid for
+    fake.outcome = "never"
+    timed_out = await zimage("a lantern", "--url", proxy.url, "-o", str(tmp_path), "--timeout", "1")
+    assert timed_out[0] == 1, timed_out
+    uuid = next(iter(fake.tasks))
+    assert "task %s is not finished after 1s" % uuid in timed_out[2] and "zimage --wait %s" % uuid in timed_out[2]
+    assert "Traceback" not in timed_out[2] and fake.calls["generate"] == 1
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -26,7 +26,7 @@ import uuid as uuidlib
 from typing import Any, Sequence
 
 from tornado.httpclient import HTTPClientError, HTTPResponse
-from tornado.simple_httpclient import SimpleAsyncHTTPClient
+from tornado.simple_httpclient import HTTPTimeoutError, SimpleAsyncHTTPClient
 
 from zimage_tornado.validation import TASK_ID_RE
 
@@ -42,6 +42,28 @@ class Failure(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class TimedOut(Failure):
+    """The gateway did not answer within the time given."""
+
+
+# The gateway's names of what the command's flags set: its errors are told in the flags' words.
+FLAGS = {"batch_size": "-n", "width": "--size", "height": "--size", "steps": "--steps", "cfg_scale": "--cfg-scale",
+         "negative_prompt": "--negative", "model": "--model"}
+
+
+def writable(folder: str) -> None:
+    """The output folder exists (made if need be) and takes a file, before anything is paid for."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, ".zimage-%s.probe" % uuidlib.uuid4().hex)
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise Failure(CLIENT_ERROR, "cannot write pictures to %s: %s (nothing was submitted)"
+                      % (folder, e.strerror or e)) from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -107,11 +129,13 @@ class Client:
                 uuid = self.args.wait.strip()
                 if not TASK_ID_RE.fullmatch(uuid):
                     raise Failure(CLIENT_ERROR, "not a task uuid: %r" % uuid[:80])
+                writable(self.args.output)
                 answer = await self.fetch_task(uuid)
             elif self.args.no_wait:
                 print(await self.submit())
                 return OK
             else:
+                writable(self.args.output)
                 answer = await self.generate()
             return await self.save(answer)
         finally:
@@ -126,7 +150,10 @@ class Client:
                                          raise_error=False,
                                          body=None if body is None else json.dumps(body), request_timeout=timeout,
                                          connect_timeout=10, **kwargs)
-        except HTTPClientError as e:  # a timeout (599) is raised even with raise_error=False
+        except HTTPTimeoutError:
+            raise TimedOut(GATEWAY_ERROR, "the gateway at %s did not answer within %gs" % (self.url, timeout)) \
+                from None
+        except HTTPClientError as e:  # a failure (599) is raised even with raise_error=False
             raise Failure(GATEWAY_ERROR, "the gateway at %s did not answer: %s" % (self.url, e)) from None
         except OSError as e:
             raise Failure(GATEWAY_ERROR, "cannot reach the gateway at %s: %s" % (self.url, e.strerror or e)) from None
@@ -136,9 +163,11 @@ class Client:
         """A Failure for an error answer: its envelope's message, and the exit status it means."""
         try:
             error = json.loads(body)["error"]
-            message, code = str(error["message"]), error.get("code")
+            message, code, param = str(error["message"]), error.get("code"), error.get("param")
         except (ValueError, KeyError, TypeError):
-            message, code = "HTTP %d" % status, None
+            message, code, param = "HTTP %d" % status, None, None
+        if param in FLAGS:  # said in the words the user typed
+            message = "%s: %s" % (FLAGS[param], message.replace(param, FLAGS[param]))
         if uuid and code in ("task_failed", "timeout", "upstream_unavailable"):
             return Failure(TASK_FAILED, "%s (fetch it later: zimage --wait %s)" % (message, uuid))
         if status == 401:
@@ -176,9 +205,16 @@ class Client:
         """Submits and follows the task on the gateway's stream; returns its final answer."""
         progress = Progress()
         events = EventReader()
-        response = await self.call("/v1/chat/completions", "POST", self.request_body(stream=True, wait=True),
-                                   timeout=self.args.timeout, headers={**self.headers, **self.idempotency},
-                                   streaming_callback=lambda chunk: events.feed(chunk, progress))
+        try:
+            response = await self.call("/v1/chat/completions", "POST", self.request_body(stream=True, wait=True),
+                                       timeout=self.args.timeout, headers={**self.headers, **self.idempotency},
+                                       streaming_callback=lambda chunk: events.feed(chunk, progress))
+        except TimedOut:
+            progress.close()
+            if events.uuid is None:
+                raise
+            raise Failure(TASK_FAILED, "task %s is not finished after %gs; it goes on: fetch it later with "
+                                       "zimage --wait %s" % (events.uuid, self.args.timeout, events.uuid)) from None
         if response.code != 200:  # refused before the stream began (the body was streamed to us)
             raise self.refused(response.code, events.raw())
         progress.close()

@@ -174,6 +174,9 @@ def parse_chat_request(body: Any, limits: Limits, models: ModelTable) -> ChatReq
     else:
         messages = messages or []
         said = frontends.user_request(last_user_text(messages, limits.ignore_image_parts))  # no retrieval preamble
+        if not said.strip():
+            raise invalid("The last user message has no text: write what to draw in it", param="messages",
+                          code="missing_value")
         prompt = validation.prompt(said, limits, param="messages")
         canned = front_end_answer(messages, prompt, limits)
     fields = validation.generation_fields(params, limits)
