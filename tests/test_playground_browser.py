@@ -155,7 +155,9 @@ def test_root_sends_browsers_to_the_playground(browser, gateways):
     url = gateways("--demo")
     browser.get(url + "/")
     assert browser.current_url == url + "/playground"
-    WebDriverWait(browser, 10).until(lambda d: "demo mode" in d.find_element(By.ID, "service").text)
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "demo").is_displayed())
+    assert browser.find_element(By.ID, "demo").text == "demo: simulated pictures"
+    assert browser.find_element(By.TAG_NAME, "h1").text == "Z-Image playground"
 
 
 def test_upstream_down_is_shown_plainly(browser, gateways):
@@ -504,3 +506,150 @@ def test_on_a_phone_generate_scrolls_to_the_stage(browser, gateways):
         assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
     finally:
         browser.set_window_size(1280, 900)
+
+
+# -- the first visit, at a desktop's and a phone's size, light and dark (issue: the first visit works) -----
+
+SCREENS = {"desktop": (1366, 900), "phone": (390, 844)}
+SHOTS = ROOT / "docs" / "screenshots"
+
+
+def screen(browser, name, scheme="light"):
+    """The page's viewport as a desktop's or a phone's, in the light or dark scheme."""
+    width, height = SCREENS[name]
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": width, "height": height, "deviceScaleFactor": 1, "mobile": name == "phone"})
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme",
+                                                                          "value": scheme}]})
+
+
+def shot(browser, name):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SHOTS / ("%s.png" % name)))
+
+
+@pytest.fixture
+def reset_screen(browser):
+    yield
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+
+
+def clipped_buttons(browser):
+    return browser.execute_script(
+        "return [...document.querySelectorAll('#grid figcaption button')]"
+        ".filter(b => b.scrollWidth > b.clientWidth || b.getBoundingClientRect().right >"
+        "  b.closest('figure').getBoundingClientRect().right + 0.5).map(b => b.textContent)")
+
+
+@pytest.mark.parametrize("name", SCREENS)
+def test_a_teams_first_visit_is_shown_where_to_paste_the_key(browser, gateways, reset_screen, name):
+    screen(browser, name)
+    url = gateways("--demo", "--demo-seconds=0.5", "--poll_interval=0.2", "--api-keys=s3cret")
+    browser.get(url + "/playground")
+    browser.execute_script("localStorage.clear()")
+    browser.get(url + "/playground")
+    fill(browser, prompt="a key-holding owl")
+    generate(browser)
+    key = browser.find_element(By.ID, "apikey")
+    assert browser.switch_to.active_element == key  # it takes the focus
+    assert browser.execute_script("const r = arguments[0].getBoundingClientRect();"
+                                  "return r.top >= 0 && r.bottom <= innerHeight", key)  # in view
+    assert "needs an API key" in error_text(browser) and "administrator" in error_text(browser)
+    assert "Authorization: Bearer <key>" not in error_text(browser)
+    shot(browser, "playground-key-%s" % name)
+    fill(browser, apikey="wrong")
+    generate(browser)
+    assert "refused" in error_text(browser)
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+@pytest.mark.parametrize("name", SCREENS)
+def test_pictures_fit_the_screen_and_no_button_is_clipped(browser, gateways, reset_screen, name, scheme):
+    screen(browser, name, scheme)
+    url = gateways("--demo", "--demo-seconds=2", "--poll_interval=0.2")
+    browser.get(url + "/playground")
+    browser.execute_script("localStorage.clear()")
+    browser.get(url + "/playground")
+    if name == "desktop" and scheme == "light":
+        shot(browser, "playground-empty-desktop")
+    browser.execute_script("document.getElementById('more').open = true")  # a phone's user opens Settings
+    for count in (1, 2, 4):
+        fill(browser, prompt="a harbour at dawn", width=512, height=512, batch_size=count)
+        browser.find_element(By.ID, "submit").click()
+        WebDriverWait(browser, 10).until(lambda d: "%" in d.find_element(By.ID, "status").text)
+        tiles = browser.find_elements(By.CSS_SELECTOR, "#grid .placeholder")
+        assert len(tiles) == count  # the pictures to come, in their number
+        status = browser.find_element(By.ID, "status").text
+        shown = browser.execute_script(
+            "const bar = document.getElementById('bar'), fill = document.getElementById('progress');"
+            "return 100 * fill.getBoundingClientRect().width / bar.getBoundingClientRect().width")
+        percent = int(status.split("%")[0].split()[-1])
+        assert abs(shown - percent) <= 2, (status, shown)  # the bar says what the text says
+        if count == 4 and name == "desktop":
+            shot(browser, "playground-running-desktop-%s" % scheme)
+        WebDriverWait(browser, 20).until(lambda d, wanted=count: len(loaded_images(d)) == wanted
+                                         and all(i["done"] for i in loaded_images(d)))
+        WebDriverWait(browser, 5).until(lambda d: d.find_element(By.ID, "submit").is_enabled())
+        assert clipped_buttons(browser) == []
+        assert browser.find_element(By.ID, "download_all").is_displayed() == (count > 1)
+        if name == "desktop":  # the whole result on the screen
+            bottoms = browser.execute_script("return [...document.querySelectorAll('#grid figure')]"
+                                             ".map(f => f.getBoundingClientRect().bottom <= innerHeight)")
+            assert bottoms == [True] * count
+        assert browser.execute_script("return document.documentElement.scrollWidth <= innerWidth")
+        shot(browser, "playground-%d-%s-%s" % (count, name, scheme))
+
+
+def post(url, path, body, key=None):
+    headers = {"Content-Type": "application/json", **({"Authorization": "Bearer " + key} if key else {})}
+    request = urllib.request.Request(url + path, method="POST", headers=headers, data=json.dumps(body).encode())
+    with urllib.request.urlopen(request, timeout=20) as answer:
+        return json.loads(answer.read())
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+@pytest.mark.parametrize("name", SCREENS)
+def test_the_admin_page_asks_for_a_key_first_agrees_with_itself_and_fits_a_phone(
+        browser, gateways, tmp_path, reset_screen, name, scheme):
+    screen(browser, name, scheme)
+    proc, open_url = start_gateway(tmp_path, "--demo", "--demo-seconds=0.2", "--poll_interval=0.1")
+    try:
+        for i in range(3):  # used before keys were set up: anonymous usage, 2 images each
+            post(open_url, "/v1/images/generations", {"prompt": "an open-gateway picture %d" % i, "n": 2,
+                                                       "size": "256x256"})
+    finally:
+        proc.send_signal(signal.SIGTERM)  # the same database, then with keys
+        proc.wait(timeout=15)
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[keys.ops]\nkey = "sk-ops"\nadmin = true\n')
+    url = gateways("--demo", "--demo-seconds=0.2", "--poll_interval=0.1", "--api_keys_file=%s" % keys)
+    post(url, "/v1/images/generations", {"prompt": "a long prompt " * 30, "size": "256x256"}, key="sk-ops")
+    browser.get(url + "/admin")
+    browser.execute_script("localStorage.clear()")
+    browser.get(url + "/admin")
+    welcome = browser.find_element(By.ID, "welcome")
+    assert welcome.is_displayed() and "admin key" in welcome.text and error_text(browser) == ""
+    assert not browser.find_element(By.ID, "chart").is_displayed()  # no blank chart before a key
+    if scheme == "light":
+        shot(browser, "admin-key-%s" % name)
+    fill(browser, apikey="sk-ops")
+    browser.find_element(By.ID, "load").click()
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded"))
+    rows = {r.find_elements(By.TAG_NAME, "td")[0].text: [c.text for c in r.find_elements(By.TAG_NAME, "td")]
+            for r in browser.find_elements(By.CSS_SELECTOR, "#keys tbody tr")}
+    assert rows["anonymous"][3].startswith("6 / ") and rows["anonymous"][4] == "3"  # as the chart: 6 images today
+    assert rows["anonymous"][-1] != "never"
+    charted = browser.execute_script("return [...document.querySelectorAll('#chart rect title')]"
+                                     ".map(t => t.textContent).filter(t => t.includes('anonymous'))")
+    assert charted and charted[-1].endswith("anonymous: 6 images")
+    fits = browser.execute_script("return document.documentElement.scrollWidth <= innerWidth")
+    labels = browser.execute_script("return Math.min(...[...document.querySelectorAll('#chart text')]"
+                                    ".map(t => t.getBoundingClientRect().height))")
+    tall = browser.execute_script("return Math.max(...[...document.querySelectorAll('#tasks tbody tr')]"
+                                  ".map(r => r.getBoundingClientRect().height))")
+    sticky = browser.execute_script("return getComputedStyle(document.querySelector('#tasks td')).position")
+    assert fits and labels >= 11 and tall < 100 and sticky == "sticky", (fits, labels, tall, sticky)
+    prompt = browser.find_element(By.CSS_SELECTOR, "#tasks td.prompt")
+    assert prompt.get_attribute("title").startswith("a long prompt a long prompt")  # the whole of it on hover
+    shot(browser, "admin-%s-%s" % (name, scheme))

@@ -65,10 +65,18 @@ async def own_tasks(store: Store, argument: Callable[[str], str | None],
     return found[:query.limit], len(found) > query.limit  # one more than asked: whether more follow
 
 
-def task_page(tasks: list[TaskRecord], query: TaskQuery) -> dict[str, Any]:
+def task_page(tasks: list[TaskRecord], query: TaskQuery,
+              links: Callable[[str, int], tuple[str, ...]] | None = None) -> dict[str, Any]:
+    """A page of /admin/tasks; `links`: the gateway's own links to kept pictures (then the
+    provider's are source_urls), so that thumbnails outlive the provider's links."""
     full = len(tasks) == query.limit
-    return {"object": "list", "data": [task.as_dict() for task in tasks], "has_more": full,
-            "next_before": tasks[-1].submitted_at if full else None}
+    rows = [task.as_dict() for task in tasks]
+    if links is not None:
+        for row in rows:
+            if row["image_urls"]:
+                row["source_urls"], row["image_urls"] = row["image_urls"], list(links(row["uuid"],
+                                                                                      len(row["image_urls"])))
+    return {"object": "list", "data": rows, "has_more": full, "next_before": tasks[-1].submitted_at if full else None}
 
 
 async def key_summaries(keys: KeyRing, store: Store, today: str) -> list[dict[str, Any]]:

@@ -95,7 +95,7 @@ class AdminTasksHandler(BaseHandler):
     async def get(self) -> None:
         self.require_admin()
         query = reports.task_query(self.query_argument)
-        self.send(reports.task_page(await self.gateway.store.find_tasks(query), query))
+        self.send(reports.task_page(await self.gateway.store.find_tasks(query), query, await self.linker()))
 
 
 class AdminKeysHandler(BaseHandler):
