@@ -380,7 +380,7 @@ async def test_a_revoked_keys_stream_is_closed_and_its_messages_given_up(make_pr
     sock, port = bind_unused_port()
     silent.add_sockets([sock])
     proxy = make_proxy(webhook_secret=SECRET, api_keys_file=str(keys), webhook_hosts="127.0.0.1",
-                       webhook_retry_delays="0.2", webhook_timeout=0.3, follow_budget=600)
+                       webhook_retry_delays="0.2,3600", webhook_timeout=0.3, follow_budget=600)
     alice = {"Authorization": "Bearer sk-alice"}
     code, body = await proxy.json("/v1/images/generations", "POST", {
         "prompt": "x", "webhook": "http://127.0.0.1:%d/hook" % port, "webhook_events": ["task.progress",
@@ -393,11 +393,22 @@ async def test_a_revoked_keys_stream_is_closed_and_its_messages_given_up(make_pr
         proxy.url + "/v1/tasks/%s/events" % uuid, headers=alice, request_timeout=30, raise_error=False,
         streaming_callback=chunks.append))
     await eventually(lambda: chunks, 5, 0.02, "the stream did not start")
+    admin = {"Authorization": "Bearer sk-admin"}
+
+    async def waiting_an_hour():  # progress messages that failed twice: next try in an hour
+        _, page = await proxy.json("/admin/webhooks?status=pending", headers=admin)
+        return [m for m in page["data"] if m["attempts"] >= 2]
+    await eventually(waiting_an_hour, 10, 0.1, "no message waits for its next try")
     keys.write_text('[keys.admin]\nkey = "sk-admin"\nadmin = true\n')
     proxy.gateway.live_keys.reload("test")
     started = time.monotonic()
     await asyncio.wait_for(asyncio.gather(stream, return_exceptions=True), 5)
     assert time.monotonic() - started < 2
+
+    async def none_pending():  # given up at the reload, not in an hour
+        _, page = await proxy.json("/admin/webhooks?status=pending", headers=admin)
+        return not page["data"]
+    await eventually(none_pending, 2, 0.05, "a revoked key's messages still wait for their next try")
     fake.tasks[uuid]["outcome"] = "complete"
     fake.tasks[uuid]["created"] -= 3600
 

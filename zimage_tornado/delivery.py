@@ -51,6 +51,7 @@ MAX_RETRY_AFTER = 36000.0
 JITTER = 0.1
 RETRIED_4XX = frozenset({408, 429})
 DEFER_SECONDS = 1.0  # a message over its share, and over what is held here, is due again in the store then
+GIVE_UP_AT_MOST = 10_000  # pending messages of one revoked key given up at its reload (the rest at their turn)
 HELD_PER_SLOT = 4  # messages over their share held here (leased), per delivery slot, to start as slots free
 # Shares of webhook_deliveries one key, and one receiver host, may have in flight: a receiver that
 # never answers holds its own share, not every slot (another tenant's message waits for none of them).
@@ -209,6 +210,32 @@ class Deliverer:
                  message.task, message.key, host_of(message.url), message.last_error or "delivered",
                  message.attempts, " (next in %.0f s)" % (message.next_at - self.clock())
                  if message.status == PENDING and message.next_at else "")
+
+    async def give_up(self, keys: frozenset[str]) -> int:
+        """Keys just revoked: their pending messages are given up now, recorded as such (never
+        signed with a secret shared with other tenants, and not left waiting for their next try).
+        Messages held here are settled when their turn comes, by the same rule."""
+        held = {message.id for _, message in self._held}
+        given_up = 0
+        for key in sorted(keys):
+            try:
+                pending = await self.store.find_webhooks(key, PENDING, GIVE_UP_AT_MOST)
+            except StoreUnavailable as e:
+                log.warning("webhooks: the messages of a revoked key are given up at their turn instead: %s", e)
+                return given_up
+            for message in pending:
+                if message.id in held:
+                    continue
+                self._settle(message, FAILED, None, "not sent: the key was revoked")
+                try:
+                    await self.store.webhook_attempted(message)
+                except StoreUnavailable as e:
+                    log.warning("webhooks: giving up %s is not written yet: %s", message.id, e)
+                self.outcomes[FAILED] += 1
+                given_up += 1
+        if given_up:
+            log.info("webhooks: %d pending messages of revoked keys given up", given_up)
+        return given_up
 
     async def _disable(self, message: WebhookMessage) -> None:
         self.webhooks.disabled(message.key, message.url)

@@ -241,11 +241,13 @@ class Gateway:
 
     def revoked(self, names: frozenset[str]) -> None:
         """Keys just removed: their event streams end now, not at follow_budget (a long-poll that
-        began before keeps its answer: it ends within its own budget)."""
+        began before keeps its answer: it ends within its own budget), and their pending webhook
+        messages are given up."""
         for handler in list(self.active):
             caller = getattr(handler, "caller", None)
             if caller is not None and caller.name in names and handler.streaming:
                 handler.revoked()
+        IOLoop.current().add_callback(self.deliverer.give_up, names)
 
     async def resume(self) -> None:
         """At start: the link secret is loaded; tasks recorded as submitted and not known to have
