@@ -69,6 +69,7 @@ async def test_real_answers_match_the_document(make_proxy, fake, tmp_path):
     await call("/health/ready", "/health/ready")
     await call("/metrics", "/metrics")
     await call("/playground", "/playground")
+    await call("/favicon.ico", "/favicon.ico")
     await call("/openapi.json", "/openapi.json")
     await call("/v1/models", "/v1/models")
     await call("/v1/models/{model}", "/v1/models/zimage-turbo")

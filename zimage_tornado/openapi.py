@@ -541,6 +541,8 @@ def operations() -> dict[str, Any]:
             "401": COMMON_ERRORS["401"]}}},
         "/openapi.json": {"get": {"responses": {
             "200": json_response("OpenAPI 3.1", {"type": "object"})}}},
+        "/favicon.ico": {"get": {"responses": {
+            "200": {"description": "The icon", "content": {"image/svg+xml": {"schema": {"type": "string"}}}}}}},
         "/playground": {"get": {"responses": {
             "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
         "/admin/usage": {"get": {

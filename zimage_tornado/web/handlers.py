@@ -29,6 +29,7 @@ from zimage_tornado.web.statuses import OutcomeError
 STATIC = Path(__file__).parent.parent / "static"
 PLAYGROUND_PAGE = (STATIC / "playground.html").read_bytes()
 ADMIN_PAGE = (STATIC / "admin.html").read_bytes()
+ICON = (STATIC / "icon.svg").read_bytes()
 # Images come from the upstream's image host, anywhere; everything else from here.
 PAGE_POLICY = ("default-src 'self'; img-src 'self' http: https: data:; style-src 'unsafe-inline'; "
                "script-src 'unsafe-inline'; frame-ancestors 'none'")
@@ -74,6 +75,15 @@ class AdminPageHandler(PageHandler):
     """Usage per key and recent tasks; the page asks for an admin key and calls /admin/*."""
 
     page = ADMIN_PAGE
+
+
+class IconHandler(BaseHandler):
+    """The pages' icon, for browsers and tools that ask for /favicon.ico (the pages carry it inline)."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "image/svg+xml")
+        self.set_header("Cache-Control", "public, max-age=86400")
+        self.finish(ICON)
 
 
 class AdminUsageHandler(BaseHandler):

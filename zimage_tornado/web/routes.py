@@ -54,6 +54,7 @@ ROUTES = (
           "Readiness: 503 while shutting down; whether the upstream answered recently"),
     Route("/metrics", handlers.MetricsHandler, ("GET",), "Prometheus metrics"),
     Route("/openapi.json", handlers.OpenApiHandler, ("GET",), "The OpenAPI 3.1 description of these endpoints"),
+    Route("/favicon.ico", handlers.IconHandler, ("GET",), "The pages' icon (SVG)"),
     Route("/playground", handlers.PlaygroundHandler, ("GET",), "A page to try it in a browser: prompt to pictures"),
     Route("/admin/usage", handlers.AdminUsageHandler, ("GET",),
           "Admin keys: tasks, images, failed and refused per key and UTC day (?since=, ?until=, ?key=)"),
