@@ -59,3 +59,21 @@ async def exchange(url: str, request: bytes, timeout: float = 5.0) -> bytes:
         return await asyncio.wait_for(reader.read(), timeout)
     finally:
         writer.close()
+
+
+def fill(disk):
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:  # unbuffered: closing it has nothing left to fail on
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+    try:  # the last partial block too
+        with open(filler, "ab", buffering=0) as f:
+            while True:
+                f.write(b"\0")
+                f.flush()
+    except OSError:
+        pass
+    return filler

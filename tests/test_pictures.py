@@ -17,7 +17,7 @@ import openai
 import pytest
 from PIL import Image
 
-from helpers import eventually
+from helpers import eventually, fill
 from zimage_tornado.fake_upstream import render_png
 from zimage_tornado.links import ROUNDING
 from zimage_tornado.web import ranges
@@ -329,3 +329,29 @@ async def test_a_keys_own_pictures_ttl_ends_its_pictures_sooner_and_gc_removes_t
     assert usage["pictures"] == 1 and len(kept_files(tmp_path)) == 1  # alice's bytes are gone too
     assert not list((tmp_path / "pictures" / "expiring").iterdir()) and alices_picture.exists()
     assert (await proxy.http.fetch(bob[0]["url"], raise_error=False)).code == 200
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_full_picture_disk_is_a_503_to_retry_and_the_pictures_are_kept_once_there_is_room(
+        gateways, fake, small_disk):
+    gateway = gateways("--pictures_dir=%s" % small_disk)
+    await gateway.started()
+    filler = fill(small_disk)
+    response = await gateway.fetch("/v1/images/generations", method="POST", body=json.dumps({
+        "model": "zimage-turbo", "prompt": "a full disk", "size": "256x256"}))
+    assert response.code == 200, response.body  # the answer does not wait for the store
+    link = json.loads(response.body)["data"][0]["url"]
+    picture = await gateway.http.fetch(link, raise_error=False)
+    assert picture.code == 503, picture.body
+    assert json.loads(picture.body)["error"]["code"] == "picture_store_unavailable" and picture.headers["Retry-After"]
+    assert "Traceback" not in gateway.log()
+    filler.unlink()
+    again = await eventually(lambda: _ok(gateway, link), 10, 0.2, "not kept once the disk had room")
+    uuid = next(iter(fake.tasks))
+    assert again.body == render_png(fake.tasks[uuid]["prompt"], 0, 256, 256)
+    assert (small_disk / "tasks" / ("%s.json" % uuid)).exists()
+
+
+async def _ok(gateway, link):
+    response = await gateway.http.fetch(link, raise_error=False)
+    return response if response.code == 200 else None

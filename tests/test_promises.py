@@ -8,12 +8,11 @@ import functools
 import json
 import os
 import signal
-import subprocess
 
 import openai
 import pytest
 
-from helpers import eventually
+from helpers import eventually, fill
 
 CHAT = {"model": "zimage-turbo", "prompt": "a lighthouse"}
 ALICE = {"Authorization": "Bearer sk-alice"}
@@ -102,36 +101,6 @@ async def test_a_just_submitted_task_is_readable_at_once_on_any_worker(gateways,
 
 
 # -- fail closed, say so, recover ---------------------------------------------------------------------
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MiB tmpfs, so that a test can fill it (root only: skipped where it cannot be mounted)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here: %s" % mounted.stderr.decode().strip())
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
-
-
-def fill(disk):
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as f:  # unbuffered: closing it has nothing left to fail on
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-        except OSError:
-            pass
-    try:  # the last partial block too
-        with open(filler, "ab", buffering=0) as f:
-            while True:
-                f.write(b"\0")
-                f.flush()
-    except OSError:
-        pass
-    return filler
-
 
 @pytest.mark.gen_test(timeout=60)
 async def test_a_full_disk_refuses_submits_before_the_upstream_then_recovers(gateways, fake, tmp_path, small_disk):

@@ -529,6 +529,8 @@ def operations() -> dict[str, Any]:
             "404": error("Unknown task, not finished, or no such picture"),
             "410": error("The picture is no longer kept (picture_expired)"),
             "416": error("A range past the picture's end"),
+            "503": error("The picture store cannot be read or written just now (picture_store_unavailable)",
+                         "Retry-After"),
             "502": error("The picture could not be fetched, or is refused by the image-fetch rule"),
             **v1_errors}}},
     "/health": {"get": {"responses": {"200": json_response("Alive", ref("Health"))}}},

@@ -75,6 +75,13 @@ class Manifest:
                    None if ttl is None else float(ttl))
 
 
+class PictureStoreUnavailable(ApiError):
+    def __init__(self) -> None:
+        super().__init__(503, "The picture store cannot be read or written just now (a full disk, or an "
+                              "unreachable bucket); retry shortly", type="server_error",
+                         code="picture_store_unavailable", headers={"Retry-After": "5"})
+
+
 @dataclass(frozen=True)
 class Sources:
     """What the keeper fetches for a task: the provider's links, and its key's pictures_ttl."""
@@ -325,7 +332,16 @@ class Keeper:
         self._turns = asyncio.Semaphore(KEPT_AT_ONCE)
 
     async def _io(self, call: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)
+        """A shelf call on the store's thread. A disk or bucket that fails (full, unreachable,
+        refusing) is a 503 the client can retry, never a 500: the provider's link may still live
+        and the next read keeps the picture then."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)
+        except ApiError:
+            raise
+        except Exception as e:  # noqa: BLE001 - OSError from a disk, any error of an S3 client
+            log.warning("the picture store failed: %s: %s", type(e).__name__, e)
+            raise PictureStoreUnavailable() from e
 
     def start(self, uuid: str, sources: Callable[[], Awaitable[Sources]]) -> None:
         """Keeps the task's pictures in the background (the engine just saw it complete); what to
