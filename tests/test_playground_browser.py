@@ -535,6 +535,14 @@ def reset_screen(browser):
     browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
 
 
+def running_percent(status):
+    """The percentage a running task's status line says, when it is neither 0 nor 100."""
+    if "%" not in status:
+        return None
+    percent = int(status.split("%")[0].split()[-1])
+    return percent if 0 < percent < 100 else None
+
+
 def clipped_buttons(browser):
     return browser.execute_script(
         "return [...document.querySelectorAll('#grid figcaption button')]"
@@ -579,12 +587,15 @@ def test_pictures_fit_the_screen_and_no_button_is_clipped(browser, gateways, res
         WebDriverWait(browser, 10).until(lambda d: "%" in d.find_element(By.ID, "status").text)
         tiles = browser.find_elements(By.CSS_SELECTOR, "#grid .placeholder")
         assert len(tiles) == count  # the pictures to come, in their number
-        status = browser.find_element(By.ID, "status").text
-        shown = browser.execute_script(
-            "const bar = document.getElementById('bar'), fill = document.getElementById('progress');"
-            "return 100 * fill.getBoundingClientRect().width / bar.getBoundingClientRect().width")
-        percent = int(status.split("%")[0].split()[-1])
-        assert abs(shown - percent) <= 2, (status, shown)  # the bar says what the text says
+        def sample(driver):  # the status line and the bar, read at one moment, once the task is mid-way
+            text, ratio = driver.execute_script(
+                "const bar = document.getElementById('bar'), fill = document.getElementById('progress');"
+                "return [document.getElementById('status').textContent,"
+                "        100 * fill.getBoundingClientRect().width / bar.getBoundingClientRect().width]")
+            return (text, ratio) if running_percent(text) else None
+        status, shown = WebDriverWait(browser, 10).until(sample)
+        percent = running_percent(status)
+        assert abs(shown - percent) <= 2, (status, shown)  # the bar says what the text says, mid-way
         if count == 4:
             shot(browser, "playground-running-%s-%s" % (name, scheme))
         WebDriverWait(browser, 20).until(lambda d, wanted=count: len(loaded_images(d)) == wanted
