@@ -158,7 +158,10 @@ async def test_upstream_reads_are_spread_by_one_bucket_and_wait_out_a_429(make_p
     answers = await asyncio.gather(*(proxy.request("/v1/tasks/%s" % uuid) for uuid in uuids))
     assert [a.code for a in answers] == [200] * 40  # spread, never refused
     times = sorted(t for uuid in uuids for t in fake.read_times[uuid])
-    assert times[-1] - times[0] >= 0.9  # a second's burst of 20, then 20 more at 20 a second
+    # a second's burst of 20, then 20 more at 20 a second: about 1 s, less the first reads' own
+    # connection set-up (the bucket starts with the first turn taken, not the first read arrived);
+    # unpaced, all 40 arrive within a few hundredths of a second
+    assert times[-1] - times[0] >= 0.7
     fake.inject("task", "429")  # the upstream asks everyone to wait a second
     late = fake.add_task("after the 429")
     assert (await proxy.request("/v1/tasks/%s" % late)).code == 429
