@@ -35,6 +35,7 @@ FAULTS = {
     "no_uuid": "HTTP 200, success:true, but no uuid / no task object",
     "unknown_status": "a task read answering taskStatus 'mystery'",
     "hang": "answer normally, but only after hang_seconds",
+    "challenge": "HTTP 403 with a Cloudflare browser check (cf-mitigated: challenge, 'Just a moment...')",
     "reset": "close the connection without answering",
     "huge_answer": "HTTP 200 with a 9 MiB JSON body (an API answer past any reasonable size)",
     "endless": "an image that never stops coming (chunks until the client hangs up, or 30 s)",
@@ -72,6 +73,7 @@ class FakeZImage:
         self.image_override: bytes | None = None  # every picture is these bytes (a large one, say)
         self.links_live_for: float | None = None  # a task's pictures are gone this many seconds after its submit
         self.noise_side = 0  # every picture random noise of this side (large, incompressible, distinct)
+        self.session_cookie: str | None = None  # if set, API calls without this Cookie meet a browser check
         self.redirects = 0
         self.request_headers: list[dict[str, str]] = []  # of every call, in order
         self.peers: set[Any] = set()  # the client addresses (ip, port) calls came from: one per connection
@@ -201,8 +203,19 @@ class _FakeHandler(RequestHandler):
         self.fake.request_headers.append(dict(self.request.headers))
         self.fake.peers.add(self.request.connection.context.address)  # type: ignore[union-attr]
         fault = self.fault = self.fake.next_fault(self.endpoint)
+        cookie = self.fake.session_cookie
+        if fault is None and cookie is not None and self.endpoint != "image" \
+                and self.request.headers.get("Cookie") != cookie:
+            fault = "challenge"
         if fault is None:
             return False
+        if fault == "challenge":  # what a Cloudflare-fronted service answers a server it will not trust
+            self.set_status(403)
+            self.set_header("Content-Type", "text/html; charset=UTF-8")
+            self.set_header("cf-mitigated", "challenge")
+            self.finish("<!DOCTYPE html><html><head><title>Just a moment...</title></head><body>"
+                        "<div id=\"challenge-platform\">Checking your browser</div></body></html>")
+            return True
         if fault == "hang":
             await asyncio.sleep(self.fake.hang_seconds)
             return False

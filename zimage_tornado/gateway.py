@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -103,7 +104,9 @@ class Gateway:
                                    delays=settings.retry_delays)
         self.webhooks.poke = self.accounts.on_notice = self.deliverer.poke
         IOLoop.current().add_callback(self.deliverer.start)
+        cookie = os.environ.get(settings.upstream_cookie_env, "") if settings.upstream_cookie_env else ""
         self.upstream = ZImageClient(settings.upstream_url, self.http, observer=self.metrics.observe_upstream,
+                                     cookie=cookie,
                                      image_http=self.image_http, api_key=settings.upstream_api_key)
         self.watcher = TaskWatcher(
             self.upstream,

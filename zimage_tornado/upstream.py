@@ -125,6 +125,31 @@ class UpstreamBadResponse(UpstreamError):
     code = "upstream_bad_response"
 
 
+class UpstreamAuthRequired(UpstreamError):
+    """The service answered with a browser check (a Cloudflare challenge, Turnstile) instead of its
+    API: nothing was made, and a server cannot pass the check; the gateway never tries. Its calls
+    stop for AUTH_COOLDOWN_SECONDS, so that a check is met at most once that often."""
+
+    code = "provider_auth_required"
+    transient = False
+
+
+# A challenge page instead of the API's answer (lower-cased, in the first part of the body).
+CHALLENGE_MARKS = (b"just a moment", b"challenge-platform", b"cf-chl", b"turnstile", b"verify-anonymous",
+                   b"attention required! | cloudflare")
+AUTH_COOLDOWN_SECONDS = 30.0
+
+
+def browser_check(response: HTTPResponse) -> bool:
+    """The answer is a browser check, not the service's API."""
+    if response.headers.get("cf-mitigated", "").lower() == "challenge":
+        return True
+    if response.code not in (401, 403, 429, 503):
+        return False
+    head = (response.body or b"")[:8192].lower()
+    return any(mark in head for mark in CHALLENGE_MARKS)
+
+
 class ImageTooLarge(Exception):
     """Raised from a download's own callbacks to stop it at max_image_bytes."""
 
@@ -198,7 +223,7 @@ Observer = Callable[[str, str, float], None]  # (kind, outcome, seconds)
 
 class ZImageClient:
     def __init__(self, base_url: str, http: AsyncHTTPClient, observer: Observer | None = None,
-                 image_http: AsyncHTTPClient | None = None, api_key: str = "") -> None:
+                 image_http: AsyncHTTPClient | None = None, api_key: str = "", cookie: str = "") -> None:
         self.base_url = base_url.rstrip("/")
         self._http = http
         self._image_http = image_http or http  # images.make_image_client(): a pool of their own
@@ -210,6 +235,9 @@ class ZImageClient:
         }
         if api_key:  # upstream_api_key: API calls only, never image downloads (another host); never logged
             self.headers["Authorization"] = "Bearer " + api_key
+        if cookie:  # an operator's own session with the service (upstream_cookie_env); never logged
+            self.headers["Cookie"] = cookie
+        self.checked_until = 0.0  # monotonic time until which a browser check keeps the service out
         self.last_answer_at: float | None = None  # monotonic time of the last HTTP answer, any status
         self.last_failure: tuple[float, str] | None = None  # when and why it last could not be reached
 
@@ -317,7 +345,16 @@ class ZImageClient:
             raise UpstreamBadResponse("The image host answered HTTP %d" % response.code)
         return b"".join(chunks)
 
+    def _auth_required(self, until: float) -> UpstreamAuthRequired:
+        return UpstreamAuthRequired(
+            "%s demands a browser check (a Cloudflare challenge) that a server cannot pass; nothing was submitted. "
+            "Give the gateway a session of your own (upstream_cookie_env) or another upstream; it is asked again "
+            "in %ds" % (logs.redact_url(self.base_url), max(1, round(until - time.monotonic()))),
+            retry_after=max(1.0, until - time.monotonic()))
+
     async def _call(self, method: str, path: str, body: Any = None, task_uuid: str | None = None) -> dict[str, Any]:
+        if time.monotonic() < self.checked_until:  # out after a browser check: not asked again yet
+            raise self._auth_required(self.checked_until)
         url = self.base_url + path
         headers = dict(self.headers)
         if body is not None:
@@ -355,6 +392,12 @@ class ZImageClient:
     def _decode(self, response: HTTPResponse, task_uuid: str | None) -> dict[str, Any]:
         if response.code == 599:  # a transport failure reported as a response
             raise UpstreamUnavailable("The upstream could not be reached")
+        if browser_check(response):
+            if time.monotonic() >= self.checked_until:
+                log.warning("upstream %s answered with a browser check; not asked again for %ds",
+                            logs.redact_url(self.base_url), AUTH_COOLDOWN_SECONDS)
+            self.checked_until = time.monotonic() + AUTH_COOLDOWN_SECONDS
+            raise self._auth_required(self.checked_until)
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         try:
             document = json.loads(response.body or b"")
