@@ -38,6 +38,9 @@ class Settings:
     upstream_url: str = setting("https://zimage.run", "Base URL of the Z-Image service")
     upstream_api_key: str = setting("", "A credential for the upstream, sent as Authorization: Bearer on its API "
                                         "calls and never logged (the public service checks none)")
+    upstream_protocol: str = setting("auto", "How submits are written: flat (the original snake_case fields), camel "
+                                             "(modelType, batchSize, and the moderation step when the service asks "
+                                             "for it), or auto (flat until the service asks for camelCase)")
     upstream_cookie_env: str = setting("", "The name of an environment variable holding a session cookie of your own "
                                            "with the upstream (sent as Cookie on its API calls, never logged): for a "
                                            "service that puts anonymous server calls behind a browser check")
@@ -215,6 +218,8 @@ class Settings:
             raise ValueError("ip_requests_per_minute, ip_images_per_day and ip_max_waiters must be 0 or more")
         if self.chat_progress not in ("reasoning", "content", "none"):
             raise ValueError("chat_progress must be reasoning, content or none")
+        if self.upstream_protocol not in ("auto", "flat", "camel"):
+            raise ValueError("upstream_protocol must be auto, flat or camel")
         if self.upstream_cookie_env and not os.environ.get(self.upstream_cookie_env):
             raise ValueError("upstream_cookie_env names %s, which is not set in the environment"
                              % self.upstream_cookie_env[:100])
@@ -387,7 +392,7 @@ def server_settings(config: str | None = None, env_file: str | None = None,
 
 # The settings by concern: --help and docs/configuration.md list them this way.
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Upstream", ("upstream_url", "upstream_api_key", "upstream_cookie_env", "upstream_timeout",
+    ("Upstream", ("upstream_url", "upstream_api_key", "upstream_protocol", "upstream_cookie_env", "upstream_timeout",
                   "upstream_connect_timeout",
                   "upstream_reads_per_second",
                   "upstream_max_clients", "upstream_client", "upstream_ca_certs", "model_aliases", "image_hosts",

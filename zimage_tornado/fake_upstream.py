@@ -74,6 +74,13 @@ class FakeZImage:
         self.links_live_for: float | None = None  # a task's pictures are gone this many seconds after its submit
         self.noise_side = 0  # every picture random noise of this side (large, incompressible, distinct)
         self.session_cookie: str | None = None  # if set, API calls without this Cookie meet a browser check
+        # The service as its later clients see it: camelCase bodies, a moderation step, batches
+        self.protocol = "flat"  # "camel": a submit without modelType is refused (400)
+        self.moderation = False  # a submit needs a promptModerationToken from /api/prompt-moderation/check
+        self.banned_words: set[str] = {"forbidden"}  # moderation refuses prompts with these
+        self.batches = False  # camel submits of several pictures answer a parentTaskUuid (batch-status)
+        self.parents: dict[str, list[str]] = {}  # parent uuid -> its single-picture tasks
+        self.tokens: set[str] = set()
         self.redirects = 0
         self.request_headers: list[dict[str, str]] = []  # of every call, in order
         self.peers: set[Any] = set()  # the client addresses (ip, port) calls came from: one per connection
@@ -169,6 +176,8 @@ class FakeZImage:
         return Application([
             (r"/api/z-image/generate", _GenerateHandler, {"fake": self}),
             (r"/api/z-image/task/([^/]+)", _TaskHandler, {"fake": self}),
+            (r"/api/z-image/batch-status/([^/]+)", _BatchHandler, {"fake": self}),
+            (r"/api/prompt-moderation/check", _ModerationHandler, {"fake": self}),
             (r"/images/([A-Za-z0-9-]+)_(\d+)\.png", _ImageHandler, {"fake": self}),
             (r"/redirect", _RedirectHandler, {"fake": self}),
             (r"/_fake/stats", _StatsHandler, {"fake": self}),
@@ -263,15 +272,69 @@ class _GenerateHandler(_FakeHandler):
         prompt = body.get("prompt") if isinstance(body, dict) else None
         if not isinstance(prompt, str) or not prompt.strip():
             return self.reply({"success": False, "error": "Prompt is required and must be a string"}, 400)
-        params = {k: body[k] for k in ("width", "height", "batch_size", "steps", "model") if k in body}
+        if self.fake.protocol == "camel":
+            if "modelType" not in body:
+                return self.reply({"success": False, "error": "modelType is required"}, 400)
+            if self.fake.moderation and body.get("promptModerationToken") not in self.fake.tokens:
+                return self.reply({"success": False, "error": "promptModerationToken is required"}, 400)
+            params = {"width": body.get("width", 1024), "height": body.get("height", 1024),
+                      "batch_size": body.get("batchSize", 1), "steps": body.get("steps"), "model": body["modelType"]}
+        else:
+            params = {k: body[k] for k in ("width", "height", "batch_size", "steps", "model") if k in body}
+        base = self.request.protocol + "://" + self.request.host
+        if self.fake.protocol == "camel" and self.fake.batches and params["batch_size"] > 1:
+            parent = str(uuidlib.uuid4())
+            self.fake.parents[parent] = [self.fake.add_task(prompt, **{**params, "batch_size": 1})
+                                         for _ in range(params["batch_size"])]
+            return self.reply({"success": True, "data": {"parentTaskUuid": parent}})
         task_uuid = self.fake.add_task(prompt, **params)
-        view = self.fake.task_view(self.fake.tasks[task_uuid], self.request.protocol + "://" + self.request.host)
+        view = self.fake.task_view(self.fake.tasks[task_uuid], base)
         view.update(taskStatus="pending", progress=0)
         data: dict[str, Any] = {"task": view}
         if self.fake.uuid_at == "data":
             data["uuid"] = task_uuid
             view.pop("uuid")
         self.reply({"success": True, "data": data})
+
+
+class _ModerationHandler(_FakeHandler):
+    endpoint = "moderation"
+
+    async def post(self) -> None:
+        if await self.misbehave():
+            return
+        body = json.loads(self.request.body or b"{}")
+        prompt = str(body.get("prompt", ""))
+        if body.get("routeKey") != "text_to_image":
+            return self.reply({"success": False, "error": "routeKey is required"}, 400)
+        if any(word in prompt.lower() for word in self.fake.banned_words):
+            return self.reply({"success": True, "data": {"allowed": False, "reason": "The prompt was refused"}})
+        token = uuidlib.uuid4().hex
+        self.fake.tokens.add(token)
+        self.reply({"success": True, "data": {"allowed": True, "promptModerationToken": token}})
+
+
+class _BatchHandler(_FakeHandler):
+    endpoint = "task"
+
+    async def get(self, parent: str) -> None:
+        if await self.misbehave():
+            return
+        children = self.fake.parents.get(parent)
+        if children is None:
+            return self.reply({"success": False, "error": "Batch not found"}, 404)
+        base = self.request.protocol + "://" + self.request.host
+        views = []
+        for uuid in children:
+            task = self.fake.tasks[uuid]
+            task["reads"] += 1
+            view = self.fake.task_view(task, base)
+            urls = view.pop("resultUrls", None)
+            views.append({"uuid": uuid, "status": view["taskStatus"], "progress": view.get("progress"),
+                          **({"resultUrl": urls[0]} if urls else {}),
+                          **({"errorMessage": view["errorMessage"]} if "errorMessage" in view else {})})
+        done = all(v["status"] in ("completed", "failed") for v in views)
+        self.reply({"success": True, "data": {"allCompleted": done, "tasks": views}})
 
 
 class _TaskHandler(_FakeHandler):

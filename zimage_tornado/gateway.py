@@ -106,7 +106,7 @@ class Gateway:
         IOLoop.current().add_callback(self.deliverer.start)
         cookie = os.environ.get(settings.upstream_cookie_env, "") if settings.upstream_cookie_env else ""
         self.upstream = ZImageClient(settings.upstream_url, self.http, observer=self.metrics.observe_upstream,
-                                     cookie=cookie,
+                                     cookie=cookie, protocol=settings.upstream_protocol,
                                      image_http=self.image_http, api_key=settings.upstream_api_key)
         self.watcher = TaskWatcher(
             self.upstream,

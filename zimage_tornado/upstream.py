@@ -125,6 +125,12 @@ class UpstreamBadResponse(UpstreamError):
     code = "upstream_bad_response"
 
 
+class ContentRefused(UpstreamRejected):
+    """The service's moderation step refused the prompt: nothing was made."""
+
+    code = "content_policy_violation"
+
+
 class UpstreamAuthRequired(UpstreamError):
     """The service answered with a browser check (a Cloudflare challenge, Turnstile) instead of its
     API: nothing was made, and a server cannot pass the check; the gateway never tries. Its calls
@@ -218,12 +224,32 @@ def encode_generate(request: GenerationRequest) -> dict[str, Any]:
     }
 
 
+def encode_camel(request: GenerationRequest, moderation_token: str | None = None) -> dict[str, Any]:
+    """The submit body in the camelCase the service's later clients send."""
+    body: dict[str, Any] = {"prompt": request.prompt, "negativePrompt": request.negative_prompt,
+                            "modelType": request.model, "batchSize": request.batch_size, "width": request.width,
+                            "height": request.height, "steps": request.steps, "cfgScale": request.cfg_scale}
+    if moderation_token is not None:
+        body["promptModerationToken"] = moderation_token
+    return body
+
+
+def asks_for(error: UpstreamRejected, *fields: str) -> bool:
+    """A refusal (a 400) that names one of `fields`: the service wants the other protocol, or a step."""
+    return error.upstream_status == 400 and any(field.lower() in str(error).lower() for field in fields)
+
+
+CAMEL_FIELDS = ("modelType", "batchSize", "camelCase")
+MAX_BATCHES = 100_000  # batch uuids remembered (their reads go to batch-status); a forgotten one is found again
+
+
 Observer = Callable[[str, str, float], None]  # (kind, outcome, seconds)
 
 
 class ZImageClient:
     def __init__(self, base_url: str, http: AsyncHTTPClient, observer: Observer | None = None,
-                 image_http: AsyncHTTPClient | None = None, api_key: str = "", cookie: str = "") -> None:
+                 image_http: AsyncHTTPClient | None = None, api_key: str = "", cookie: str = "",
+                 protocol: str = "auto") -> None:
         self.base_url = base_url.rstrip("/")
         self._http = http
         self._image_http = image_http or http  # images.make_image_client(): a pool of their own
@@ -238,6 +264,11 @@ class ZImageClient:
         if cookie:  # an operator's own session with the service (upstream_cookie_env); never logged
             self.headers["Cookie"] = cookie
         self.checked_until = 0.0  # monotonic time until which a browser check keeps the service out
+        # flat (the original snake_case) or camel; auto starts flat and follows what the service accepts
+        self.protocol = "flat" if protocol == "auto" else protocol
+        self.follows = protocol == "auto"
+        self.moderated = False  # the service asked for its moderation step: taken before every submit
+        self.batches: dict[str, None] = {}  # parent uuids of batches (read through batch-status), oldest first
         self.last_answer_at: float | None = None  # monotonic time of the last HTTP answer, any status
         self.last_failure: tuple[float, str] | None = None  # when and why it last could not be reached
 
@@ -267,20 +298,54 @@ class ZImageClient:
     async def _submit(self, request: GenerationRequest) -> Task:
         log.debug("submitting task: model=%s batch_size=%d size=%dx%d steps=%d",
                  request.model, request.batch_size, request.width, request.height, request.steps)
-        try:
-            document = await self._call("POST", "/api/z-image/generate", encode_generate(request))
-        except UpstreamRejected as e:
-            if e.definite:
+        for _ in range(3):  # a definite refusal that names another protocol or a step: asked again, once each
+            try:
+                document = await self._call("POST", "/api/z-image/generate", await self._body(request))
+            except UpstreamRejected as e:
+                if not e.definite:
+                    raise UpstreamOutcomeUnknown("%s; the task may have been created upstream" % e,
+                                                 upstream_status=e.upstream_status) from e
+                if self.follows and self.protocol == "flat" and asks_for(e, *CAMEL_FIELDS):
+                    log.info("upstream: it asks for camelCase submits; switching to them")
+                    self.protocol = "camel"
+                    continue
+                if self.protocol == "camel" and not self.moderated and asks_for(e, "promptModerationToken"):
+                    log.info("upstream: it asks for its moderation step; taking it before every submit")
+                    self.moderated = True
+                    continue
                 raise
-            raise UpstreamOutcomeUnknown("%s; the task may have been created upstream" % e,
-                                         upstream_status=e.upstream_status) from e
-        except UpstreamBadResponse as e:  # an answer that cannot be read
-            raise UpstreamOutcomeUnknown("%s; the task may have been created upstream" % e) from e
-        return self._accepted(document)
+            except UpstreamBadResponse as e:  # an answer that cannot be read
+                raise UpstreamOutcomeUnknown("%s; the task may have been created upstream" % e) from e
+            return self._accepted(document)
+        raise UpstreamRejected("The upstream refused the submit in every protocol it was sent in", upstream_status=400)
+
+    async def _body(self, request: GenerationRequest) -> dict[str, Any]:
+        if self.protocol == "flat":
+            return encode_generate(request)
+        return encode_camel(request, await self._moderate(request.prompt) if self.moderated else None)
+
+    async def _moderate(self, prompt: str) -> str:
+        """The service's moderation step: its token for the submit, or ContentRefused."""
+        document = await self._call("POST", "/api/prompt-moderation/check",
+                                    {"prompt": prompt, "routeKey": "text_to_image", "targetType": "image"})
+        data = document.get("data")
+        data = data if isinstance(data, dict) else {}
+        if data.get("allowed") is not True:
+            reason = data.get("reason") or data.get("message")
+            raise ContentRefused("The upstream's moderation refused the prompt%s; nothing was made"
+                                 % (": %s" % str(reason)[:MAX_MESSAGE] if reason else ""), upstream_status=400)
+        token = data.get("promptModerationToken")
+        if not isinstance(token, str) or not 0 < len(token) <= 4096:
+            raise UpstreamBadResponse("The upstream's moderation allowed the prompt but gave no usable token")
+        return token
 
     def _accepted(self, document: dict[str, Any]) -> Task:
         data = document.get("data")
         data = data if isinstance(data, dict) else {}
+        parent = data.get("parentTaskUuid")
+        if isinstance(parent, str) and TASK_ID_RE.fullmatch(parent) and not data.get("uuid"):
+            self._remember_batch(parent)  # a batch: followed as one task by its parent's uuid
+            return Task(uuid=parent, status=PENDING, raw=data, document=document)
         task = data.get("task")
         task = task if isinstance(task, dict) else {}
         uuid = data.get("uuid") or task.get("uuid")
@@ -292,7 +357,31 @@ class ZImageClient:
         log.debug("task %s submitted", uuid)  # at info, the access line names it (task=)
         return parse_task(uuid, task, document, default_status=PENDING)
 
+    def _remember_batch(self, uuid: str) -> None:
+        self.batches[uuid] = None
+        while len(self.batches) > MAX_BATCHES:
+            del self.batches[next(iter(self.batches))]
+
     async def _get_task(self, uuid: str) -> Task:
+        if uuid in self.batches:
+            return await self._get_batch(uuid)
+        try:
+            return await self._get_single(uuid)
+        except TaskNotFound:
+            if self.protocol != "camel":
+                raise
+            task = await self._get_batch(uuid)  # a batch this process did not submit (or forgot)
+            self._remember_batch(uuid)
+            return task
+
+    async def _get_batch(self, uuid: str) -> Task:
+        document = await self._call("GET", "/api/z-image/batch-status/%s" % uuid, task_uuid=uuid)
+        data = document.get("data")
+        if not isinstance(data, dict) or not isinstance(data.get("tasks"), list):
+            raise UpstreamBadResponse("The upstream's batch answer has no list of tasks")
+        return parse_batch(uuid, data, document)
+
+    async def _get_single(self, uuid: str) -> Task:
         document = await self._call("GET", "/api/z-image/task/%s" % uuid, task_uuid=uuid)
         data = document.get("data")
         if not isinstance(data, dict):
@@ -461,6 +550,23 @@ def parse_task(uuid: str, task: dict[str, Any], document: dict[str, Any], defaul
         raw=task,
         document=document,
     )
+
+
+def parse_batch(uuid: str, data: dict[str, Any], document: dict[str, Any]) -> Task:
+    """A batch (`data.allCompleted`, `data.tasks[{status, resultUrl}]`) as one task: running until
+    every picture has ended; then completed with the pictures made (failed if none was)."""
+    members = [task for task in data["tasks"] if isinstance(task, dict)][:64]
+    states = [str(task.get("status", task.get("taskStatus", ""))).lower() for task in members]
+    ended = sum(state in FINAL_STATES for state in states)
+    urls = tuple(url for task in members for url in result_urls(task))
+    if not members or (data.get("allCompleted") is not True and ended < len(members)):
+        progress = 100.0 * ended / len(members) if members else 0.0
+        return Task(uuid=uuid, status=PROCESSING, progress=progress, raw=data, document=document)
+    if urls:
+        return Task(uuid=uuid, status=COMPLETED, progress=100, image_urls=urls, raw=data, document=document)
+    errors = [str(task["errorMessage"]) for task in members if isinstance(task.get("errorMessage"), str)]
+    reason = (errors[0] if errors else "no picture of the batch was made")[:MAX_MESSAGE]
+    return Task(uuid=uuid, status=FAILED, progress=100, error=reason, raw=data, document=document)
 
 
 def result_urls(task: dict[str, Any]) -> tuple[str, ...]:
