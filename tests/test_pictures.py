@@ -355,3 +355,21 @@ async def test_a_full_picture_disk_is_a_503_to_retry_and_the_pictures_are_kept_o
 async def _ok(gateway, link):
     response = await gateway.http.fetch(link, raise_error=False)
     return response if response.code == 200 else None
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_task_listing_hundreds_of_links_gets_as_many_gateway_links_as_it_asked_for(
+        make_proxy, fake, fake_url, tmp_path):
+    proxy = keeping(make_proxy, tmp_path)
+    real = fake.add_task("a real picture")
+    fake.result_urls["many"] = [fake_url + "/images/%s_0.png" % real] * 200
+    body = await submit_and_wait(proxy, prompt="many", n=2)
+    assert len(body["data"]) == 2  # two asked for, two links; not 200
+    uuid = urlsplit(body["data"][0]["url"]).path.split("/")[3]
+    code, ready = await proxy.json("/v1/images/%s" % uuid)
+    assert len(ready["image_urls"]) <= 4 and len(ready["source_urls"]) == 200
+    code, listed = await proxy.json("/v1/tasks")
+    assert len(listed["data"][0]["image_urls"]) == 2
+    for link in body["data"]:
+        assert (await proxy.http.fetch(link["url"], raise_error=False)).code == 200
+    assert fake.calls["image"] <= 3  # the two kept, and no more

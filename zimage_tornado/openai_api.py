@@ -444,7 +444,8 @@ def task_object(record: Any, links: Callable[[str, int], tuple[str, ...]] | None
             "prompt": record.prompt, "size": "%dx%d" % (record.width, record.height), "n": record.batch_size,
             "image_urls": list(record.image_urls), "error": record.error}
     if links is not None and record.image_urls:
-        body.update(image_urls=list(links(record.uuid, len(record.image_urls))), source_urls=list(record.image_urls))
+        count = min(len(record.image_urls), record.batch_size)  # no more than were asked for, and kept
+        body.update(image_urls=list(links(record.uuid, count)), source_urls=list(record.image_urls))
     return body
 
 

@@ -74,8 +74,8 @@ def task_page(tasks: list[TaskRecord], query: TaskQuery,
     if links is not None:
         for row in rows:
             if row["image_urls"]:
-                row["source_urls"], row["image_urls"] = row["image_urls"], list(links(row["uuid"],
-                                                                                      len(row["image_urls"])))
+                count = min(len(row["image_urls"]), row["batch_size"])  # no more than were asked for, and kept
+                row["source_urls"], row["image_urls"] = row["image_urls"], list(links(row["uuid"], count))
     return {"object": "list", "data": rows, "has_more": full, "next_before": tasks[-1].submitted_at if full else None}
 
 

@@ -278,7 +278,10 @@ class BaseHandler(RequestHandler):
         """A completed task's picture URLs as answers give them, and the provider's own links
         (source_urls) when those are not the answer."""
         links = await self.linker()
-        return (task.image_urls, None) if links is None else (links(task.uuid, len(task.image_urls)), task.image_urls)
+        if links is None:
+            return task.image_urls, None
+        # no more links than pictures can be kept (a hostile upstream may list hundreds)
+        return links(task.uuid, min(len(task.image_urls), self.gateway.settings.max_batch_size)), task.image_urls
 
     def send_csv(self, text: str, filename: str) -> None:
         self.set_header("Content-Type", "text/csv; charset=UTF-8")

@@ -315,7 +315,7 @@ class ImagesAnswering(BaseHandler):
         if request.response_format == "b64_json":
             b64 = await self.gateway.images.b64(done, request.generation.batch_size, fmt, compression)
         elif links is not None:
-            urls = links(done.uuid, len(urls))
+            urls = links(done.uuid, min(len(urls), request.generation.batch_size))  # as many as were asked for
         elif fmt != "png":  # the image host has PNGs: the gateway's own picture URLs convert
             urls = tuple(self.picture_url(done.uuid, i, fmt, compression) for i in range(len(urls)))
         return openai_api.images_response(urls, b64, request=request)
