@@ -373,3 +373,28 @@ async def test_a_task_listing_hundreds_of_links_gets_as_many_gateway_links_as_it
     for link in body["data"]:
         assert (await proxy.http.fetch(link["url"], raise_error=False)).code == 200
     assert fake.calls["image"] <= 3  # the two kept, and no more
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_bucket_that_goes_away_is_a_503_to_retry_and_serves_again_when_it_is_back(make_proxy, fake, s3_server):
+    settings = dict(pictures="keep", pictures_s3_url="s3://%s/zimage" % s3_server.bucket,
+                    pictures_s3_endpoint=s3_server.endpoint, link_secret="k" * 32)
+    proxy = make_proxy(**settings)
+    body = await submit_and_wait(proxy)
+    uuid = urlsplit(body["data"][0]["url"]).path.split("/")[3]
+    manifest = s3_server.root / s3_server.bucket / "zimage" / "tasks" / ("%s.json" % uuid)
+    await eventually(manifest.exists, 10, 0.05, "the picture did not reach the bucket")
+    fresh = make_proxy(**settings)  # nothing of it in memory: every read goes to the bucket
+    link = body["data"][0]["url"].replace(proxy.url, fresh.url)
+    s3_server.stop()
+    response = await fresh.http.fetch(link, raise_error=False)
+    assert response.code == 503 and json.loads(response.body)["error"]["code"] == "picture_store_unavailable"
+    s3_server.start()
+    response = await eventually(lambda: _ok_on(fresh, link), 15, 0.2, "not served once the bucket was back")
+    task = fake.tasks[uuid]
+    assert response.body == render_png(task["prompt"], 0, task["width"], task["height"])
+
+
+async def _ok_on(proxy, link):
+    response = await proxy.http.fetch(link, raise_error=False)
+    return response if response.code == 200 else None

@@ -23,6 +23,6 @@ def requested(header: str | None, size: int) -> tuple[int, int] | None:
     else:
         start, end = int(first), size if last == "" else min(int(last) + 1, size)
     if start >= size or start >= end:
-        raise ApiError(416, "The range %s is not within the picture's %d bytes" % (header[:40], size),
+        raise ApiError(416, "The range asked for is not within the picture's %d bytes" % size,
                        param="Range", code="range_not_satisfiable", headers={"Content-Range": "bytes */%d" % size})
     return start, end
