@@ -248,6 +248,10 @@ class Shelf:
             raise PictureGone(manifest.uuid, index)
         return data
 
+    def holds(self, digest: str) -> bool:
+        """The picture is stored, as far as this process counts (another's removals: at its rescan)."""
+        return digest in self._index
+
     def check_age(self, manifest: Manifest, index: int) -> None:
         """PictureGone once the task's pictures are past their age (its key's, or the store's)."""
         ttl = manifest.ttl or self.ttl
@@ -415,6 +419,8 @@ class Keeper:
         self.shelf.check_age(manifest, index)  # a cached picture too: its age is the task's
         cached = self.cache.get(digest)
         if cached is not None:
+            if not self.shelf.holds(digest):  # removed by the budget since: gone, as on disk
+                raise PictureGone(manifest.uuid, index)
             return bytes(cached)
         pending = self._reading.get(digest)
         if pending is None:
