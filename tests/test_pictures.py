@@ -400,3 +400,16 @@ async def test_a_bucket_that_goes_away_is_a_503_to_retry_and_serves_again_when_i
 async def _ok_on(proxy, link):
     response = await proxy.http.fetch(link, raise_error=False)
     return response if response.code == 200 else None
+
+
+def test_a_picture_store_that_cannot_be_opened_stops_the_start_in_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    cases = [["--pictures_dir=%s" % (tmp_path / "a-file" / "pictures")],
+             ["--pictures_s3_url=s3://no-bucket", "--pictures_s3_endpoint=http://127.0.0.1:9"]]
+    for args in cases:
+        done = subprocess.run([sys.executable, "-m", "zimage_tornado", "--port=9", "--database=%s" % (
+            tmp_path / "gateway.sqlite3"), *args], capture_output=True, text=True, timeout=60,
+            env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")})
+        assert done.returncode == 1, done.stderr
+        assert "the picture store" in done.stderr and "cannot be opened" in done.stderr
+        assert "Traceback" not in done.stderr

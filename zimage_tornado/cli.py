@@ -19,7 +19,7 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
-from zimage_tornado import __version__, database, eventloop, keys_cli, pictures_cli, usage_cli
+from zimage_tornado import __version__, database, eventloop, keys_cli, pictures, pictures_cli, usage_cli
 from zimage_tornado.config import SETTING_DEFAULTS, Settings, help_text, load_settings
 from zimage_tornado.fake_upstream import FakeZImage
 from zimage_tornado.logs import redact_url, setup_logging
@@ -62,6 +62,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(1)
         except (OSError, sqlite3.Error) as e:
             print("zimage-tornado: cannot open the database %s: %s" % (settings.database, e), file=sys.stderr)
+            sys.exit(1)
+    if settings.pictures == "keep" and (settings.pictures_dir or settings.pictures_s3_url
+                                        or settings.database != ":memory:"):
+        try:  # before any worker: a store that cannot be opened is said once, in one line
+            pictures.open_backend(settings).close()
+        except pictures.StoreNotOpened as e:
+            print("zimage-tornado: %s" % e, file=sys.stderr)
             sys.exit(1)
     metrics_dir = group_metrics_dir() if settings.workers > 1 else None
     try:

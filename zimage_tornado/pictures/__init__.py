@@ -168,12 +168,21 @@ class Backend(abc.ABC):
 def open_backend(settings: Settings) -> Backend:
     """The backend the settings name: a bucket with pictures_s3_url, else a directory (a
     temporary one, removed at close, when the database keeps nothing either)."""
-    if settings.pictures_s3_url:
-        from zimage_tornado.pictures.s3 import Bucket
-        return Bucket(settings.pictures_s3_url, settings.pictures_s3_endpoint, settings.pictures_s3_region)
-    from zimage_tornado.pictures.directory import Directory
-    path = settings.pictures_path
-    return Directory(path or tempfile.mkdtemp(prefix="zimage-pictures-"), temporary=path is None)
+    try:
+        if settings.pictures_s3_url:
+            from zimage_tornado.pictures.s3 import Bucket
+            return Bucket(settings.pictures_s3_url, settings.pictures_s3_endpoint, settings.pictures_s3_region)
+        from zimage_tornado.pictures.directory import Directory
+        path = settings.pictures_path
+        return Directory(path or tempfile.mkdtemp(prefix="zimage-pictures-"), temporary=path is None)
+    except Exception as e:  # noqa: BLE001 - a disk's or an S3 client's: said in one line at start
+        where = settings.pictures_s3_url or settings.pictures_path or "a temporary directory"
+        raise StoreNotOpened("the picture store %s cannot be opened: %s" % (where, e)) from e
+
+
+class StoreNotOpened(ValueError):
+    """The picture store cannot be used at start (a directory that cannot be made, a bucket that
+    does not exist or cannot be reached, no credentials)."""
 
 
 # A picture's stored time (a file's mtime, an object's Last-Modified) trails its task's kept_at by
