@@ -26,10 +26,14 @@ async def test_a_browser_check_is_a_502_naming_it_with_no_job_no_quota_and_no_re
         response = await proxy.request("/v1/chat/completions", "POST", body=CHAT)
         assert response.code == 502 and int(response.headers["Retry-After"]) > 0
     assert fake.calls["generate"] == 1
+    code, ready = await proxy.json("/health/ready")  # a load balancer stops sending submits here
+    assert code == 503 and ready["status"] == "upstream_auth_required"
+    assert 0 < ready["upstream"]["auth_required_for_seconds"] <= 30
     fake.always("generate", None)
     proxy.gateway.upstream.checked_until = time.monotonic()  # the cooldown ends
     code, body = await proxy.json("/v1/chat/completions", "POST", CHAT)
     assert code == 200 and fake.calls["generate"] == 2
+    assert (await proxy.json("/health/ready"))[0] == 200
     assert body["choices"][0]["message"]["content"] in fake.tasks
 
 

@@ -223,13 +223,16 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["status", "upstream", "waiters", "polling_loops"],
         "properties": {
-            "status": {"enum": ["ready", "shutting_down", "store_unavailable"]},
+            "status": {"enum": ["ready", "shutting_down", "store_unavailable", "upstream_auth_required"]},
             "store": {"type": "object", "properties": {"kind": {"enum": ["sqlite", "redis"]}, "ok": {"type": "boolean"},
                                                        "error": NULLABLE_STRING}},
             "upstream": {"type": "object", "required": ["url", "answered_recently"], "properties": {
                 "url": {"type": "string"}, "answered_recently": {"type": "boolean"},
                 "last_answer_seconds_ago": NUMBER_OR_NULL,
-                "last_failure": {"type": ["object", "null"]}}},
+                "last_failure": {"type": ["object", "null"]},
+                "auth_required_for_seconds": {"type": ["integer", "null"],
+                                              "description": "Out after a browser check: seconds until it is "
+                                                             "asked again"}}},
             "waiters": {"type": "integer"},
             "polling_loops": {"type": "integer"},
             "requests_in_flight": {"type": "integer"},
@@ -536,7 +539,8 @@ def operations() -> dict[str, Any]:
     "/health": {"get": {"responses": {"200": json_response("Alive", ref("Health"))}}},
         "/health/ready": {"get": {"responses": {
             "200": json_response("Ready", ref("Readiness")),
-            "503": json_response("Shutting down, or the store cannot answer", ref("Readiness"))}}},
+            "503": json_response("Shutting down, the store cannot answer, or the upstream demands a browser check",
+                                 ref("Readiness"))}}},
         "/metrics": {"get": {"responses": {
             "200": {"description": "Prometheus text format",
                     "content": {"text/plain": {"schema": {"type": "string"}}}},

@@ -186,19 +186,23 @@ class ReadinessHandler(BaseHandler):
         failure = None
         if upstream.last_failure is not None:
             failure = {"seconds_ago": round(now - upstream.last_failure[0], 3), "error": upstream.last_failure[1]}
+        checked = upstream.checked_until > now  # out after a browser check: no submit can succeed now
+        status = ("shutting_down" if gateway.shutting_down else "store_unavailable" if store_problem
+                  else "upstream_auth_required" if checked else "ready")
         self.send({
-            "status": "shutting_down" if gateway.shutting_down else "store_unavailable" if store_problem else "ready",
+            "status": status,
             "upstream": {
                 "url": logs.redact_url(gateway.settings.upstream_url),
                 "answered_recently": answered_ago is not None and answered_ago <= window,
                 "last_answer_seconds_ago": answered_ago,
                 "last_failure": failure,
+                "auth_required_for_seconds": round(upstream.checked_until - now) if checked else None,
             },
             "store": {"kind": gateway.store.name, "ok": store_problem is None, "error": store_problem},
             "waiters": gateway.watcher.waiting,
             "polling_loops": gateway.watcher.active_polls,
             "requests_in_flight": len(gateway.active) - 1,  # not counting this one
-        }, 503 if gateway.shutting_down or store_problem else 200)
+        }, 503 if gateway.shutting_down or store_problem or checked else 200)
 
 
 @functools.lru_cache(maxsize=4)
