@@ -110,6 +110,12 @@ class Connection:
 
     async def request(self, method: str, path: str, body: Any = None, close: bool = False,
                       headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        status, data = await self.exchange(method, path, body, close, headers)
+        return status, json.loads(data) if data else None
+
+    async def exchange(self, method: str, path: str, body: Any = None, close: bool = False,
+                       headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """One request and its answer's status and raw body."""
         payload = b"" if body is None else json.dumps(body).encode()
         extra = "".join("%s: %s\r\n" % item for item in (headers or {}).items())
         head = "%s %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s%s\r\n" % (
@@ -124,8 +130,7 @@ class Connection:
             name, _, value = line.decode("latin-1").partition(":")
             if name.lower() == "content-length":
                 length = int(value)
-        data = await self.reader.readexactly(length)
-        return int(status_line.split()[1]), json.loads(data) if data else None
+        return int(status_line.split()[1]), await self.reader.readexactly(length)
 
     def close(self) -> None:
         self.writer.close()

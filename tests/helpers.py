@@ -77,3 +77,13 @@ def fill(disk):
     except OSError:
         pass
     return filler
+
+
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """A process's resident memory (VmRSS), or its peak (VmHWM), in KiB, from /proc."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError("no %s for %d" % (field, pid))
+

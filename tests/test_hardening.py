@@ -23,14 +23,10 @@ from tornado.testing import bind_unused_port
 from tornado.web import Application, RequestHandler
 
 from conftest import ROOT
-from helpers import eventually
-from zimage_tornado.fake_upstream import render_png
+from helpers import eventually, rss_kib
+from zimage_tornado.fake_upstream import png_chunk, render_png
 
 CHAT = {"model": "zimage-turbo", "messages": [{"role": "user", "content": "a cat"}]}
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def declared_bomb(side: int = 13000) -> bytes:
@@ -40,14 +36,6 @@ def declared_bomb(side: int = 13000) -> bytes:
     data = b"".join(squeeze.compress(row) for _ in range(side)) + squeeze.flush()
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b"")
-
-
-def rss_kib(pid: int, field: str = "VmRSS") -> int:
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError("no %s for %d" % (field, pid))
 
 
 async def generate(gateway, **extra):

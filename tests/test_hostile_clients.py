@@ -9,14 +9,9 @@ import time
 
 import pytest
 
-from helpers import eventually, port_of
+from helpers import eventually, port_of, rss_kib
 
 PIPELINE = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 300
-
-
-def rss_kib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 async def churn(port, count, batch=200):

@@ -12,15 +12,10 @@ import time
 import pytest
 from tornado.testing import bind_unused_port
 
-from helpers import eventually, port_of
+from helpers import eventually, port_of, rss_kib
 from zimage_tornado.fake_upstream import noise_png
 
 CHAT = {"model": "zimage-turbo", "prompt": "a lighthouse"}
-
-
-def rss_mib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -92,14 +87,14 @@ async def test_stalled_readers_of_a_large_picture_hold_no_copy_of_it(gateways, f
     uuid = json.loads((await gateway.fetch("/v1/chat/completions", method="POST", body=json.dumps(CHAT))).body)[
         "choices"][0]["message"]["content"]
     assert (await gateway.fetch("/v1/images/%s" % uuid)).code == 200  # completed
-    before = rss_mib(gateway.proc.pid)
+    before = rss_kib(gateway.proc.pid) / 1024
     stalled = []
     for _ in range(60):  # ask, and never read
         reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
         writer.write(b"GET /v1/images/%s/0 HTTP/1.1\r\nHost: x\r\n\r\n" % uuid.encode())
         stalled.append(writer)
     await asyncio.sleep(3)
-    grown = rss_mib(gateway.proc.pid) - before
+    grown = rss_kib(gateway.proc.pid) / 1024 - before
     assert fake.images_served <= 2, fake.images_served
     assert grown < 100, "RSS grew by %.0f MiB" % grown
     whole = await gateway.fetch("/v1/images/%s/0" % uuid)
