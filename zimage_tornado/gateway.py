@@ -25,7 +25,7 @@ from zimage_tornado.images import SIDE_MARGIN, ImageFetcher, make_image_client
 from zimage_tornado.links import Links
 from zimage_tornado.metrics import Metrics
 from zimage_tornado.openai_api import ModelTable
-from zimage_tornado.pictures import Keeper, Shelf, Sources, open_backend
+from zimage_tornado.pictures import Keeper, Shelf, Sources, given, open_backend
 from zimage_tornado.store import Admission, Store, StoreUnavailable
 from zimage_tornado.store.sqlite import SqliteStore
 from zimage_tornado.tenants import Caller, KeyRing, LiveKeys, Plan
@@ -207,14 +207,11 @@ class Gateway:
         links = None
         try:  # a webhook receiver gets links that outlive the provider's
             await self.links.ready()
-            links = self.links.pictures(self.settings.public_url, task.uuid, len(sources.urls))
+            links = self.links.pictures(self.settings.public_url, task.uuid, len(task.image_urls), len(sources.urls))
         except StoreUnavailable as e:
             log.warning("task %s: its webhook gives the provider's links (no link secret: %s)", task.uuid, e)
         await self.accounts.finished(task, links)
-
-        async def known() -> Sources:
-            return sources
-        self.keeper.start(task.uuid, known)
+        self.keeper.start(task.uuid, given(sources))
 
     async def picture_sources(self, task: Task) -> Sources:
         """The links of a completed task's pictures that the gateway fetches: no more than it asked

@@ -26,6 +26,8 @@ ROUNDING = 3600.0
 # A Host a client sent: a name or an address and a port, nothing that could end a URL or a header.
 HOST_RE = re.compile(r"^(?:[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?$")
 SIGNATURE_LENGTH = 43  # a SHA-256 HMAC in unpadded base64url
+# (uuid, pictures the provider listed, pictures the task asked for) -> its links: Links.pictures at a base
+LinkMaker = Callable[[str, int, int], tuple[str, ...]]
 
 
 class Links:
@@ -81,8 +83,11 @@ class Links:
             query["compression"] = compression
         return base + path + "?" + urlencode(query)
 
-    def pictures(self, base: str, uuid: str, count: int) -> tuple[str, ...]:
-        return tuple(self.picture(base, uuid, index) for index in range(count))
+    def pictures(self, base: str, uuid: str, listed: int, asked: int, fmt: str | None = None,
+                 compression: int | None = None) -> tuple[str, ...]:
+        """Links to a task's pictures: as many as the provider listed, and never more than the task
+        asked for (a hostile upstream may list hundreds; no more are kept)."""
+        return tuple(self.picture(base, uuid, index, fmt, compression) for index in range(min(listed, asked)))
 
     def check(self, path: str, expires: str, signature: str) -> int:
         """Seconds the link has left; a 403 when it is forged, altered or expired."""

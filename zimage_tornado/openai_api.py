@@ -14,6 +14,7 @@ from zimage_tornado import frontends, validation, webhooks
 from zimage_tornado.webhooks import WebhookRequest
 from zimage_tornado.domain import GenerationRequest, Task
 from zimage_tornado.errors import ApiError, invalid
+from zimage_tornado.links import LinkMaker
 from zimage_tornado.validation import Limits
 
 MODEL_IDS = ("zimage-turbo", "zimage-base")
@@ -435,7 +436,7 @@ def task_progress(task: Task) -> dict[str, Any]:
     return body
 
 
-def task_object(record: Any, links: Callable[[str, int], tuple[str, ...]] | None = None) -> dict[str, Any]:
+def task_object(record: Any, links: LinkMaker | None = None) -> dict[str, Any]:
     """A recorded task (store.TaskRecord) as GET /v1/tasks lists it; `links` gives the gateway's
     own picture links (pictures=keep), the provider's then being source_urls."""
     body = {"id": record.uuid, "object": "task", "status": record.status, "model": record.model,
@@ -444,13 +445,13 @@ def task_object(record: Any, links: Callable[[str, int], tuple[str, ...]] | None
             "prompt": record.prompt, "size": "%dx%d" % (record.width, record.height), "n": record.batch_size,
             "image_urls": list(record.image_urls), "error": record.error}
     if links is not None and record.image_urls:
-        count = min(len(record.image_urls), record.batch_size)  # no more than were asked for, and kept
-        body.update(image_urls=list(links(record.uuid, count)), source_urls=list(record.image_urls))
+        body.update(image_urls=list(links(record.uuid, len(record.image_urls), record.batch_size)),
+                    source_urls=list(record.image_urls))
     return body
 
 
 def task_list(records: list[Any], has_more: bool,
-              links: Callable[[str, int], tuple[str, ...]] | None = None) -> dict[str, Any]:
+              links: LinkMaker | None = None) -> dict[str, Any]:
     """OpenAI's list shape."""
     data = [task_object(record, links) for record in records]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,

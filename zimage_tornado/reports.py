@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from zimage_tornado import validation
 from zimage_tornado.errors import invalid
+from zimage_tornado.links import LinkMaker
 from zimage_tornado.store import WEBHOOK_STATES, Store, TaskQuery, TaskRecord, UsageRow
 from zimage_tornado.tenants import PLAN_FIELDS, KeyRing
 from zimage_tornado.webhooks import message_object
@@ -66,7 +67,7 @@ async def own_tasks(store: Store, argument: Callable[[str], str | None],
 
 
 def task_page(tasks: list[TaskRecord], query: TaskQuery,
-              links: Callable[[str, int], tuple[str, ...]] | None = None) -> dict[str, Any]:
+              links: LinkMaker | None = None) -> dict[str, Any]:
     """A page of /admin/tasks; `links`: the gateway's own links to kept pictures (then the
     provider's are source_urls), so that thumbnails outlive the provider's links."""
     full = len(tasks) == query.limit
@@ -74,8 +75,8 @@ def task_page(tasks: list[TaskRecord], query: TaskQuery,
     if links is not None:
         for row in rows:
             if row["image_urls"]:
-                count = min(len(row["image_urls"]), row["batch_size"])  # no more than were asked for, and kept
-                row["source_urls"], row["image_urls"] = row["image_urls"], list(links(row["uuid"], count))
+                row["source_urls"] = row["image_urls"]
+                row["image_urls"] = list(links(row["uuid"], len(row["image_urls"]), row["batch_size"]))
     return {"object": "list", "data": rows, "has_more": full, "next_before": tasks[-1].submitted_at if full else None}
 
 

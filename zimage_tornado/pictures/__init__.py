@@ -318,6 +318,13 @@ class Shelf:
                 "expired": self.counters["expired"]}
 
 
+def given(sources: Sources) -> Callable[[], Awaitable[Sources]]:
+    """Sources already known, in the form the keeper asks for them (when their turn comes)."""
+    async def known() -> Sources:
+        return sources
+    return known
+
+
 async def resumed(record: Any, ttl_of: Callable[[str], float | None]) -> Sources:
     """A recorded task's sources: its links (at most its batch size) and its key's pictures_ttl."""
     return Sources(tuple(record.image_urls[:record.batch_size]), ttl_of(record.key))
@@ -413,10 +420,7 @@ class Keeper:
         if manifest is None:
             if pending is None:
                 found = await sources()  # before any fetch: a task that has no such picture is told so here
-
-                async def known() -> Sources:
-                    return found
-                pending = self._keeping.get(uuid) or self._join(uuid, known)
+                pending = self._keeping.get(uuid) or self._join(uuid, given(found))
             manifest = await asyncio.shield(pending)
         self.manifests.put(uuid, manifest)
         return manifest

@@ -19,6 +19,7 @@ from zimage_tornado.accounts import Refused, TooManyCallerWaiters
 from zimage_tornado.domain import COMPLETED, GenerationRequest, Task
 from zimage_tornado.errors import ApiError, invalid
 from zimage_tornado.gateway import Gateway
+from zimage_tornado.links import LinkMaker
 from zimage_tornado.store import NotRecorded
 from zimage_tornado.tenants import Caller
 from zimage_tornado.watcher import Outcome
@@ -263,16 +264,13 @@ class BaseHandler(RequestHandler):
             host = headers.get("X-Forwarded-Host", host).split(",")[0].strip()
         return self.gateway.links.base(scheme, host)
 
-    async def linker(self, fmt: str | None = None,
-                     compression: int | None = None) -> Callable[[str, int], tuple[str, ...]] | None:
-        """pictures=keep: (uuid, count) -> the gateway's signed links to a task's kept pictures.
-        None with pictures=link: the provider's own links are the answer."""
+    async def linker(self, fmt: str | None = None, compression: int | None = None) -> LinkMaker | None:
+        """pictures=keep: the gateway's signed links to a task's kept pictures, at this request's
+        origin. None with pictures=link: the provider's own links are the answer."""
         if self.gateway.keeper is None:
             return None
         await self.gateway.links.ready()
-        links, origin = self.gateway.links, self.origin
-        return lambda uuid, count: tuple(links.picture(origin, uuid, index, fmt, compression)
-                                         for index in range(count))
+        return functools.partial(self.gateway.links.pictures, self.origin, fmt=fmt, compression=compression)
 
     async def shown(self, task: Task) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
         """A completed task's picture URLs as answers give them, and the provider's own links
@@ -280,8 +278,8 @@ class BaseHandler(RequestHandler):
         links = await self.linker()
         if links is None:
             return task.image_urls, None
-        # no more links than pictures can be kept (a hostile upstream may list hundreds)
-        return links(task.uuid, min(len(task.image_urls), self.gateway.settings.max_batch_size)), task.image_urls
+        # its batch size is in the record, not here: at most what any task may ask for
+        return links(task.uuid, len(task.image_urls), self.gateway.settings.max_batch_size), task.image_urls
 
     def send_csv(self, text: str, filename: str) -> None:
         self.set_header("Content-Type", "text/csv; charset=UTF-8")

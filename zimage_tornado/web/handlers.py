@@ -319,7 +319,7 @@ class ImagesAnswering(BaseHandler):
         if request.response_format == "b64_json":
             b64 = await self.gateway.images.b64(done, request.generation.batch_size, fmt, compression)
         elif links is not None:
-            urls = links(done.uuid, min(len(urls), request.generation.batch_size))  # as many as were asked for
+            urls = links(done.uuid, len(urls), request.generation.batch_size)
         elif fmt != "png":  # the image host has PNGs: the gateway's own picture URLs convert
             urls = tuple(self.picture_url(done.uuid, i, fmt, compression) for i in range(len(urls)))
         return openai_api.images_response(urls, b64, request=request)
@@ -440,20 +440,23 @@ class PictureHandler(BaseHandler):
             tag = "%s-%s-%s" % (kept.sha256, fmt, images.quality_level(quality))
         await self.send_picture(data, kind, tag)
 
-    async def completed_urls(self, number: int) -> Sources:
+    async def completed_task(self, number: int) -> Task:
+        """The task, completed with a picture `number`; else a 404 saying how it stands."""
         assert self.task_uuid is not None
         task = await self.gateway.watcher.peek(self.task_uuid)
         if task.status != COMPLETED or number >= len(task.image_urls):
             raise self.no_picture(number, task.status)
-        return await self.gateway.picture_sources(task)
+        return task
+
+    async def completed_urls(self, number: int) -> Sources:
+        return await self.gateway.picture_sources(await self.completed_task(number))
 
     def no_picture(self, number: int, status: str) -> ApiError:
         return ApiError(404, "Task %s has no picture %d (it is %s)" % (self.task_uuid, number, status),
                         param="index", code="picture_not_found")
 
     async def from_source(self, number: int, fmt: str, quality: int | None) -> tuple[bytes, str, str | None]:
-        await self.completed_urls(number)
-        task = await self.gateway.watcher.peek(self.task_uuid or "")
+        task = await self.completed_task(number)
         data, kind = await self.gateway.images.picture(task, number, fmt, quality)
         return data, kind, None
 
